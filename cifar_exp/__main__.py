@@ -1,0 +1,3 @@
+from cifar_exp.cli import main
+
+main(prog_name="cifar-exp")

@@ -1,0 +1,309 @@
+"""CIFAR-10 as uint8 tensors: loading, caching, splitting, and batches served on the training device.
+
+Two sources, chosen by what the data folder holds:
+- an ImageFolder tree ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (png/jpg), decoded once and
+  cached as tensors;
+- torchvision's ``CIFAR10`` python batches (``DIR/cifar-10-batches-py``), downloaded on request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cifar_exp.config import DataConfig
+from cifar_exp.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SHAPE = (3, 32, 32)
+CACHE_FORMAT = 1  # bump when the cached layout changes
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A labelled set of images: ``images`` (N, 3, 32, 32) uint8, ``labels`` (N,) int64."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    classes: tuple[str, ...]
+    source: str  # where the images came from, e.g. "imagefolder:/abs/dir"
+    val_is_test: bool  # the seed report's protocol: per-epoch validation on the test split
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load the dataset named by ``cfg`` and carve the validation split from train."""
+    train, test, classes, source = load_dataset(cfg)
+    if cfg.val_on_test:
+        return Splits(train, test, test, classes, source, val_is_test=True)
+    train, val = stratified_split(train, cfg.val_size, cfg.split_seed)
+    return Splits(train, val, test, classes, source, val_is_test=False)
+
+
+def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet, tuple[str, ...], str]:
+    root = Path(cfg.data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data dir {root} is not a folder")
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return _load_image_folder(root.resolve(), _cache_dir(cfg))
+    if (root / "cifar-10-batches-py").is_dir() or cfg.download:
+        return _load_torchvision(root, cfg.download)
+    if not root.exists():
+        raise DataError(f"data dir {root} does not exist (pass --download to fetch CIFAR-10 there)")
+    raise DataError(
+        f"no CIFAR-10 dataset in {root}: expected train/<class>/ and test/<class>/ image folders "
+        "or cifar-10-batches-py/ (pass --download to fetch it)"
+    )
+
+
+def stratified_split(data: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Split off ``val_size`` images with every class in the same proportion as in ``data``."""
+    from sklearn.model_selection import train_test_split
+
+    if val_size >= len(data):
+        raise ConfigError(f"val-size {val_size} must be smaller than the {len(data)} training images")
+    try:
+        train_idx, val_idx = train_test_split(
+            np.arange(len(data)),
+            test_size=val_size,
+            stratify=data.labels.numpy(),
+            random_state=seed,
+        )
+    except ValueError as error:  # e.g. fewer validation images than classes
+        raise ConfigError(f"cannot carve a stratified val-size of {val_size}: {error}") from None
+    train_idx, val_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
+    return (
+        ImageSet("train", data.images[train_idx], data.labels[train_idx]),
+        ImageSet("val", data.images[val_idx], data.labels[val_idx]),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _load_torchvision(root: Path, download: bool) -> tuple[ImageSet, ImageSet, tuple[str, ...], str]:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        sets = [CIFAR10(str(root), train=train, download=download) for train in (True, False)]
+    except (RuntimeError, OSError) as error:
+        raise DataError(f"cannot load CIFAR-10 from {root}: {error}") from None
+    train, test = (
+        ImageSet(
+            name,
+            torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+            torch.tensor(ds.targets, dtype=torch.int64),
+        )
+        for name, ds in zip(("train", "test"), sets)
+    )
+    return train, test, tuple(sets[0].classes), f"cifar10-batches:{root.resolve()}"
+
+
+def _load_image_folder(root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet, tuple[str, ...], str]:
+    files = {split: _list_split(root, split) for split in ("train", "test")}
+    classes = tuple(files["train"])
+    missing = [c for c in classes if c not in files["test"]]
+    if missing:
+        raise DataError(f"{root / 'test'} has no folder for class {missing[0]!r} that train has")
+    extra = [c for c in files["test"] if c not in files["train"]]
+    if extra:
+        raise DataError(f"{root / 'test'} has class folder {extra[0]!r} that train lacks")
+
+    listing = [(split, c, f.name, f.stat().st_size, f.stat().st_mtime_ns)
+               for split in files for c in classes for f in files[split][c]]
+    digest = hashlib.sha256(repr((CACHE_FORMAT, str(root), listing)).encode()).hexdigest()[:20]
+    cache_file = cache_dir / f"imagefolder-{digest}.pt"
+    source = f"imagefolder:{root}"
+    if cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            log.info("loaded decoded images from cache %s", cache_file)
+            return _cached_sets(cached) + (tuple(cached["classes"]), source)
+        except Exception as error:  # a truncated or foreign file: decode again
+            log.warning("ignoring unreadable cache %s: %s", cache_file, error)
+
+    sets = {split: _decode_split(split, files[split], classes) for split in files}
+    _save_atomic(
+        {"classes": list(classes), **{f"{s}_{k}": getattr(sets[s], k) for s in sets for k in ("images", "labels")}},
+        cache_file,
+    )
+    return sets["train"], sets["test"], classes, source
+
+
+def _cached_sets(cached: dict) -> tuple[ImageSet, ImageSet]:
+    return tuple(ImageSet(s, cached[f"{s}_images"], cached[f"{s}_labels"]) for s in ("train", "test"))
+
+
+def _list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"{folder} is missing: an image folder dataset needs both train/ and test/")
+    class_dirs = sorted((e for e in os.scandir(folder) if e.is_dir()), key=lambda e: e.name)
+    if not class_dirs:
+        raise DataError(f"{folder} holds no class folders")
+    files = {}
+    for class_dir in class_dirs:
+        images = sorted(
+            (e for e in os.scandir(class_dir.path) if e.name.lower().endswith(IMAGE_SUFFIXES)),
+            key=lambda e: e.name,
+        )
+        if not images:
+            raise DataError(f"class folder {class_dir.path} holds no .png/.jpg images")
+        files[class_dir.name] = images
+    return files
+
+
+def _decode_split(split: str, files: dict[str, list[os.DirEntry]], classes: tuple[str, ...]) -> ImageSet:
+    paths = [entry.path for c in classes for entry in files[c]]
+    labels = torch.tensor([i for i, c in enumerate(classes) for _ in files[c]], dtype=torch.int64)
+    images = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
+
+    def decode(index: int) -> None:
+        images[index] = _decode_image(paths[index])
+
+    # PIL releases the GIL while decoding, so threads overlap the JPEG work.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        list(pool.map(decode, range(len(paths)), chunksize=256))
+    log.info("decoded %d %s images", len(paths), split)
+    return ImageSet(split, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
+
+
+def _decode_image(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.size != (32, 32) or image.mode != "RGB":
+                raise DataError(
+                    f"{path} is a {image.size[0]}x{image.size[1]} {image.mode} image; expected 32x32 RGB"
+                )
+            return np.asarray(image)
+    except DataError:
+        raise
+    except Exception as error:
+        raise DataError(f"cannot decode image {path}: {error}") from None
+
+
+def _cache_dir(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cifar-exp"
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as error:  # a read-only cache only costs speed
+        log.warning("cannot write cache %s: %s", path, error)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches on the training device
+
+
+class DeviceBatches:
+    """Serves an ``ImageSet`` in batches from tensors that live on ``device``.
+
+    The uint8 images are copied to the device once; each epoch a seeded permutation picks the order,
+    and augmentation runs on whole batches there (no per-sample PIL transforms, no DataLoader).
+    Batches are float images in [0, 1]: normalisation is part of the model (``models.Classifier``).
+    """
+
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        *,
+        device: torch.device,
+        shuffle: bool = False,
+        augment: str = "none",
+        seed: int = 0,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        pin = device.type == "cuda"
+        images, labels = data.images, data.labels
+        if pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        self.images = images.to(device, non_blocking=True)  # (N, 3, 32, 32) uint8
+        self.labels = labels.to(device, non_blocking=True)  # (N,) int64
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.augment = augment
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self.order_generator = torch.Generator().manual_seed(seed)
+        self.augment_generator = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.order_generator).to(self.device, non_blocking=True)
+        for start in range(0, n, self.batch_size):
+            if self.shuffle:
+                index = order[start : start + self.batch_size]
+                images, labels = self.images[index], self.labels[index]
+            else:
+                images = self.images[start : start + self.batch_size]
+                labels = self.labels[start : start + self.batch_size]
+            images = images.to(self.dtype).div_(255)  # (B, 3, 32, 32) in [0, 1]
+            if self.augment != "none":
+                images = augment_batch(images, self.augment, self.augment_generator)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels
+
+
+def augment_batch(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip (``flip``) and 32x32 crop of the 4-pixel reflect-padded image (``flip-crop``)."""
+    batch = images.shape[0]
+    flip = torch.rand(batch, device=images.device, generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if kind == "flip-crop":
+        images = random_crop(images, 4, generator)
+    return images
+
+
+def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image becomes a random HxW window of itself reflect-padded by ``pad`` pixels."""
+    batch, channels, height, width = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")  # (B, C, H + 2p, W + 2p)
+    shifts = torch.randint(0, 2 * pad + 1, (2, batch), device=images.device, generator=generator)
+    rows = shifts[0, :, None] + torch.arange(height, device=images.device)  # (B, H)
+    cols = shifts[1, :, None] + torch.arange(width, device=images.device)  # (B, W)
+    return padded[
+        torch.arange(batch, device=images.device)[:, None, None, None],
+        torch.arange(channels, device=images.device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]

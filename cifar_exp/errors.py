@@ -1,0 +1,21 @@
+"""Errors that carry a one-line, user-facing message (the CLI prints them and exits non-zero)."""
+
+
+class CifarExpError(Exception):
+    """Base class: the message names the bad value or file and is shown to the user as is."""
+
+
+class ConfigError(CifarExpError, ValueError):
+    """A configuration value is out of range or unknown."""
+
+
+class DataError(CifarExpError):
+    """The dataset is missing, incomplete or holds an unreadable image."""
+
+
+class TrainingDivergedError(CifarExpError):
+    """The training loss became NaN or infinite."""
+
+
+class TrackingError(CifarExpError):
+    """The MLflow tracking store or a model URI cannot be used."""

@@ -1,0 +1,164 @@
+"""A whole tracked experiment: data -> fit -> test report -> MLflow run with the registered model.
+
+Order matters for bad input: the tracking store, the config and the data are checked before a run
+is opened, so a mistake leaves nothing behind; once a run is open, any failure marks it FAILED.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cifar_exp import tracking
+from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig
+from cifar_exp.data import Splits, load_dataset, load_splits
+from cifar_exp.errors import TrackingError
+from cifar_exp.models import build_model, count_parameters
+from cifar_exp.reports import ClassMetrics, class_metrics, write_evaluation_report, write_training_report
+from cifar_exp.train import (
+    EvalResult,
+    FitResult,
+    evaluate,
+    fit,
+    resolve_amp_dtype,
+    resolve_device,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    run_id: str
+    fit: FitResult
+    test: EvalResult
+    test_metrics: ClassMetrics
+    model_uri: str
+    model_version: str | None  # None when not registered
+    champion: bool
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    run_id: str
+    test: EvalResult
+    test_metrics: ClassMetrics
+
+
+def train_and_track(
+    cfg: ExperimentConfig,
+    *,
+    splits: Splits | None = None,
+    tags: Mapping[str, str] | None = None,
+    progress: bool = False,
+) -> TrainingOutcome:
+    """Train ``cfg`` and log every deliverable of the seed report into one MLflow run."""
+    tracking.check_tracking_store()
+    device = resolve_device(cfg.train.device)
+    amp_dtype = resolve_amp_dtype(cfg.train, device)
+    parameter_count = count_parameters(build_model(cfg.train.model))  # also rejects unknown names
+    if splits is None:
+        splits = load_splits(cfg.data)
+
+    run_tags = {
+        **tracking.environment_tags(device, amp_dtype),
+        "model": cfg.train.model,
+        "parameter_count": str(parameter_count),
+        "validation_split": "test (seed-report protocol)" if splits.val_is_test else "carved from train",
+        **(tags or {}),
+    }
+    with tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, tags=run_tags) as run_id:
+        tracking.log_params(cfg.flat())
+        tracking.log_datasets(_distinct_sets(splits), splits.source)
+        result = fit(
+            cfg.train,
+            splits,
+            on_epoch_end=lambda stats: tracking.log_metrics(stats.metrics(), step=stats.epoch),
+            progress=progress,
+        )
+        test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size,
+                                                  amp_dtype, cfg.train.channels_last, result)
+        tracking.log_metrics({
+            "train_seconds": result.train_seconds,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "best_val_accuracy": max(s.val_accuracy for s in result.history),
+        })
+        registered_name = cfg.registered_model_name if cfg.tracking.register else None
+        model_uri, version = tracking.log_model(result.model, registered_name)
+        champion = bool(version) and tracking.promote_if_champion(registered_name, version, test.accuracy)
+    return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion)
+
+
+def evaluate_and_track(
+    model_uri: str,
+    data_cfg: DataConfig,
+    tracking_cfg: TrackingConfig,
+    *,
+    device_name: str = "auto",
+    batch_size: int = 1000,
+) -> EvaluationOutcome:
+    """Evaluate a logged model on the test split and log the report into a new run."""
+    tracking.check_tracking_store()
+    device = resolve_device(device_name)
+    model = tracking.load_model(model_uri).to(device)
+    _check_classifier(model, model_uri, device)
+    _, test_set, classes, source = load_dataset(data_cfg)
+    splits = Splits(test_set, test_set, test_set, classes, source, val_is_test=True)
+    tags = {"model_uri": model_uri, "source_run_id": tracking.model_source_run(model_uri) or "unknown",
+            **tracking.environment_tags(device, None)}
+    with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
+        tracking.log_params({"model_uri": model_uri, "data.data_dir": data_cfg.data_dir,
+                             "eval_batch_size": batch_size})
+        tracking.log_datasets({"test": test_set}, source)
+        test, test_metrics = _evaluate_and_report(model, splits, batch_size, None, False, None)
+    return EvaluationOutcome(run_id, test, test_metrics)
+
+
+def _evaluate_and_report(
+    model: torch.nn.Module,
+    splits: Splits,
+    batch_size: int,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    result: FitResult | None,
+) -> tuple[EvalResult, ClassMetrics]:
+    """Test-split metrics and report files, logged into the active run."""
+    test = evaluate(model, splits.test, batch_size=batch_size, amp_dtype=amp_dtype,
+                    channels_last=channels_last)
+    metrics = class_metrics(test.labels, test.predictions, splits.classes)
+    tracking.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy, **metrics.macro()})
+    log.info("test accuracy %.4f, test loss %.4f on %d images", test.accuracy, test.loss, len(test.labels))
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp)
+        if result is not None:
+            write_training_report(out_dir, result.history)
+        write_evaluation_report(out_dir, test, metrics, splits.test.images.numpy())
+        tracking.log_artifacts(out_dir)
+    tracking.log_table(metrics.per_class_rows(), "metrics/per_class.json")
+    return test, metrics
+
+
+def _distinct_sets(splits: Splits) -> dict[str, object]:
+    if splits.val_is_test:
+        return {"train": splits.train, "test": splits.test}
+    return {"train": splits.train, "val": splits.val, "test": splits.test}
+
+
+def _check_classifier(model: torch.nn.Module, model_uri: str, device: torch.device) -> None:
+    """Reject models that do not map (B, 3, 32, 32) images to (B, classes) scores."""
+    probe = torch.rand(2, 3, 32, 32, device=device)
+    try:
+        with torch.inference_mode():
+            output = model(probe)
+    except Exception as error:
+        raise TrackingError(
+            f"model {model_uri} does not accept (B, 3, 32, 32) images: {str(error).splitlines()[0]}"
+        ) from None
+    if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise TrackingError(f"model {model_uri} is not an image classifier: output {shape} for 2 images")

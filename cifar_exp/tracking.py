@@ -1,0 +1,245 @@
+"""Everything MLflow: runs, params, metrics, artifacts, datasets, model logging and the registry.
+
+The only module that imports mlflow. With no ``MLFLOW_TRACKING_URI`` set, MLflow's own default store
+is used (``sqlite:///mlflow.db`` in the working directory, artifacts under ``./mlruns``), so
+``cifar-exp``, ``mlflow run .`` and ``mlflow ui`` all see the same runs with no configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from cifar_exp.data import ImageSet
+from cifar_exp.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHAMPION_METRIC = "test_accuracy"
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def check_tracking_store() -> str:
+    """Fail fast, before any training, when the tracking store cannot be reached."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+                pass
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
+    else:
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as error:
+            raise TrackingError(f"MLflow tracking store {uri} cannot be used: {error}") from None
+    return uri
+
+
+@contextlib.contextmanager
+def start_run(
+    experiment_name: str,
+    run_name: str | None = None,
+    *,
+    tags: Mapping[str, str] | None = None,
+    nested: bool = False,
+) -> Iterator[str]:
+    """An active run, yielding its id; marked FAILED if the body raises, KILLED on Ctrl-C.
+
+    Under ``mlflow run`` (``MLFLOW_RUN_ID`` set and no run active yet) this logs into the run that
+    ``mlflow run`` created instead of starting a new one.
+    """
+    if not nested and mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"], tags=tags)
+    else:
+        if mlflow.active_run() is None:
+            mlflow.set_experiment(experiment_name)
+        run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+    try:
+        yield run.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    mlflow.log_params({k: "None" if v is None else v for k, v in params.items()})
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics(dict(metrics), step=step)
+
+
+def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
+    mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, artifact_file)
+
+
+def environment_tags(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, str]:
+    tags = {
+        "git_commit": _git_commit(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "none",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "none (fp32)",
+        "python_version": platform.python_version(),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+    return tags
+
+
+def log_datasets(sets: Mapping[str, ImageSet], source: str) -> None:
+    """Record each split as an MLflow dataset input, with a digest of every image and label."""
+    for split, data in sets.items():
+        digest = hashlib.sha256(data.images.numpy().tobytes())
+        digest.update(data.labels.numpy().tobytes())
+        with warnings.catch_warnings():  # a local path matches two equivalent source types
+            warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+            dataset = mlflow.data.from_numpy(
+                data.images.numpy(),
+                targets=data.labels.numpy(),
+                source=source.split(":", 1)[-1],
+                name=f"cifar10-{data.name}",
+                digest=digest.hexdigest()[:16],
+            )
+        mlflow.log_input(dataset, context=DATASET_CONTEXTS.get(split, split))
+
+
+def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str, str | None]:
+    """Log ``model`` (float (B, 3, 32, 32) in [0, 1] -> logits) as ``model``.
+
+    Returns the model URI and, when registered, the new registry version.
+
+    Saved in MLflow's default ``pt2`` (torch.export) format with a dynamic batch dimension.
+    """
+    from mlflow.models import infer_signature
+
+    exported = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)  # batch >= 2: dynamic
+    with torch.inference_mode():
+        output = exported(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        exported,
+        name="model",
+        input_example=example,
+        signature=infer_signature(example, output),
+        registered_model_name=registered_model_name,
+        # Given explicitly: inferring them would start a subprocess that imports the model.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+    )
+    version = info.registered_model_version
+    return info.model_uri, None if version is None else str(version)
+
+
+def promote_if_champion(name: str, version: str | int, test_accuracy: float) -> bool:
+    """Tag the version with its test accuracy; give it the ``champion`` alias if it beats the holder."""
+    client = MlflowClient()
+    client.set_model_version_tag(name, str(version), CHAMPION_METRIC, f"{test_accuracy:.6f}")
+    try:
+        holder = client.get_model_version_by_alias(name, CHAMPION)
+        best = float(holder.tags.get(CHAMPION_METRIC, "-inf"))
+    except MlflowException:
+        best = float("-inf")
+    if test_accuracy > best:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        log.info("%s version %s (test accuracy %.4f) is the new champion", name, version, test_accuracy)
+        return True
+    log.info("%s champion stays (test accuracy %.4f >= %.4f)", name, best, test_accuracy)
+    return False
+
+
+def load_model(model_uri: str) -> nn.Module:
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TrackingError(f"cannot load model {model_uri}: {message}") from None
+
+
+def model_source_run(model_uri: str) -> str | None:
+    """The run id that logged the model behind ``models:/...`` or ``runs:/...``, if known."""
+    try:
+        if model_uri.startswith("runs:/"):
+            return model_uri.split("/")[1]
+        if model_uri.startswith("models:/"):
+            name_ref = model_uri[len("models:/"):]
+            client = MlflowClient()
+            if "@" in name_ref:
+                name, alias = name_ref.split("@", 1)
+                return client.get_model_version_by_alias(name, alias).run_id
+            name, version = name_ref.split("/", 1)
+            return client.get_model_version(name, version).run_id
+    except MlflowException:
+        return None
+    return None
+
+
+def launch_ui(host: str, port: int) -> int:
+    """Run ``mlflow ui`` on the store this tool logs to; returns its exit code."""
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
+               "--host", host, "--port", str(port)]
+    return subprocess.call(command)
+
+
+def _git_commit() -> str:
+    try:
+        source_dir = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source_dir,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"

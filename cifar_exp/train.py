@@ -1,0 +1,268 @@
+"""The training loop: ``fit(cfg, splits) -> FitResult``. Knows nothing of MLflow or Optuna."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifar_exp.config import TrainConfig
+from cifar_exp.data import DeviceBatches, ImageSet, Splits
+from cifar_exp.errors import ConfigError, TrainingDivergedError
+from cifar_exp.models import Classifier, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float  # the learning rate used during this epoch
+    epoch_seconds: float
+    train_images_per_second: float
+
+    def metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if k != "epoch"}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    labels: np.ndarray  # (N,) int64
+    predictions: np.ndarray  # (N,) int64
+    probabilities: np.ndarray  # (N, classes) float32
+
+
+@dataclass(frozen=True)
+class FitResult:
+    model: Classifier  # fp32 weights, eval mode, on ``device``
+    history: list[EpochStats]
+    train_seconds: float
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    peak_memory_bytes: int
+
+
+EpochCallback = Callable[[EpochStats], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where bf16 matmuls run natively (AVX512-BF16 or AMX), so bf16 autocast pays off."""
+    return bool(
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+
+
+def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if not cfg.amp:
+        return None
+    if cfg.amp_dtype != "auto":
+        return getattr(torch, cfg.amp_dtype)
+    if device.type == "cuda":
+        return torch.float16  # what the seed's RTX 3060 used; GradScaler keeps it stable
+    if cpu_supports_bf16():
+        return torch.bfloat16
+    return None  # no native bf16 here: emulated bf16 is slower than fp32
+
+
+def build_classifier(cfg: TrainConfig, num_classes: int) -> Classifier:
+    return Classifier(build_model(cfg.model, num_classes), cfg.norm_mean, cfg.norm_std)
+
+
+def fit(
+    cfg: TrainConfig,
+    splits: Splits,
+    *,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Train ``cfg.model`` on ``splits.train``, validating on ``splits.val`` after every epoch.
+
+    ``on_epoch_end`` sees each epoch's statistics (for tracking, pruning) and may raise to stop.
+    Raises ``TrainingDivergedError`` when the training loss turns NaN or infinite.
+    """
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp_dtype(cfg, device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_classifier(cfg, len(splits.classes)).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    batches = DeviceBatches(
+        splits.train,
+        cfg.batch_size,
+        device=device,
+        shuffle=True,
+        augment=cfg.augment,
+        seed=cfg.seed,
+        channels_last=cfg.channels_last,
+    )
+    log.info(
+        "training %s on %d images (%s, %s), validating on %d %s images",
+        cfg.model, len(splits.train), device, f"autocast {amp_dtype}" if amp_dtype else "fp32",
+        len(splits.val), splits.val.name,
+    )
+
+    history: list[EpochStats] = []
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_accuracy = _train_epoch(
+            model, batches, optimizer, scaler, amp_dtype,
+            progress_label=f"epoch {epoch}/{cfg.epochs}" if progress else None,
+        )
+        train_seconds = time.perf_counter() - epoch_start
+        if not math.isfinite(train_loss):
+            raise TrainingDivergedError(
+                f"training loss became {train_loss} in epoch {epoch} (lr {lr:g}); try a lower --lr"
+            )
+        scheduler.step()
+        val = evaluate(
+            model, splits.val, batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype,
+            channels_last=cfg.channels_last,
+        )
+        stats = EpochStats(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_accuracy=train_accuracy,
+            val_loss=val.loss,
+            val_accuracy=val.accuracy,
+            lr=lr,
+            epoch_seconds=time.perf_counter() - epoch_start,
+            train_images_per_second=len(splits.train) / train_seconds,
+        )
+        history.append(stats)
+        log.info(
+            "epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  lr %.4g  %.1fs",
+            epoch, cfg.epochs, stats.train_loss, stats.train_accuracy, stats.val_loss,
+            stats.val_accuracy, lr, stats.epoch_seconds,
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(stats)
+
+    model.eval()
+    return FitResult(
+        model=model,
+        history=history,
+        train_seconds=time.perf_counter() - start,
+        device=device,
+        amp_dtype=amp_dtype,
+        peak_memory_bytes=peak_memory_bytes(device),
+    )
+
+
+def _train_epoch(
+    model: nn.Module,
+    batches: DeviceBatches,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp_dtype: torch.dtype | None,
+    progress_label: str | None,
+) -> tuple[float, float]:
+    """One pass over the training set; returns (mean loss, accuracy), read once at the end."""
+    device = batches.device
+    model.train()
+    # Accumulated on the device: reading them per step would synchronise host and device.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    steps = batches
+    if progress_label is not None:
+        from tqdm import tqdm
+
+        steps = tqdm(batches, desc=progress_label, leave=False, file=sys.stderr, unit="batch")
+    for images, labels in steps:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)  # (B, classes)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach().float() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
+    n = len(batches.labels)
+    return loss_sum.item() / n, correct.item() / n
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    batch_size: int = 1000,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> EvalResult:
+    """Loss, accuracy, predictions and softmax probabilities of ``model`` on ``data``."""
+    device = next(model.parameters()).device
+    batches = DeviceBatches(data, batch_size, device=device, channels_last=channels_last)
+    logits = []
+    with _eval_mode(model):
+        for images, _ in batches:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits.append(model(images).float())
+    all_logits = torch.cat(logits)  # (N, classes)
+    labels = batches.labels
+    loss = F.cross_entropy(all_logits, labels).item()
+    probabilities = all_logits.softmax(1)
+    predictions = probabilities.argmax(1)
+    return EvalResult(
+        loss=loss,
+        accuracy=(predictions == labels).float().mean().item(),
+        labels=labels.cpu().numpy(),
+        predictions=predictions.cpu().numpy(),
+        probabilities=probabilities.cpu().numpy(),
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block, then the previous mode again."""
+    if isinstance(model, torch.fx.GraphModule):  # torch.export'ed: frozen in the mode it was exported in
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated by PyTorch on CUDA; peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

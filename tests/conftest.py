@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny, learnable CIFAR-like ImageFolder tree and an isolated MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+TRAIN_PER_CLASS = 40
+TEST_PER_CLASS = 10
+# One distinct colour per class: the label is learnable from colour alone, yet pixel noise and a
+# random bright square keep it from being trivial.
+PALETTE = np.array([
+    [230, 40, 40], [40, 230, 40], [40, 40, 230], [230, 230, 40], [230, 40, 230],
+    [40, 230, 230], [140, 70, 20], [250, 250, 250], [20, 20, 20], [128, 128, 128],
+], dtype=np.float32)
+
+
+def synthetic_image(label: int, rng: np.random.Generator) -> np.ndarray:
+    """(32, 32, 3) uint8 image whose mean colour encodes ``label``."""
+    image = PALETTE[label] + rng.normal(0, 30, size=(32, 32, 3))
+    row, col = rng.integers(0, 24, size=2)
+    image[row : row + 8, col : col + 8] = rng.uniform(0, 255, size=3)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_image_folder(root: Path, train_per_class: int = TRAIN_PER_CLASS,
+                       test_per_class: int = TEST_PER_CLASS, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                # Alternate formats: both png and jpg must load.
+                suffix = "png" if i % 2 == 0 else "jpg"
+                Image.fromarray(synthetic_image(label, rng)).save(folder / f"{i:04d}.{suffix}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder tree of 400 train and 100 test images (10 classes). Treat as read-only."""
+    return write_image_folder(tmp_path_factory.mktemp("tiny-cifar"))
+
+
+@pytest.fixture
+def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MLflow pointed at a fresh SQLite store in ``tmp_path`` (artifacts in ``tmp_path/mlruns``)."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    return uri
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "cache")

@@ -1,0 +1,160 @@
+"""The command line: help, one-line errors for bad input, and no run ever left RUNNING."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from cifar_exp.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--val-size", "50", "--eval-batch-size", "100"]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def all_runs():
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["models"], ["ui"]])
+def test_every_command_has_help(command):
+    result = run_cli(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_every_train_option_has_help():
+    from cifar_exp.cli import train
+
+    for param in train.params:
+        assert param.help, param.name
+
+
+def test_module_entry_point_works():
+    out = subprocess.run([sys.executable, "-m", "cifar_exp", "models"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "seed" in out and "152,458" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
+    (["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
+    (["--lr-decay", "1.2"], "lr-decay must be in (0, 1], got 1.2"),
+    (["--lr-decay", "0"], "lr-decay must be in (0, 1], got 0.0"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--batch-size", "0"], "batch-size must be >= 1, got 0"),
+    (["--val-size", "400"], "val-size 400 must be smaller than the 400 training images"),
+    (["--model", "vgg99"], "'vgg99' is not one of 'seed', 'seed-wide'"),
+])
+def test_bad_training_input_is_one_line_and_leaves_no_run(tiny_data, tracking_store, cache_dir, args, message):
+    result = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, *args)
+    assert result.exit_code != 0
+    assert message in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1
+    assert all_runs() == []
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_missing_or_empty_data_dir(tmp_path, tracking_store, folder):
+    target = tmp_path / folder
+    if folder == "empty":
+        target.mkdir()
+    result = run_cli("train", "--data-dir", target)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and str(target) in result.output
+    assert all_runs() == []
+
+
+def test_unreachable_tracking_server_fails_before_training(tiny_data, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    start = time.perf_counter()
+    result = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS)
+    assert result.exit_code == 1
+    assert "MLflow tracking server http://127.0.0.1:9 is unreachable" in result.output
+    assert "epoch" not in result.output and time.perf_counter() - start < 30
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu(tiny_data, tracking_store, cache_dir):
+    result = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--device", "cuda")
+    assert result.exit_code == 1
+    assert "--device cuda was asked for, but no CUDA GPU is available" in result.output
+    assert all_runs() == []
+
+
+def test_evaluate_unknown_model_uri(tiny_data, tracking_store, cache_dir):
+    result = run_cli("evaluate", "--model-uri", "models:/no-such-model@champion", "--data-dir", tiny_data,
+                     "--cache-dir", cache_dir)
+    assert result.exit_code == 1
+    assert "cannot load model models:/no-such-model@champion" in result.output
+    assert all_runs() == []
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
+    trained = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--lr", "0.05")
+    assert trained.exit_code == 0, trained.output
+    assert "registered models:/cifar10-seed/1 (champion)" in trained.output
+    evaluated = run_cli("evaluate", "--model-uri", "models:/cifar10-seed@champion", "--data-dir", tiny_data,
+                        "--cache-dir", cache_dir)
+    assert evaluated.exit_code == 0, evaluated.output
+    runs = {r.info.run_id: r for r in all_runs()}
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
+    train_run = next(r for r in runs.values() if "model_uri" not in r.data.tags)
+    eval_run = next(r for r in runs.values() if "model_uri" in r.data.tags)
+    # The logged model reproduces the training run's test accuracy exactly (bf16/fp32 aside).
+    assert eval_run.data.metrics["test_accuracy"] == pytest.approx(train_run.data.metrics["test_accuracy"], abs=0.02)
+    assert eval_run.data.tags["source_run_id"] == train_run.info.run_id
+    names = {a.path for a in MlflowClient().list_artifacts(eval_run.info.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/sample_predictions.png"} <= names
+
+
+@pytest.mark.slow
+def test_terminated_training_is_marked_killed(tiny_data, tracking_store, cache_dir):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cifar_exp", "train", "--data-dir", str(tiny_data), "--cache-dir", cache_dir,
+         "--epochs", "500", "--val-size", "50"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in process.stdout:  # wait for training to be under way
+            if line.startswith("epoch 1/500"):
+                break
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    assert [r.info.status for r in all_runs()] == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_mlflow_run_of_the_project(tiny_data, tracking_store, cache_dir, tmp_path):
+    """`mlflow run . --env-manager local` logs into the run that mlflow run created."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
+         "--experiment-name", "project", "-P", "epochs=1", "-P", f"data_dir={tiny_data}",
+         "-P", "val_size=50", "-P", f"cache_dir={cache_dir}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    runs = all_runs()
+    assert len(runs) == 1  # one run: mlflow run's, not a second one of ours
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "1"
+    assert "test_accuracy" in run.data.metrics
+    assert MlflowClient().get_model_version_by_alias("cifar10-seed", "champion").run_id == run.info.run_id

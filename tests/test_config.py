@@ -1,0 +1,42 @@
+import dataclasses
+
+import pytest
+
+from cifar_exp.config import DataConfig, ExperimentConfig, TrainConfig
+from cifar_exp.errors import ConfigError
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = TrainConfig()
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_decay, cfg.momentum) == (
+        "seed", 50, 64, 0.1, 0.95, 0.0)
+    assert (cfg.norm_mean, cfg.norm_std, cfg.amp, cfg.augment) == (0.5, 0.5, True, "none")
+    assert DataConfig().val_size == 5000
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("lr", 0.0, "lr must be a finite number > 0, got 0.0"),
+    ("lr", -0.1, "lr must be a finite number > 0, got -0.1"),
+    ("lr_decay", 0.0, r"lr-decay must be in \(0, 1\], got 0.0"),
+    ("lr_decay", 1.5, r"lr-decay must be in \(0, 1\], got 1.5"),
+    ("epochs", 0, "epochs must be >= 1, got 0"),
+    ("batch_size", 0, "batch-size must be >= 1, got 0"),
+    ("augment", "mixup", "unknown augment 'mixup'"),
+])
+def test_bad_training_values_are_named(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_decay_of_one_is_allowed():
+    assert TrainConfig(lr_decay=1.0).lr_decay == 1.0
+
+
+def test_config_is_frozen_and_flattens_every_field():
+    cfg = ExperimentConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+    flat = cfg.flat()
+    assert flat["train.lr"] == 0.1 and flat["data.val_size"] == 5000
+    assert len(flat) == sum(len(dataclasses.fields(getattr(cfg, f.name))) for f in dataclasses.fields(cfg))
+    assert cfg.registered_model_name == "cifar10-seed"

@@ -1,0 +1,188 @@
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_exp.config import DataConfig
+from cifar_exp.data import (
+    DeviceBatches,
+    ImageSet,
+    augment_batch,
+    load_splits,
+    random_crop,
+    stratified_split,
+)
+from cifar_exp.errors import ConfigError, DataError
+from conftest import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, write_image_folder
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-dev"
+
+
+def test_image_folder_loads_as_uint8_tensors(tiny_data, cache_dir):
+    splits = load_splits(DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=cache_dir))
+    assert splits.classes == CLASSES
+    assert splits.train.images.dtype == torch.uint8
+    assert splits.train.images.shape == (10 * TRAIN_PER_CLASS - 50, 3, 32, 32)
+    assert len(splits.val) == 50 and len(splits.test) == 10 * TEST_PER_CLASS
+    # Labels follow folder order, and the pixels decode to the right image.
+    expected = np.asarray(Image.open(tiny_data / "test" / "bird" / "0000.png")).transpose(2, 0, 1)
+    first_bird = int(np.flatnonzero(splits.test.labels.numpy() == 2)[0])
+    np.testing.assert_array_equal(splits.test.images[first_bird].numpy(), expected)
+
+
+def test_second_load_comes_from_the_cache(tiny_data, cache_dir):
+    cfg = DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=cache_dir)
+    first = load_splits(cfg)
+    assert len(list(Path(cache_dir).glob("*.pt"))) == 1
+    second = load_splits(cfg)
+    assert torch.equal(first.train.images, second.train.images)
+    assert torch.equal(first.test.labels, second.test.labels)
+
+
+def test_cache_is_invalidated_when_a_file_changes(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    cfg = DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir)
+    before = load_splits(cfg).test.images.clone()
+    target = root / "test" / "cat" / "0000.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(target)
+    after = load_splits(cfg).test.images
+    assert not torch.equal(before, after)
+    assert int(after[3].sum()) == 0  # cat is class 3, one test image per class
+
+
+def test_stratified_split_keeps_class_proportions_and_is_seeded():
+    labels = torch.arange(10).repeat_interleave(100)  # 1000 images, 100 per class
+    data = ImageSet("train", torch.arange(1000).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).to(torch.uint8), labels)
+    train, val = stratified_split(data, 200, seed=1)
+    assert len(train) == 800 and len(val) == 200
+    assert torch.bincount(val.labels).tolist() == [20] * 10
+    again_train, again_val = stratified_split(data, 200, seed=1)
+    assert torch.equal(val.labels, again_val.labels) and torch.equal(val.images, again_val.images)
+    _, other_val = stratified_split(data, 200, seed=2)
+    assert not torch.equal(val.images, other_val.images)
+
+
+def test_val_on_test_uses_the_test_split(tiny_data, cache_dir):
+    splits = load_splits(DataConfig(data_dir=str(tiny_data), val_on_test=True, cache_dir=cache_dir))
+    assert splits.val_is_test and splits.val is splits.test
+    assert len(splits.train) == 10 * TRAIN_PER_CLASS
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(DataError, match=f"data dir {tmp_path / 'nope'} does not exist"):
+        load_splits(DataConfig(data_dir=str(tmp_path / "nope")))
+
+
+def test_empty_data_dir(tmp_path):
+    with pytest.raises(DataError, match=f"no CIFAR-10 dataset in {tmp_path}"):
+        load_splits(DataConfig(data_dir=str(tmp_path)))
+
+
+def test_test_split_missing_a_class(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    shutil.rmtree(root / "test" / "frog")
+    with pytest.raises(DataError, match="has no folder for class 'frog' that train has"):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
+def test_wrong_size_image_is_named(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    bad = root / "train" / "dog" / "0001.jpg"
+    Image.new("RGB", (28, 28)).save(bad)
+    with pytest.raises(DataError, match=f"{bad} is a 28x28 RGB image; expected 32x32 RGB"):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
+def test_grayscale_image_is_named(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    bad = root / "test" / "ship" / "0000.png"
+    Image.new("L", (32, 32)).save(bad)
+    with pytest.raises(DataError, match=f"{bad} is a 32x32 L image"):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
+def test_undecodable_image_is_named(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    bad = root / "train" / "horse" / "0000.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
+def test_val_size_not_smaller_than_train(tiny_data, cache_dir):
+    with pytest.raises(ConfigError, match="val-size 400 must be smaller than the 400 training images"):
+        load_splits(DataConfig(data_dir=str(tiny_data), val_size=400, cache_dir=cache_dir))
+
+
+# -- batches on the device ------------------------------------------------------------------------
+
+def _indexed_set(n: int) -> ImageSet:
+    """Image i is filled with the value i (mod 256), and its label is i mod 10."""
+    values = torch.arange(n)
+    images = (values % 256).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).contiguous()
+    return ImageSet("train", images, values % 10)
+
+
+def test_every_image_once_per_epoch_with_labels_aligned():
+    data = _indexed_set(250)
+    batches = DeviceBatches(data, 64, device=torch.device("cpu"), shuffle=True, seed=3)
+    assert len(batches) == 4
+    orders = []
+    for _ in range(2):
+        seen = []
+        for images, labels in batches:
+            ids = (images[:, 0, 0, 0] * 255).round().long()
+            assert torch.equal(ids % 10, labels)
+            seen.append(ids)
+        order = torch.cat(seen)
+        assert sorted(order.tolist()) == list(range(250))
+        orders.append(order)
+    assert not torch.equal(orders[0], orders[1])  # reshuffled every epoch
+
+
+def test_batches_are_floats_in_unit_range_and_channels_last():
+    data = ImageSet("x", torch.full((8, 3, 32, 32), 255, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64))
+    images, _ = next(iter(DeviceBatches(data, 8, device=torch.device("cpu"), channels_last=True)))
+    assert images.dtype == torch.float32 and float(images.max()) == 1.0
+    assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_flip_flips_some_images_and_keeps_the_rest():
+    images = torch.rand(200, 3, 32, 32)
+    out = augment_batch(images, "flip", torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, images)])
+    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, images)])
+    assert bool((flipped | kept).all())
+    assert 60 < int(flipped.sum()) < 140
+
+
+def test_crop_is_a_window_of_the_reflect_padded_image():
+    images = torch.rand(50, 3, 32, 32)
+    out = random_crop(images, 4, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
+    shifts = set()
+    for k in range(50):
+        matches = [(dy, dx) for dy in range(9) for dx in range(9)
+                   if torch.equal(out[k], padded[k, :, dy:dy + 32, dx:dx + 32])]
+        assert matches, f"image {k} is not a window of its padded self"
+        shifts.add(matches[0])
+    assert len(shifts) > 10  # the offsets really vary
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/cifar10-jpeg-dev is not here")
+@pytest.mark.slow
+def test_real_cifar10_dev_folder(tmp_path):
+    cfg = DataConfig(data_dir=str(SHARED_DATA))
+    splits = load_splits(cfg)
+    assert splits.classes == CLASSES
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (40_000, 5_000, 5_000)
+    assert torch.bincount(splits.val.labels).tolist() == [500] * 10
+    start = time.perf_counter()
+    load_splits(cfg)
+    assert time.perf_counter() - start < 10  # generous: the cached load takes ~1 s

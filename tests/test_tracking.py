@@ -1,0 +1,137 @@
+"""End to end: a tracked training run holds every deliverable, and the registry behaves."""
+
+import csv
+import math
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import precision_score, recall_score
+
+from cifar_exp import tracking
+from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
+from cifar_exp.data import load_splits
+from cifar_exp.errors import TrainingDivergedError
+from cifar_exp.experiment import train_and_track
+
+EPOCHS = 3
+
+
+def tiny_config(data_dir, cache_dir, **train):
+    return ExperimentConfig(
+        data=DataConfig(data_dir=str(data_dir), val_size=50, cache_dir=cache_dir),
+        train=TrainConfig(**{"epochs": EPOCHS, "batch_size": 32, "lr": 0.05, "eval_batch_size": 64, **train}),
+        tracking=TrackingConfig(experiment_name="tests"),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """One tracked training run in a module-wide store: (outcome, splits, client)."""
+    root = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        cfg = tiny_config(tiny_data, str(root / "cache"))
+        splits = load_splits(cfg.data)
+        outcome = train_and_track(cfg, splits=splits)
+        yield outcome, splits, MlflowClient()
+
+
+def test_run_finished_with_params_and_tags(trained):
+    outcome, _, client = trained
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.05" and run.data.params["train.model"] == "seed"
+    assert run.data.params["data.val_size"] == "50"
+    tags = run.data.tags
+    assert tags["parameter_count"] == "152458"
+    assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
+    assert tags["git_commit"] and tags["amp_dtype"]
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["testing", "training", "validation"]
+
+
+def test_per_epoch_metrics_are_logged_with_epoch_steps(trained):
+    outcome, _, client = trained
+    for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
+                 "train_images_per_second"):
+        history = client.get_metric_history(outcome.run_id, name)
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), name
+    val = sorted(client.get_metric_history(outcome.run_id, "val_accuracy"), key=lambda m: m.step)
+    assert [m.value for m in val] == pytest.approx([s.val_accuracy for s in outcome.fit.history])
+
+
+def test_final_metrics_match_the_outcome(trained):
+    outcome, splits, client = trained
+    metrics = client.get_run(outcome.run_id).data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(outcome.test.accuracy)
+    assert metrics["test_accuracy"] > 0.5
+    assert metrics["macro_precision"] == pytest.approx(
+        precision_score(outcome.test.labels, outcome.test.predictions, average="macro", zero_division=0))
+    for name in ("test_loss", "macro_recall", "macro_f1", "train_seconds", "peak_memory_bytes"):
+        assert math.isfinite(metrics[name]) and metrics[name] > 0, name
+
+
+def test_artifacts_hold_real_reports(trained, tmp_path):
+    outcome, splits, client = trained
+    names = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"plots", "metrics", "history.csv"} <= names
+    folder = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, dst_path=str(tmp_path))
+    for plot in ("loss_curves", "accuracy_curves", "confusion_matrix", "sample_predictions"):
+        assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 5000, plot
+    with open(tmp_path / "metrics" / "confusion_matrix.csv") as f:
+        rows = list(csv.reader(f))
+    matrix = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
+    assert matrix.shape == (10, 10) and matrix.sum() == len(splits.test)
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(outcome.test.accuracy)
+    with open(tmp_path / "metrics" / "per_class.csv") as f:
+        per_class = list(csv.DictReader(f))
+    labels, predictions = outcome.test.labels, outcome.test.predictions
+    ids = list(range(10))
+    sk_precision = precision_score(labels, predictions, labels=ids, average=None, zero_division=0)
+    sk_recall = recall_score(labels, predictions, labels=ids, average=None, zero_division=0)
+    for k, row in enumerate(per_class):
+        assert float(row["precision"]) == pytest.approx(sk_precision[k])
+        assert float(row["recall"]) == pytest.approx(sk_recall[k])
+        assert int(row["support"]) == int((labels == k).sum())
+    with open(tmp_path / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == EPOCHS
+    assert "macro avg" in (tmp_path / "metrics" / "classification_report.txt").read_text()
+    assert folder
+
+
+def test_registered_model_loads_by_alias_and_predicts_the_same(trained):
+    outcome, splits, _ = trained
+    assert outcome.model_version == "1" and outcome.champion
+    loaded = tracking.load_model("models:/cifar10-seed@champion")
+    images = splits.test.images.float() / 255
+    with torch.inference_mode():
+        predictions = loaded(images).argmax(1).numpy()
+    np.testing.assert_array_equal(predictions, outcome.test.predictions)
+    # The batch dimension is dynamic: a single image works too.
+    assert loaded(images[:1]).shape == (1, 10)
+
+
+def test_champion_moves_only_to_a_better_version(trained):
+    outcome, _, client = trained
+    name = "cifar10-seed"
+    base = float(client.get_model_version(name, "1").tags["test_accuracy"])
+    worse = client.create_model_version(name, outcome.model_uri, run_id=outcome.run_id)
+    assert not tracking.promote_if_champion(name, worse.version, base - 0.1)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    better = client.create_model_version(name, outcome.model_uri, run_id=outcome.run_id)
+    assert tracking.promote_if_champion(name, better.version, base + 0.01)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(better.version)
+    assert float(client.get_model_version(name, worse.version).tags["test_accuracy"]) == pytest.approx(base - 0.1)
+
+
+def test_diverged_training_leaves_a_failed_run(tiny_data, tracking_store, cache_dir):
+    cfg = tiny_config(tiny_data, cache_dir, lr=1e6, amp=False)
+    with pytest.raises(TrainingDivergedError):
+        train_and_track(cfg)
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
