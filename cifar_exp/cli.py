@@ -12,11 +12,22 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
+from cifar_exp.config import (
+    RECIPES,
+    BenchmarkConfig,
+    DataConfig,
+    ExperimentConfig,
+    ExportConfig,
+    TrackingConfig,
+    TrainConfig,
+    TuneConfig,
+)
 from cifar_exp.errors import CifarExpError
 
 CONFIG_SECTIONS = {"data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
+TUNE_SECTIONS = {**CONFIG_SECTIONS, "tune": TuneConfig}  # the options of `tune`
 
 
 def _click_option(cls: type, field: dataclasses.Field) -> Callable:
@@ -37,12 +48,17 @@ def _click_option(cls: type, field: dataclasses.Field) -> Callable:
     return click.option(f"--{name}", field.name, **kwargs)
 
 
-def config_options(*, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> Callable:
+def config_options(
+    *,
+    only: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    sections: dict[str, type] = CONFIG_SECTIONS,
+) -> Callable:
     """Add one click option per config field (optionally only some) to a command."""
     wanted = set(only) if only is not None else None
 
     def decorate(command: Callable) -> Callable:
-        for cls in reversed(CONFIG_SECTIONS.values()):
+        for cls in reversed(sections.values()):
             for field in reversed(dataclasses.fields(cls)):
                 if field.name in exclude or (wanted is not None and field.name not in wanted):
                     continue
@@ -53,13 +69,34 @@ def config_options(*, only: Iterable[str] | None = None, exclude: Iterable[str] 
 
 
 def build_config(options: dict[str, Any], **overrides: Any) -> ExperimentConfig:
-    """The ExperimentConfig for parsed options; fields not given keep their defaults."""
+    """The ExperimentConfig for parsed options; fields not given keep their defaults.
+
+    A ``--recipe`` supplies the values of the training options not given on the command line.
+    """
     values = {**options, **overrides}
+    recipe = RECIPES.get(values.get("recipe", "seed"), {})
+    given = _explicit_options(options)
+    values.update({k: v for k, v in recipe.items() if k not in given and k not in overrides})
     sections = {
         section: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
         for section, cls in CONFIG_SECTIONS.items()
     }
     return ExperimentConfig(**sections)
+
+
+def build_tune_config(options: dict[str, Any]) -> TuneConfig:
+    return TuneConfig(**{f.name: options[f.name] for f in dataclasses.fields(TuneConfig) if f.name in options})
+
+
+def _explicit_options(options: dict[str, Any]) -> set[str]:
+    """Names of the options set on the command line (or by environment), not left at their default."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return set(options)
+    return {
+        name for name in options
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+    }
 
 
 def reports_errors(command: Callable) -> Callable:
@@ -86,7 +123,9 @@ def main(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
     )
     # MLflow and Alembic are chatty at INFO on every store access.
-    for noisy in ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils", "mlflow.models"):
+    # So are the ONNX exporter and quantiser (every graph pass they run).
+    for noisy in ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils", "mlflow.models",
+                  "onnxscript", "onnx_ir", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -130,12 +169,131 @@ def evaluate(model_uri: str, **options: Any) -> None:
 
 
 @main.command()
+@config_options(sections=TUNE_SECTIONS, exclude=("val_on_test",))
+@reports_errors
+def tune(**options: Any) -> None:
+    """Search lr and lr decay with Optuna: one parent MLflow run, a nested run per trial.
+
+    The objective is the validation accuracy (split carved from train) after --epochs epochs.
+    The baseline trial (--lr, --lr-decay) runs first; every other option is train's. Workers that
+    share --storage and --study-name share the study.
+    """
+    from cifar_exp.tune import tune as run_tune
+
+    cfg = build_config(options)
+    tune_cfg = build_tune_config(options)
+    outcome = run_tune(cfg, tune_cfg, report=lambda line: click.echo(line, err=True),
+                       progress=sys.stderr.isatty())
+    states = ", ".join(f"{sum(t.state == s for t in outcome.trials)} {s.lower()}"
+                       for s in ("COMPLETE", "PRUNED", "FAIL"))
+    click.echo(f"run {outcome.run_id}: study {outcome.study_name} ({outcome.storage}), "
+               f"{len(outcome.trials)} trials run here: {states}")
+    best, baseline = outcome.best, outcome.baseline
+    if best is None:
+        click.echo("no trial has completed yet: no best parameters")
+    else:
+        click.echo(f"best: trial {best.number}, lr {best.params['lr']:.4g}, "
+                   f"lr_decay {best.params['lr_decay']:.4g}, val_accuracy {best.value:.4f}")
+    if baseline is not None and baseline.value is not None:
+        gain = f" ({best.value - baseline.value:+.4f} for the best)" if best else ""
+        click.echo(f"baseline: trial {baseline.number}, lr {baseline.params['lr']:.4g}, "
+                   f"lr_decay {baseline.params['lr_decay']:.4g}, val_accuracy {baseline.value:.4f}{gain}")
+    elif baseline is not None:
+        click.echo(f"baseline: trial {baseline.number} {baseline.state} {baseline.reason or ''}".rstrip())
+    if outcome.retrained is not None:
+        retrained = outcome.retrained
+        click.echo(f"retrained best as run {retrained.run_id}: test accuracy {retrained.test.accuracy:.4f}")
+        if retrained.model_version:
+            status = "champion" if retrained.champion else "not champion"
+            click.echo(f"registered models:/{cfg.registered_model_name}/{retrained.model_version} ({status})")
+
+
+@main.command()
 def models() -> None:
     """List the model architectures with their parameter counts."""
     from cifar_exp.models import build_model, count_parameters, model_names
 
     for name in model_names():
         click.echo(f"{name:<12} {count_parameters(build_model(name)):>10,} parameters")
+
+
+# --- Inference: benchmark, export, pareto ---------------------------------------------------------
+
+BENCHMARK_SECTIONS = {"train": TrainConfig, "data": DataConfig, "tracking": TrackingConfig,
+                      "benchmark": BenchmarkConfig}
+EXPORT_SECTIONS = {"data": DataConfig, "tracking": TrackingConfig, "export": ExportConfig}
+DATA_AND_RUN_OPTIONS = ("data_dir", "cache_dir", "experiment_name", "run_name")
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _section(cls: type, options: dict[str, Any]) -> Any:
+    return cls(**{name: options[name] for name in _fields(cls) if name in options})
+
+
+@main.command()
+@config_options(sections=BENCHMARK_SECTIONS, only=("model", *DATA_AND_RUN_OPTIONS, *_fields(BenchmarkConfig)))
+@reports_errors
+def benchmark(**options: Any) -> None:
+    """Measure a model's inference speed on every backend, as a new MLflow run.
+
+    Batch-1 latency p50/p90/p99 and FPS, throughput at each batch size, parameters, MACs and
+    weight bytes, for PyTorch eager fp32 and bf16 autocast, ONNX Runtime fp32 and int8 (calibrated
+    on --data-dir's training images) and PyTorch on CUDA where a GPU is present. With --model-uri
+    and a dataset, each backend's test accuracy too. Prints a table and writes --output (JSON).
+    """
+    from cifar_exp.deployment import benchmark_and_track
+
+    cfg = build_config(options)
+    outcome = benchmark_and_track(cfg.train.model, _section(BenchmarkConfig, options), cfg.data, cfg.tracking)
+    click.echo(outcome.report.table())
+    click.echo(f"run {outcome.run_id}: report written to {outcome.json_path}")
+
+
+@main.command()
+@config_options(sections=EXPORT_SECTIONS, only=(*DATA_AND_RUN_OPTIONS, *_fields(ExportConfig)))
+@reports_errors
+def export(**options: Any) -> None:
+    """Export a logged model to ONNX (dynamic batch axis) and, with --int8, to int8.
+
+    Each file is verified on --data-dir's test split (top-1 agreement with PyTorch, max |Δlogit|,
+    test accuracy) and logged under onnx/ in the run that logged the model.
+    """
+    from cifar_exp.deployment import export_and_track
+
+    cfg = build_config(options)
+    outcome = export_and_track(_section(ExportConfig, options), cfg.data, cfg.tracking)
+    result = outcome.result
+    for path, check in ((result.onnx_path, result.onnx_check), (result.int8_path, result.int8_check)):
+        if path is not None:
+            click.echo(f"{path}: test accuracy {check.accuracy:.2%} (PyTorch {check.reference_accuracy:.2%}), "
+                       f"top-1 agreement {check.top1_agreement:.2%}, max |Δlogit| {check.max_abs_logit_diff:.3g} "
+                       f"on {check.images} test images")
+    where = "the model's run" if outcome.logged_into_source_run else "new run"
+    click.echo(f"logged under onnx/ in {where} {outcome.run_id}")
+
+
+@main.command()
+@config_options(only=("experiment_name", "run_name"))
+@reports_errors
+def pareto(**options: Any) -> None:
+    """Accuracy vs. batch-1 latency and parameters of an experiment's benchmarked models.
+
+    Reads the experiment's benchmark runs that have a test accuracy, logs plots/pareto.png (Pareto
+    front highlighted) and pareto.csv into a new run there, and prints the front.
+    """
+    from cifar_exp.deployment import pareto_and_track
+
+    outcome = pareto_and_track(build_config(options).tracking)
+    front = sorted((p for p, on in zip(outcome.points, outcome.front) if on), key=lambda p: p.latency_ms)
+    click.echo(f"{'model':<40}{'backend':<20}{'accuracy':>9}{'b1 p50 ms':>11}{'parameters':>12}")
+    for point in front:
+        click.echo(f"{point.label[:39]:<40}{point.backend:<20}{point.accuracy:>9.2%}{point.latency_ms:>11.3f}"
+                   f"{point.parameters:>12,}")
+    click.echo(f"run {outcome.run_id}: {len(front)} of {len(outcome.points)} points on the front, "
+               "plot logged as plots/pareto.png")
 
 
 @main.command()

@@ -18,6 +18,31 @@ from cifar_exp.errors import ConfigError
 AUGMENTATIONS = ("none", "flip", "flip-crop")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+OPTIMIZERS = ("sgd", "nesterov", "adamw")
+SCHEDULES = ("exp", "cosine", "onecycle")
+
+# Named training recipes: TrainConfig fields that differ from the defaults (the seed report's recipe).
+RECIPES: dict[str, dict[str, Any]] = {
+    "seed": {},
+    # Our best small-model recipe: the pico network (130k parameters) with BatchNorm-friendly SGD,
+    # a one-cycle schedule, label smoothing, flip + crop augmentation and mirror test-time augmentation.
+    "pico": {
+        "model": "pico",
+        "epochs": 40,
+        "batch_size": 256,
+        "optimizer": "nesterov",
+        "lr": 0.4,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "onecycle",
+        "warmup_epochs": 8,
+        "label_smoothing": 0.1,
+        "augment": "flip-crop",
+        "tta": True,
+    },
+}
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -56,19 +81,35 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    recipe: str = option(
+        "seed", "Named bundle of training settings; options given explicitly override it.", tuple(RECIPES)
+    )
     model: str = option("seed", "Model architecture (see `cifar-exp models`).")
     epochs: int = option(50, "Number of training epochs.")
     batch_size: int = option(64, "Training batch size.")
-    lr: float = option(0.1, "Initial SGD learning rate.")
-    lr_decay: float = option(0.95, "Learning-rate decay factor applied after every epoch.")
-    momentum: float = option(0.0, "SGD momentum (the seed report names none).")
-    weight_decay: float = option(0.0, "L2 weight decay.")
+    optimizer: str = option("sgd", "Optimizer; nesterov is SGD with Nesterov momentum.", OPTIMIZERS)
+    lr: float = option(0.1, "Initial (peak, for onecycle) learning rate.")
+    schedule: str = option(
+        "exp", "Learning-rate schedule: exp (x lr-decay per epoch), cosine, or onecycle.", SCHEDULES
+    )
+    lr_decay: float = option(0.95, "Learning-rate decay factor applied after every epoch (schedule exp).")
+    warmup_epochs: float = option(
+        0.0, "Linear learning-rate warm-up from 0, in epochs (exp and cosine; onecycle has its own)."
+    )
+    momentum: float = option(0.0, "SGD momentum (the seed report names none); beta1 for adamw.")
+    weight_decay: float = option(0.0, "Weight decay, applied to weights only (not to biases or BatchNorm).")
+    label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy targets.")
     norm_mean: float = option(0.5, "Mean subtracted from every channel of [0, 1] pixels.")
     norm_std: float = option(0.5, "Standard deviation every channel is divided by.")
     augment: str = option("none", "Batched training augmentation.", AUGMENTATIONS)
+    cutout: int = option(0, "Side of a random square cut out of every training image (0: off).")
+    tta: bool = option(False, "Evaluate on each image and its mirror image, averaging probabilities.")
     amp: bool = option(True, "Automatic mixed precision (bf16 on capable CPUs, fp16/bf16 on CUDA).")
-    amp_dtype: str = option("auto", "Autocast dtype; auto picks fp16 on CUDA, bf16 on CPU.", AMP_DTYPES)
+    amp_dtype: str = option(
+        "auto", "Autocast dtype; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.", AMP_DTYPES
+    )
     channels_last: bool = option(True, "Use the channels_last memory format.")
+    compile: bool = option(False, "torch.compile the training model (pays off on long runs).")
     device: str = option("auto", "Training device.", DEVICES)
     seed: int = option(0, "Seed of weights, shuffling and augmentation; equal seeds give equal runs.")
     eval_batch_size: int = option(1000, "Batch size for validation and test evaluation.")
@@ -90,7 +131,15 @@ class TrainConfig:
             raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
         if self.norm_std <= 0:
             raise ConfigError(f"norm-std must be > 0, got {self.norm_std}")
-        for name in ("augment", "amp_dtype", "device"):
+        if self.optimizer == "nesterov" and self.momentum <= 0:
+            raise ConfigError("optimizer nesterov needs --momentum > 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ConfigError(f"warmup-epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if not 0 <= self.cutout <= 32:
+            raise ConfigError(f"cutout must be in [0, 32] pixels, got {self.cutout}")
+        for name in ("recipe", "optimizer", "schedule", "augment", "amp_dtype", "device"):
             choices = _field(TrainConfig, name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(
@@ -112,6 +161,182 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """The Optuna search of ``cifar-exp tune``: lr (log scale) and per-epoch decay around the seed's.
+
+    Every other setting of a trial, ``--epochs`` included, comes from the train/data options; the
+    baseline trial (``--lr``, ``--lr-decay``: the seed's 0.1 / 0.95 by default) is enqueued first.
+    """
+
+    n_trials: int = option(20, "Trials this process runs (N workers on one study run N x this).")
+    timeout: float | None = option(
+        None, "Stop starting new trials after this many seconds (default: no limit)."
+    )
+    study_name: str | None = option(
+        None, "Optuna study; loaded if it exists, so reruns and workers add to it "
+        "(default or empty: cifar10-<model>-<epochs>ep)."
+    )
+    storage: str | None = option(
+        None, "Optuna storage URL (sqlite:///..., postgresql://user:pass@host/db, ...) or a journal "
+        "file path (default or empty: sqlite:///<tracking store folder>/mlruns/optuna.db).",
+    )
+    sampler: str = option("tpe", "Search strategy.", SAMPLERS)
+    pruner: str = option("median", "Stops hopeless trials early on validation accuracy.", PRUNERS)
+    lr_min: float = option(0.01, "Smallest learning rate searched (log scale).")
+    lr_max: float = option(0.5, "Largest learning rate searched (log scale).")
+    decay_min: float = option(0.85, "Smallest per-epoch learning-rate decay searched.")
+    decay_max: float = option(0.99, "Largest per-epoch learning-rate decay searched.")
+    baseline: bool = option(
+        True, "Enqueue the baseline trial (--lr, --lr-decay) first, unless the study has it already."
+    )
+    grid_size: int = option(3, "Values per parameter with --sampler grid (lr log-spaced, decay linear).")
+    tpe_startup_trials: int = option(5, "Random trials before TPE starts modelling the results.")
+    prune_startup_trials: int = option(
+        3, "Trials that must complete before the median pruner prunes any."
+    )
+    prune_warmup_epochs: int = option(1, "Epochs every trial trains before it can be pruned.")
+    heartbeat_interval: int = option(
+        30, "Seconds between a running trial's heartbeats on a database storage; a trial silent for "
+        "2x as long (its worker died) is failed and retried once by the next worker.",
+    )
+    retrain_best: bool = option(
+        False, "After the search, train the best trial's lr/decay with the full `train` pipeline "
+        "(test report, registered model, champion rule) as a nested run of the study's run.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1:
+            raise ConfigError(f"n-trials must be >= 1, got {self.n_trials}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        for name in ("lr_min", "lr_max"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        for name in ("decay_min", "decay_max"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1), got {value}")
+        for low, high in (("lr_min", "lr_max"), ("decay_min", "decay_max")):
+            if not getattr(self, low) < getattr(self, high):
+                raise ConfigError(
+                    f"{low.split('_')[0]} range [{getattr(self, low)}, {getattr(self, high)}] is empty "
+                    f"or inverted: --{low.replace('_', '-')} must be below --{high.replace('_', '-')}"
+                )
+        if self.grid_size < 2:
+            raise ConfigError(f"grid-size must be >= 2, got {self.grid_size}")
+        for name in ("tpe_startup_trials", "prune_startup_trials", "prune_warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.heartbeat_interval < 1:
+            raise ConfigError(f"heartbeat-interval must be >= 1 second, got {self.heartbeat_interval}")
+        for name in ("sampler", "pruner"):
+            choices = _field(TuneConfig, name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+
+    def check_baseline(self, lr: float, lr_decay: float) -> None:
+        """Reject a baseline trial that lies outside the searched ranges."""
+        if not self.baseline:
+            return
+        if not self.lr_min <= lr <= self.lr_max or not self.decay_min <= lr_decay <= self.decay_max:
+            raise ConfigError(
+                f"the baseline trial (--lr {lr}, --lr-decay {lr_decay}) lies outside the searched ranges "
+                f"lr [{self.lr_min}, {self.lr_max}], decay [{self.decay_min}, {self.decay_max}]: widen "
+                "them, move --lr/--lr-decay inside, or pass --no-baseline"
+            )
+
+
+# Ways of running a model that `cifar-exp benchmark` measures; the -cuda ones where a GPU is present.
+BACKENDS = ("pytorch-fp32", "pytorch-bf16", "onnxruntime-fp32", "onnxruntime-int8",
+            "pytorch-fp32-cuda", "pytorch-bf16-cuda")
+EXPORT_FORMATS = ("onnx",)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """What ``cifar-exp benchmark`` measures and how long it times each measurement."""
+
+    model_uri: str | None = option(
+        None, "Logged or registered model to measure (models:/NAME@champion, runs:/ID/model); "
+        "without it, --model is built with untrained weights (speed does not depend on them).",
+    )
+    backends: str = option(
+        "all", f"Comma-separated backends to measure, or all: {', '.join(BACKENDS)}."
+    )
+    batch_sizes: str = option("1,8,64,256", "Comma-separated batch sizes to time.")
+    threads: int = option(0, "CPU threads of every backend (0: all cores).")
+    repeats: int = option(
+        3, "Timed repeats per backend and batch size; the spread of their p50s is reported."
+    )
+    seconds_per_repeat: float = option(1.0, "Seconds each repeat keeps timing calls (at least 3).")
+    warmup_seconds: float = option(0.5, "Untimed calls before each measurement, in seconds (at least 3).")
+    calibration_images: int = option(
+        512, "Training images (at most) that calibrate the int8 model's activation ranges."
+    )
+    output: str = option("benchmark.json", "Where the JSON report is written.")
+
+    def __post_init__(self) -> None:
+        self.batch_size_list()
+        self.backend_names()
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: all cores), got {self.threads}")
+        if self.repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {self.repeats}")
+        if not self.seconds_per_repeat > 0:
+            raise ConfigError(f"seconds-per-repeat must be > 0, got {self.seconds_per_repeat}")
+        if self.warmup_seconds < 0:
+            raise ConfigError(f"warmup-seconds must be >= 0, got {self.warmup_seconds}")
+        if self.calibration_images < 1:
+            raise ConfigError(f"calibration-images must be >= 1, got {self.calibration_images}")
+
+    def batch_size_list(self) -> tuple[int, ...]:
+        try:
+            sizes = tuple(int(part) for part in self.batch_sizes.split(","))
+        except ValueError:
+            raise ConfigError(f"batch-sizes must be comma-separated integers, got {self.batch_sizes!r}") from None
+        bad = [size for size in sizes if size < 1]
+        if bad:
+            raise ConfigError(f"batch sizes must be >= 1, got {bad[0]} in {self.batch_sizes!r}")
+        return tuple(dict.fromkeys(sizes))
+
+    def backend_names(self) -> tuple[str, ...]:
+        if self.backends.strip() == "all":
+            return BACKENDS
+        names = tuple(dict.fromkeys(part.strip() for part in self.backends.split(",")))
+        unknown = [name for name in names if name not in BACKENDS]
+        if unknown:
+            raise ConfigError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)} or all")
+        return names
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``cifar-exp export`` writes."""
+
+    model_uri: str = option(
+        "models:/cifar10-seed@champion", "Logged or registered model to export (models:/..., runs:/.../model)."
+    )
+    format: str = option("onnx", "Export format (opset chosen by torch.onnx, batch axis dynamic).",
+                         EXPORT_FORMATS)
+    int8: bool = option(
+        False, "Also write a statically quantised int8 model, calibrated on training images."
+    )
+    output_dir: str = option("export", "Folder the exported files are written to.")
+    calibration_images: int = option(
+        512, "Training images (at most) that calibrate the int8 model's activation ranges."
+    )
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ConfigError(f"unknown format {self.format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        if self.calibration_images < 1:
+            raise ConfigError(f"calibration-images must be >= 1, got {self.calibration_images}")
+        if not self.output_dir.strip():
+            raise ConfigError("output-dir must not be empty")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -128,6 +353,13 @@ class ExperimentConfig:
             for section in dataclasses.fields(self)
             for key, value in dataclasses.asdict(getattr(self, section.name)).items()
         }
+
+
+def recipe_config(name: str, **overrides: Any) -> TrainConfig:
+    """The TrainConfig of recipe ``name``, with ``overrides`` on top."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[name], **overrides, "recipe": name})
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

@@ -243,6 +243,7 @@ class DeviceBatches:
         device: torch.device,
         shuffle: bool = False,
         augment: str = "none",
+        cutout: int = 0,
         seed: int = 0,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
@@ -257,6 +258,7 @@ class DeviceBatches:
         self.device = device
         self.shuffle = shuffle
         self.augment = augment
+        self.cutout = cutout
         self.channels_last = channels_last
         self.dtype = dtype
         self.order_generator = torch.Generator().manual_seed(seed)
@@ -279,6 +281,8 @@ class DeviceBatches:
             images = images.to(self.dtype).div_(255)  # (B, 3, 32, 32) in [0, 1]
             if self.augment != "none":
                 images = augment_batch(images, self.augment, self.augment_generator)
+            if self.cutout:
+                images = cutout(images, self.cutout, self.augment_generator)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
@@ -307,3 +311,18 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
         rows[:, None, :, None],
         cols[:, None, None, :],
     ]
+
+
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: float = 0.5) -> torch.Tensor:
+    """Each image gets a ``size`` x ``size`` square (clipped at the borders) set to ``fill``."""
+    batch, _, height, width = images.shape
+    device = images.device
+    centres = torch.stack([
+        torch.randint(0, height, (batch,), device=device, generator=generator),
+        torch.randint(0, width, (batch,), device=device, generator=generator),
+    ])
+    starts = centres - size // 2  # (2, B)
+    rows = torch.arange(height, device=device) - starts[0, :, None]  # (B, H)
+    cols = torch.arange(width, device=device) - starts[1, :, None]  # (B, W)
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    return images.masked_fill(inside[:, None], fill)  # (B, C, H, W)

@@ -19,3 +19,11 @@ class TrainingDivergedError(CifarExpError):
 
 class TrackingError(CifarExpError):
     """The MLflow tracking store or a model URI cannot be used."""
+
+
+class StorageError(CifarExpError):
+    """The Optuna storage cannot be reached, or holds a study this search cannot continue."""
+
+
+class ExportError(CifarExpError):
+    """A model cannot be exported, written, or its export disagrees with the original."""

@@ -17,7 +17,7 @@ import torch
 from cifar_exp import tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig
 from cifar_exp.data import Splits, load_dataset, load_splits
-from cifar_exp.errors import TrackingError
+from cifar_exp.inference import check_classifier
 from cifar_exp.models import build_model, count_parameters
 from cifar_exp.reports import ClassMetrics, class_metrics, write_evaluation_report, write_training_report
 from cifar_exp.train import (
@@ -56,8 +56,12 @@ def train_and_track(
     splits: Splits | None = None,
     tags: Mapping[str, str] | None = None,
     progress: bool = False,
+    nested: bool = False,
 ) -> TrainingOutcome:
-    """Train ``cfg`` and log every deliverable of the seed report into one MLflow run."""
+    """Train ``cfg`` and log every deliverable of the seed report into one MLflow run.
+
+    ``nested`` makes that run a child of the active run (``tune --retrain-best`` uses it).
+    """
     tracking.check_tracking_store()
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp_dtype(cfg.train, device)
@@ -72,7 +76,8 @@ def train_and_track(
         "validation_split": "test (seed-report protocol)" if splits.val_is_test else "carved from train",
         **(tags or {}),
     }
-    with tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, tags=run_tags) as run_id:
+    with tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, tags=run_tags,
+                            nested=nested) as run_id:
         tracking.log_params(cfg.flat())
         tracking.log_datasets(_distinct_sets(splits), splits.source)
         result = fit(
@@ -106,7 +111,7 @@ def evaluate_and_track(
     tracking.check_tracking_store()
     device = resolve_device(device_name)
     model = tracking.load_model(model_uri).to(device)
-    _check_classifier(model, model_uri, device)
+    check_classifier(model, model_uri, device)
     _, test_set, classes, source = load_dataset(data_cfg)
     splits = Splits(test_set, test_set, test_set, classes, source, val_is_test=True)
     tags = {"model_uri": model_uri, "source_run_id": tracking.model_source_run(model_uri) or "unknown",
@@ -148,17 +153,3 @@ def _distinct_sets(splits: Splits) -> dict[str, object]:
         return {"train": splits.train, "test": splits.test}
     return {"train": splits.train, "val": splits.val, "test": splits.test}
 
-
-def _check_classifier(model: torch.nn.Module, model_uri: str, device: torch.device) -> None:
-    """Reject models that do not map (B, 3, 32, 32) images to (B, classes) scores."""
-    probe = torch.rand(2, 3, 32, 32, device=device)
-    try:
-        with torch.inference_mode():
-            output = model(probe)
-    except Exception as error:
-        raise TrackingError(
-            f"model {model_uri} does not accept (B, 3, 32, 32) images: {str(error).splitlines()[0]}"
-        ) from None
-    if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != 2:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise TrackingError(f"model {model_uri} is not an image classifier: output {shape} for 2 images")

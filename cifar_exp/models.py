@@ -41,9 +41,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _seed_network(pool: int, features: int, num_classes: int) -> nn.Sequential:
+def _seed_network(
+    pool: int, features: int, num_classes: int, batch_norm: bool = False, report_order: bool = False
+) -> nn.Sequential:
     def block(in_channels: int) -> list[nn.Module]:
-        return [nn.Conv2d(in_channels, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(pool)]
+        norm = [nn.BatchNorm2d(64)] if batch_norm else []
+        relu_pool = [nn.ReLU(inplace=True), nn.MaxPool2d(pool)]
+        # The report's Conv -> ReLU -> MaxPool, computed as Conv -> MaxPool -> ReLU: ReLU is monotonic,
+        # so both give the same values and gradients, but ReLU (and its backward) then touch pool**2
+        # times fewer elements. Neither layer has parameters, so state dicts are unchanged.
+        return [nn.Conv2d(in_channels, 64, 3, padding=1), *norm, *(relu_pool if report_order else relu_pool[::-1])]
 
     return nn.Sequential(
         *block(3),
@@ -65,11 +72,84 @@ def seed(num_classes: int = NUM_CLASSES) -> nn.Module:
     return _seed_network(pool=3, features=64, num_classes=num_classes)
 
 
+def seed_as_reported(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """``seed`` with the report's literal layer order (ReLU before MaxPool): same function, slower."""
+    return _seed_network(pool=3, features=64, num_classes=num_classes, report_order=True)
+
+
 @register("seed-wide")
 def seed_wide(num_classes: int = NUM_CLASSES) -> nn.Module:
     # The other reading of the report: MaxPool2d(2) gives 32 -> 16 -> 8 -> 4, (B, 64, 4, 4) ->
     # 1024 features, Linear(1024 -> 1024): 1,135,498 parameters.
     return _seed_network(pool=2, features=4 * 4 * 64, num_classes=num_classes)
+
+
+@register("seed-bn")
+def seed_bn(num_classes: int = NUM_CLASSES) -> nn.Module:
+    # The seed network with BatchNorm after every conv: what normalisation alone buys.
+    return _seed_network(pool=3, features=64, num_classes=num_classes, batch_norm=True)
+
+
+def conv_bn(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=bias), nn.BatchNorm2d(out_channels)]
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a shortcut (1x1 conv when the shape changes), as in ResNet v1."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, bias: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_bn(in_channels, out_channels, stride, bias),
+            nn.ReLU(inplace=True),
+            *conv_bn(out_channels, out_channels, 1, bias),
+        )
+        self.shortcut = (
+            nn.Identity() if stride == 1 and in_channels == out_channels
+            else nn.Conv2d(in_channels, out_channels, 1, stride, bias=bias)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+@register("resnet8")
+def resnet8(num_classes: int = NUM_CLASSES) -> nn.Module:
+    # MLPerf Tiny's image-classification reference (ResNet v1, 3 stacks of one block, 16/32/64 filters,
+    # convolutions with biases as in its Keras model). Keras counts 78,666 parameters including the
+    # 480 BatchNorm running statistics, which PyTorch keeps as buffers: 78,186 trainable here.
+    return nn.Sequential(
+        *conv_bn(3, 16, bias=True), nn.ReLU(inplace=True),  # (B, 16, 32, 32)
+        ResidualBlock(16, 16, 1, bias=True),  # (B, 16, 32, 32)
+        ResidualBlock(16, 32, 2, bias=True),  # (B, 32, 16, 16)
+        ResidualBlock(32, 64, 2, bias=True),  # (B, 64, 8, 8)
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
+    )
+
+
+def _pico_block(in_channels: int, out_channels: int) -> list[nn.Module]:
+    # conv -> pool -> BN -> ReLU -> conv -> BN -> ReLU (airbench's layout): the first conv works at the
+    # block's input resolution, the second at half of it, where it costs a quarter as much.
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.MaxPool2d(2),
+        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+        *conv_bn(out_channels, out_channels), nn.ReLU(inplace=True),
+    ]
+
+
+@register("pico")
+def pico(num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = (24, 48, 80)) -> nn.Module:
+    # Our accuracy-per-millisecond design: 130,514 parameters, 9.1 M MACs (seed: 5.9 M). Batch-1 CPU
+    # latency is set by the work done at high resolution, so only one narrow conv sees 32x32 and the
+    # width is spent at 8x8 and 4x4, where it is cheap; six BN-ReLU convs give depth (the seed has three
+    # and no normalisation); global max-pooling feeds a single linear layer (no 1024-wide hidden layer).
+    first, second, third = widths
+    return nn.Sequential(
+        *_pico_block(3, first),  # (B, 24, 16, 16)
+        *_pico_block(first, second),  # (B, 48, 8, 8)
+        *_pico_block(second, third),  # (B, 80, 4, 4)
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(third, num_classes),
+    )
 
 
 class Classifier(nn.Module):

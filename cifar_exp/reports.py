@@ -181,3 +181,79 @@ def plot_sample_predictions(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# The accuracy–latency trade-off
+
+TARGET_FPS = 60  # the embedded targets' frame rate (the seed's stated objective)
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One model run on one backend: its test accuracy against its cost."""
+
+    label: str  # the model measured (name or URI)
+    backend: str
+    accuracy: float
+    latency_ms: float  # batch-1 p50
+    parameters: int
+    run_id: str = ""
+
+
+def pareto_front(accuracy: Sequence[float], cost: Sequence[float]) -> np.ndarray:
+    """Mask of the points no other point beats: (N,) bool, higher accuracy and lower cost are better.
+
+    A point is dominated when another is at least as accurate and at most as costly, and strictly
+    better in one of the two; equal points are all on the front.
+    """
+    accuracy, cost = np.asarray(accuracy, dtype=float), np.asarray(cost, dtype=float)
+    if accuracy.shape != cost.shape or accuracy.ndim != 1:
+        raise ValueError(f"accuracy {accuracy.shape} and cost {cost.shape} must be equal-length vectors")
+    no_worse = (accuracy[None, :] >= accuracy[:, None]) & (cost[None, :] <= cost[:, None])  # [i, j]: j vs i
+    better = (accuracy[None, :] > accuracy[:, None]) | (cost[None, :] < cost[:, None])
+    return ~(no_worse & better).any(axis=1)
+
+
+def plot_pareto(points: Sequence[TradeoffPoint], path: Path) -> None:
+    """Accuracy vs. batch-1 latency and vs. parameters, each with its Pareto front highlighted."""
+    accuracy = np.array([p.accuracy for p in points])
+    panels = (
+        ("batch-1 latency, p50 (ms)", np.array([p.latency_ms for p in points])),
+        ("parameters", np.array([p.parameters for p in points], dtype=float)),
+    )
+    backends = sorted({p.backend for p in points})
+    markers = dict(zip(backends, "osD^vP*X"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    for ax, (xlabel, cost) in zip(axes, panels):
+        front = pareto_front(accuracy, cost)
+        for backend in backends:
+            chosen = np.array([p.backend == backend for p in points])
+            ax.scatter(cost[chosen & ~front], accuracy[chosen & ~front], marker=markers[backend], color="0.6",
+                       label=f"{backend}")
+            ax.scatter(cost[chosen & front], accuracy[chosen & front], marker=markers[backend], color="tab:red",
+                       s=60, zorder=3)
+        order = np.argsort(cost[front])
+        ax.step(cost[front][order], accuracy[front][order], where="post", color="tab:red", alpha=0.6,
+                label="Pareto front")
+        for index in np.flatnonzero(front):
+            label = points[index].label
+            ax.annotate(label if len(label) <= 32 else "…" + label[-31:], (cost[index], accuracy[index]),
+                        fontsize=7, xytext=(4, 4), textcoords="offset points")
+        if xlabel.startswith("batch-1"):
+            ax.axvline(1000 / TARGET_FPS, color="tab:blue", linestyle="--", alpha=0.5,
+                       label=f"{TARGET_FPS} FPS budget")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"accuracy vs. cost of {len(points)} model/backend points (Pareto front in red)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_pareto_csv(points: Sequence[TradeoffPoint], front: np.ndarray, path: Path) -> None:
+    rows = [{**p.__dict__, "on_front": bool(on)} for p, on in zip(points, front)]
+    _write_csv(path, rows, tuple(rows[0]))

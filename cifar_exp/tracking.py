@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import logging
 import os
 import platform
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -41,6 +43,17 @@ DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+def local_store_folder() -> Path:
+    """The folder of a local SQLite or file tracking store; the working directory otherwise."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
+        return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve().parent
+    if uri.startswith("file:") or "://" not in uri:
+        path = Path(uri.removeprefix("file://").removeprefix("file:")).expanduser().resolve()
+        return path.parent  # the folder holding ./mlruns
+    return Path.cwd().resolve()
 
 
 def check_tracking_store() -> str:
@@ -75,7 +88,9 @@ def start_run(
     ``mlflow run`` created instead of starting a new one.
     """
     if not nested and mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
-        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"], tags=tags)
+        # Taken out of the environment, as mlflow.start_run() itself does, so that nested runs
+        # started later (tune's trials) are new runs, not that run resumed.
+        run = mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"), tags=tags)
     else:
         if mlflow.active_run() is None:
             mlflow.set_experiment(experiment_name)
@@ -89,6 +104,25 @@ def start_run(
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")
+
+
+def kill_stale_run(run_id: str) -> list[str]:
+    """Close a run whose process died (and its parent run) as KILLED; returns the ids closed.
+
+    Runs that are no longer RUNNING are left as they are.
+    """
+    client = MlflowClient()
+    closed = []
+    while run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            break
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+            closed.append(run_id)
+        run_id = run.data.tags.get("mlflow.parentRunId")
+    return closed
 
 
 def active_run_id() -> str | None:
@@ -214,6 +248,98 @@ def model_source_run(model_uri: str) -> str | None:
     except MlflowException:
         return None
     return None
+
+
+# --- Inference runs (benchmark, export, pareto) ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """A finished or running MLflow run as plain values, for code that must not touch MLflow."""
+
+    run_id: str
+    run_name: str
+    status: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    params: dict[str, str]
+
+
+def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
+    mlflow.log_dict(dict(data), artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+def inside_project_run() -> bool:
+    """True under ``mlflow run``, which created the run this process should log into."""
+    return mlflow.active_run() is None and bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def get_run(run_id: str) -> RunRecord | None:
+    try:
+        return _record(MlflowClient().get_run(run_id))
+    except MlflowException:
+        return None
+
+
+def find_runs(experiment_name: str) -> list[RunRecord]:
+    """Every run of an experiment (active ones only, newest first)."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise TrackingError(f"no MLflow experiment named {experiment_name!r} in {tracking_uri()}")
+    records, token = [], None
+    while True:
+        page = client.search_runs([experiment.experiment_id], page_token=token, order_by=["start_time DESC"])
+        records += [_record(run) for run in page]
+        token = page.token
+        if not token:
+            return records
+
+
+def add_to_run(
+    run_id: str,
+    *,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, Any],
+    artifacts: Mapping[Path, str | None],
+) -> None:
+    """Log into an existing run (e.g. the finished training run of a model) without reopening it.
+
+    ``artifacts`` maps local files to their artifact folder. The run's status stays as it was.
+    """
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient()
+    timestamp = int(time.time() * 1000)
+    try:
+        client.log_batch(
+            run_id,
+            metrics=[Metric(key, float(value), timestamp, 0) for key, value in metrics.items()],
+            tags=[RunTag(key, str(value)) for key, value in tags.items()],
+        )
+        for path, artifact_path in artifacts.items():
+            client.log_artifact(run_id, str(path), artifact_path)
+    except MlflowException as error:
+        raise TrackingError(f"cannot log into run {run_id}: {str(error).splitlines()[0]}") from None
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or run.info.run_id,
+        status=run.info.status,
+        tags=dict(run.data.tags),
+        metrics=dict(run.data.metrics),
+        params=dict(run.data.params),
+    )
 
 
 def launch_ui(host: str, port: int) -> int:

@@ -114,10 +114,7 @@ def fit(
         torch.cuda.reset_peak_memory_stats(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_classifier(cfg, len(splits.classes)).to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
+    optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batches = DeviceBatches(
         splits.train,
@@ -125,9 +122,12 @@ def fit(
         device=device,
         shuffle=True,
         augment=cfg.augment,
+        cutout=cfg.cutout,
         seed=cfg.seed,
         channels_last=cfg.channels_last,
     )
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(batches))
+    step_model = torch.compile(model) if cfg.compile else model
     log.info(
         "training %s on %d images (%s, %s), validating on %d %s images",
         cfg.model, len(splits.train), device, f"autocast {amp_dtype}" if amp_dtype else "fp32",
@@ -139,8 +139,8 @@ def fit(
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_accuracy = _train_epoch(
-            model, batches, optimizer, scaler, amp_dtype,
+        train_loss, train_accuracy = train_epoch(
+            step_model, batches, optimizer, scheduler, scaler, amp_dtype, cfg.label_smoothing,
             progress_label=f"epoch {epoch}/{cfg.epochs}" if progress else None,
         )
         train_seconds = time.perf_counter() - epoch_start
@@ -148,10 +148,9 @@ def fit(
             raise TrainingDivergedError(
                 f"training loss became {train_loss} in epoch {epoch} (lr {lr:g}); try a lower --lr"
             )
-        scheduler.step()
         val = evaluate(
             model, splits.val, batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype,
-            channels_last=cfg.channels_last,
+            channels_last=cfg.channels_last, tta=cfg.tta,
         )
         stats = EpochStats(
             epoch=epoch,
@@ -183,12 +182,50 @@ def fit(
     )
 
 
-def _train_epoch(
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (plain or Nesterov) or AdamW; weight decay only on weights, never on biases or BatchNorm."""
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    others = [p for p in model.parameters() if p.ndim <= 1]  # biases, BatchNorm scales and shifts
+    groups = [{"params": weights, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum or 0.9, 0.999))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based) for the exp and cosine schedules."""
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if cfg.schedule == "exp":
+        return warmup * cfg.lr_decay ** (step // steps_per_epoch)  # constant within an epoch, as the seed
+    total_steps = cfg.epochs * steps_per_epoch
+    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A scheduler stepped after every optimizer step."""
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=cfg.epochs * steps_per_epoch,
+            pct_start=cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3,
+            cycle_momentum=False,  # keep --momentum as given
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
+
+
+def train_epoch(
     model: nn.Module,
     batches: DeviceBatches,
     optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     amp_dtype: torch.dtype | None,
+    label_smoothing: float,
     progress_label: str | None,
 ) -> tuple[float, float]:
     """One pass over the training set; returns (mean loss, accuracy), read once at the end."""
@@ -205,11 +242,12 @@ def _train_epoch(
     for images, labels in steps:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)  # (B, classes)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         loss_sum += loss.detach().float() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
     n = len(batches.labels)
@@ -224,19 +262,26 @@ def evaluate(
     batch_size: int = 1000,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    tta: bool = False,
 ) -> EvalResult:
-    """Loss, accuracy, predictions and softmax probabilities of ``model`` on ``data``."""
+    """Loss, accuracy, predictions and softmax probabilities of ``model`` on ``data``.
+
+    With ``tta`` the probabilities are the mean over each image and its mirror image.
+    """
     device = next(model.parameters()).device
     batches = DeviceBatches(data, batch_size, device=device, channels_last=channels_last)
-    logits = []
+    probabilities = []
     with _eval_mode(model):
         for images, _ in batches:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits.append(model(images).float())
-    all_logits = torch.cat(logits)  # (N, classes)
+                batch_probabilities = model(images).float().softmax(1)  # (B, classes)
+                if tta:
+                    mirrored = model(images.flip(-1)).float().softmax(1)
+                    batch_probabilities = (batch_probabilities + mirrored) / 2
+            probabilities.append(batch_probabilities)
+    probabilities = torch.cat(probabilities)  # (N, classes)
     labels = batches.labels
-    loss = F.cross_entropy(all_logits, labels).item()
-    probabilities = all_logits.softmax(1)
+    loss = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
     predictions = probabilities.argmax(1)
     return EvalResult(
         loss=loss,

@@ -186,3 +186,32 @@ def test_real_cifar10_dev_folder(tmp_path):
     start = time.perf_counter()
     load_splits(cfg)
     assert time.perf_counter() - start < 10  # generous: the cached load takes ~1 s
+
+
+def test_torchvision_python_batches_are_read(tmp_path, monkeypatch):
+    """The official pickled batches (cifar-10-batches-py/) load as the same uint8 (N, 3, 32, 32) layout."""
+    import pickle
+
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    # The official format: rows of 3072 bytes, all red, then green, then blue planes of 32x32.
+    batches = {name: rng.integers(0, 256, size=(20, 3072), dtype=np.uint8)
+               for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    for name, data in batches.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [i % 10 for i in range(20)]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(CLASSES)}, f)
+    # Our batches have other md5 sums than the official files.
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda path, md5=None: True)
+
+    splits = load_splits(DataConfig(data_dir=str(tmp_path), val_size=10))
+    assert splits.classes == CLASSES and splits.source.startswith("cifar10-batches:")
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (90, 10, 20)
+    expected_test = torch.from_numpy(batches["test_batch"].reshape(20, 3, 32, 32))
+    assert torch.equal(splits.test.images, expected_test)
+    assert splits.test.labels.tolist() == [i % 10 for i in range(20)]

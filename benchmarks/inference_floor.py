@@ -1,0 +1,68 @@
+"""The compute floor of inference on this CPU: how fast could a model run if only its MACs cost time?
+
+Measures the multiply-accumulate rate a large matrix product sustains (fp32 SGEMM and int8 GEMM,
+each at a few sizes and thread counts), divides each model's MACs per image by it, and, given
+``benchmark.json`` files written by ``cifar-exp benchmark``, prints how far each backend's measured
+batch-1 p50 and batch-256 throughput are from that floor, side by side in one run.
+
+    .venv/bin/python benchmarks/inference_floor.py [benchmark.json ...] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cifar_exp.config import TrainConfig
+from cifar_exp.inference import available_cores, count_macs, cpu_name, measure_matmul_rate
+from cifar_exp.models import model_names
+from cifar_exp.train import build_classifier
+
+SIZES = (1024, 2048, 4096)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("reports", nargs="*", type=Path, help="benchmark.json files to compare with the floor")
+    parser.add_argument("--threads", type=int, default=available_cores(), help="threads (default: all cores)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per matrix product")
+    args = parser.parse_args()
+
+    print(f"{cpu_name()}, {available_cores()} cores available")
+    rates: dict[str, float] = {}
+    for precision in ("fp32", "int8"):
+        for threads in sorted({1, args.threads}):
+            for size in SIZES:
+                rate = measure_matmul_rate(precision, threads=threads, size=size, seconds=args.seconds)
+                if rate is None:
+                    continue
+                print(f"{precision} {size}x{size} matmul, {threads} thread(s): {rate / 1e9:7.1f} G MAC/s")
+                if threads == args.threads:
+                    rates[precision] = max(rates.get(precision, 0.0), rate)
+    print(f"\nfloor = MACs per image / best sustained rate at {args.threads} thread(s)")
+    for name in model_names():
+        macs = count_macs(build_classifier(TrainConfig(model=name), 10))
+        floors = ", ".join(f"{p} {macs / r * 1e6:6.1f} µs" for p, r in rates.items())
+        print(f"  {name:<10} {macs / 1e6:6.2f} M MACs/image: {floors}")
+
+    for path in args.reports:
+        report = json.loads(path.read_text())
+        macs = report["model"]["macs_per_image"]
+        print(f"\n{path} ({report['model']['name']}, {report['machine']['threads']} threads)")
+        for backend in report["backends"]:
+            precision = "int8" if backend["precision"] == "int8" else "fp32"
+            rate = rates.get(precision) or rates["fp32"]
+            floor_ms = macs / rate * 1e3
+            line = f"  {backend['name']:<18}"
+            if "1" in backend["latency"]:
+                p50 = backend["latency"]["1"]["p50_ms"]
+                line += f" batch 1: p50 {p50 * 1e3:8.1f} µs = {p50 / floor_ms:5.1f}x the {precision} floor"
+            if "256" in backend["latency"]:
+                achieved = backend["latency"]["256"]["images_per_second"] * macs
+                line += f"; batch 256: {achieved / 1e9:6.1f} G MAC/s = {achieved / rate:6.1%} of the {precision} peak"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Tracked inference flows: benchmark, export and the accuracy–latency Pareto front as MLflow runs.
+
+As in ``experiment``: the tracking store, the config, the model, the data and the output paths are
+checked before a run is opened, and the slow measuring happens before it too, so that bad input
+leaves nothing behind; once a run is open, a failure marks it FAILED (``tracking.start_run``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifar_exp import tracking
+from cifar_exp.config import BACKENDS, BenchmarkConfig, DataConfig, ExportConfig, TrackingConfig, TrainConfig
+from cifar_exp.data import ImageSet, load_dataset
+from cifar_exp.errors import DataError, TrackingError
+from cifar_exp.inference import (
+    BenchmarkReport,
+    ExportResult,
+    calibration_images,
+    check_classifier,
+    check_writable_folder,
+    export_and_verify,
+    run_benchmark,
+)
+from cifar_exp.models import NUM_CLASSES
+from cifar_exp.reports import TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv
+from cifar_exp.train import build_classifier
+
+log = logging.getLogger(__name__)
+
+RUN_KIND = "run_kind"  # tag that tells benchmark / export / pareto runs from training runs
+
+
+@dataclass(frozen=True)
+class BenchmarkOutcome:
+    run_id: str
+    report: BenchmarkReport
+    json_path: Path
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    run_id: str
+    result: ExportResult
+    logged_into_source_run: bool  # else into a new run linked by the tag source_run_id
+
+
+@dataclass(frozen=True)
+class ParetoOutcome:
+    run_id: str
+    points: list[TradeoffPoint]
+    front: np.ndarray  # (len(points),) bool: on the accuracy / batch-1 latency front
+
+
+def load_classifier(model_uri: str) -> tuple[nn.Module, int]:
+    """The logged model behind ``model_uri`` on CPU and its number of classes, or a TrackingError."""
+    model = tracking.load_model(model_uri)
+    return model, check_classifier(model, model_uri)
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmark
+
+
+def benchmark_and_track(
+    model_name: str, bench: BenchmarkConfig, data_cfg: DataConfig, tracking_cfg: TrackingConfig
+) -> BenchmarkOutcome:
+    """Benchmark ``bench.model_uri`` (or ``model_name`` untrained) and log it as a new run.
+
+    Test accuracy per backend is measured only for a logged model (untrained weights have none
+    worth reporting); int8 is calibrated on training images when the dataset can be loaded.
+    """
+    tracking.check_tracking_store()
+    json_path = Path(bench.output).expanduser()
+    check_writable_folder(json_path.parent)
+    source_run_id = None
+    if bench.model_uri:
+        model, classes = load_classifier(bench.model_uri)
+        label = bench.model_uri
+        source_run_id = tracking.model_source_run(bench.model_uri)
+    else:
+        model = build_classifier(TrainConfig(model=model_name), NUM_CLASSES)
+        classes, label = NUM_CLASSES, model_name
+    calibration, test, missing = _benchmark_data(bench, data_cfg, classes, trained=bench.model_uri is not None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run_benchmark(model, label=label, cfg=bench, calibration=calibration,
+                               calibration_missing=missing, test=test, work_dir=Path(tmp))
+    document = {**report.to_dict(), "model_uri": bench.model_uri, "source_run_id": source_run_id}
+    json_path.write_text(json.dumps(document, indent=2))
+
+    tags = {
+        **tracking.environment_tags(torch.device("cpu"), None),
+        RUN_KIND: "benchmark",
+        "model": label,
+        "model_uri": bench.model_uri or "none (untrained)",
+        "source_run_id": source_run_id or "none",
+        "torch_threads": str(report.threads),
+        "best_backend_batch1": report.best(1).name if 1 in report.batch_sizes else "n/a",
+    }
+    with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
+        tracking.log_params({**{f"benchmark.{k}": v for k, v in asdict(bench).items()},
+                             "train.model": model_name, "data.data_dir": data_cfg.data_dir})
+        tracking.log_metrics(benchmark_metrics(report))
+        tracking.log_dict(document, "benchmark.json")
+        tracking.log_text(report.table() + "\n", "benchmark.txt")
+        tracking.log_table(benchmark_rows(report), "benchmark_table.json")
+    return BenchmarkOutcome(run_id, report, json_path)
+
+
+def _benchmark_data(
+    bench: BenchmarkConfig, data_cfg: DataConfig, classes: int, *, trained: bool
+) -> tuple[np.ndarray | None, ImageSet | None, str]:
+    """(calibration images, test split, why there is no calibration) for what the benchmark needs."""
+    wants_int8 = "onnxruntime-int8" in bench.backend_names()
+    if not (wants_int8 or trained):
+        return None, None, ""
+    try:
+        train, test, names, _ = load_dataset(data_cfg)
+    except DataError as error:
+        reason = f"no calibration images ({error})"
+        log.warning("measuring without the dataset: %s", reason)
+        return None, None, reason
+    _check_class_count(classes, names, data_cfg)
+    calibration = calibration_images(train, bench.calibration_images) if wants_int8 else None
+    return calibration, test if trained else None, ""
+
+
+def benchmark_metrics(report: BenchmarkReport) -> dict[str, float]:
+    """The report as MLflow metrics: ``<backend>/b<batch>/p50_ms``, ``<backend>/test_accuracy``, ..."""
+    facts, floor = report.facts, report.floor
+    metrics: dict[str, float | None] = {
+        "parameters": facts.parameters,
+        "macs_per_image": facts.macs_per_image,
+        "weight_bytes_fp32": facts.weight_bytes_fp32,
+        "weight_bytes_int8": facts.weight_bytes_int8,
+        "matmul_fp32_macs_per_second": floor.fp32_macs_per_second,
+        "matmul_int8_macs_per_second": floor.int8_macs_per_second,
+        "compute_floor_fp32_ms": floor.floor_ms(facts.macs_per_image, "fp32"),
+        "compute_floor_int8_ms": floor.floor_ms(facts.macs_per_image, "int8"),
+    }
+    for result in report.backends:
+        for batch_size, stats in result.latency.items():
+            prefix = f"{result.name}/b{batch_size}"
+            metrics.update({
+                f"{prefix}/p50_ms": stats.p50_ms,
+                f"{prefix}/p90_ms": stats.p90_ms,
+                f"{prefix}/p99_ms": stats.p99_ms,
+                f"{prefix}/mean_ms": stats.mean_ms,
+                f"{prefix}/images_per_second": stats.images_per_second,
+                f"{prefix}/spread": stats.spread,
+            })
+        if 1 in result.latency:
+            metrics[f"{result.name}/fps"] = result.latency[1].images_per_second
+            metrics[f"{result.name}/floor_ratio"] = report.floor_ratio(result, 1)
+        if result.agreement is not None:
+            metrics.update({
+                f"{result.name}/test_accuracy": result.agreement.accuracy,
+                f"{result.name}/top1_agreement": result.agreement.top1_agreement,
+                f"{result.name}/max_abs_logit_diff": result.agreement.max_abs_logit_diff,
+            })
+    if 1 in report.batch_sizes:
+        metrics["best/b1/p50_ms"] = report.best(1).latency[1].p50_ms
+    return {key: float(value) for key, value in metrics.items() if value is not None}
+
+
+def benchmark_rows(report: BenchmarkReport) -> list[dict[str, Any]]:
+    """One row per backend and batch size, for MLflow's table view."""
+    return [
+        {
+            "backend": result.name,
+            "batch_size": batch_size,
+            "p50_ms": stats.p50_ms,
+            "p90_ms": stats.p90_ms,
+            "p99_ms": stats.p99_ms,
+            "images_per_second": stats.images_per_second,
+            "spread": stats.spread,
+            "test_accuracy": result.agreement.accuracy if result.agreement else None,
+        }
+        for result in report.backends
+        for batch_size, stats in result.latency.items()
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+
+
+def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: TrackingConfig) -> ExportOutcome:
+    """Export ``export.model_uri`` to ONNX (and int8), verify it on the test split, log the files.
+
+    The files and checks go into the run that logged the model; under ``mlflow run``, or when that
+    run is unknown, into a new run tagged with the model URI and source run.
+    """
+    tracking.check_tracking_store()
+    out_dir = check_writable_folder(Path(export.output_dir))
+    model, classes = load_classifier(export.model_uri)
+    try:
+        train, test, names, _ = load_dataset(data_cfg)
+    except DataError as error:
+        need = "--int8 needs training images to calibrate on" if export.int8 else \
+            "export verifies the model on the test split"
+        raise DataError(f"{need}: {error}") from None
+    _check_class_count(classes, names, data_cfg)
+    calibration = calibration_images(train, export.calibration_images) if export.int8 else None
+
+    result = export_and_verify(model, out_dir, test=test, calibration=calibration)
+    checks = out_dir / "export_checks.json"
+    checks.write_text(json.dumps({
+        "model_uri": export.model_uri,
+        "onnx_fp32": result.onnx_check.to_dict(),
+        "onnx_int8": result.int8_check.to_dict() if result.int8_check else None,
+        "weight_bytes_fp32": result.weight_bytes_fp32,
+        "weight_bytes_int8": result.weight_bytes_int8,
+        "calibration_images": result.calibration_images,
+    }, indent=2))
+    files = {path: "onnx" for path in (result.onnx_path, result.int8_path, checks) if path is not None}
+    source_run_id = tracking.model_source_run(export.model_uri)
+    tags = {"onnx_exported": "int8" if result.int8_path else "fp32"}
+    if source_run_id and not tracking.inside_project_run() and tracking.get_run(source_run_id):
+        tracking.add_to_run(source_run_id, metrics=result.metrics(), tags=tags, artifacts=files)
+        return ExportOutcome(source_run_id, result, logged_into_source_run=True)
+    run_tags = {**tags, RUN_KIND: "export", "model_uri": export.model_uri,
+                "source_run_id": source_run_id or "unknown"}
+    with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=run_tags) as run_id:
+        tracking.log_params({f"export.{k}": v for k, v in asdict(export).items()})
+        tracking.log_metrics(result.metrics())
+        for path in files:
+            tracking.log_artifact(path, "onnx")
+    return ExportOutcome(run_id, result, logged_into_source_run=False)
+
+
+def _check_class_count(classes: int, names: tuple[str, ...], data_cfg: DataConfig) -> None:
+    if classes != len(names):
+        raise DataError(f"the model predicts {classes} classes but {data_cfg.data_dir} holds {len(names)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# pareto
+
+
+def tradeoff_points(runs: list[tracking.RunRecord]) -> list[TradeoffPoint]:
+    """(accuracy, batch-1 latency, parameters) of every backend of every finished benchmark run.
+
+    Accuracy is the benchmark's own measurement of that backend on the test split; a benchmark run
+    without one borrows, for its fp32 backends, the test accuracy of the run that logged the model.
+    """
+    points = []
+    sources: dict[str, tracking.RunRecord | None] = {}
+    for run in runs:
+        if run.tags.get(RUN_KIND) != "benchmark" or run.status != "FINISHED":
+            continue
+        source_id = run.tags.get("source_run_id", "none")
+        if source_id not in sources:
+            sources[source_id] = tracking.get_run(source_id) if source_id != "none" else None
+        source = sources[source_id]
+        for backend in BACKENDS:
+            latency = run.metrics.get(f"{backend}/b1/p50_ms")
+            accuracy = run.metrics.get(f"{backend}/test_accuracy")
+            if accuracy is None and source is not None and "fp32" in backend:
+                accuracy = source.metrics.get(f"{backend}/test_accuracy", source.metrics.get("test_accuracy"))
+            if latency is None or accuracy is None:
+                continue
+            label = run.tags.get("model", run.run_name)
+            if source is not None:
+                label = f"{source.run_name} ({source.tags.get('model', label)})"
+            points.append(TradeoffPoint(label=label, backend=backend, accuracy=accuracy, latency_ms=latency,
+                                        parameters=int(run.metrics["parameters"]), run_id=run.run_id))
+    return points
+
+
+def pareto_and_track(tracking_cfg: TrackingConfig) -> ParetoOutcome:
+    """Accuracy vs. batch-1 latency (and parameters) of an experiment's benchmarked models.
+
+    Logs ``plots/pareto.png`` and ``pareto.csv`` into a new run of the same experiment.
+    """
+    tracking.check_tracking_store()
+    name = tracking_cfg.experiment_name
+    points = tradeoff_points(tracking.find_runs(name))
+    if not points:
+        raise TrackingError(
+            f"experiment {name!r} has no finished run with both a test accuracy and a benchmark: "
+            "run `cifar-exp benchmark --model-uri ... --data-dir ...` first"
+        )
+    front = pareto_front([p.accuracy for p in points], [p.latency_ms for p in points])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "plots").mkdir()
+        plot_pareto(points, folder / "plots" / "pareto.png")
+        write_pareto_csv(points, front, folder / "pareto.csv")
+        with tracking.start_run(name, tracking_cfg.run_name or "pareto", tags={RUN_KIND: "pareto"}) as run_id:
+            tracking.log_metrics({"points": len(points), "front_points": int(front.sum())})
+            tracking.log_artifacts(folder)
+    return ParetoOutcome(run_id, points, front)

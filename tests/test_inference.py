@@ -1,0 +1,517 @@
+"""Inference: MAC counts, latency measurement, ONNX / int8 export, benchmark report, Pareto front, CLI."""
+
+import json
+import time
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from cifar_exp import inference, tracking
+from cifar_exp.config import BenchmarkConfig, DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
+from cifar_exp.data import load_splits
+from cifar_exp.errors import ConfigError, ExportError, TrackingError
+from cifar_exp.reports import pareto_front
+from cifar_exp.train import build_classifier, fit
+
+# Fast settings for every measurement here: speed targets live in benchmarks/, not in tests.
+QUICK = dict(repeats=3, seconds_per_repeat=0.01, warmup_seconds=0.0)
+QUICK_ARGS = ["--repeats", "3", "--seconds-per-repeat", "0.01", "--warmup-seconds", "0",
+              "--batch-sizes", "1,4", "--calibration-images", "64"]
+
+
+def run_cli(*args):
+    from cifar_exp.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def seed_model(seed=0):
+    torch.manual_seed(seed)
+    return build_classifier(TrainConfig(model="seed"), 10).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model facts
+
+
+@pytest.mark.parametrize(("name", "macs"), [
+    # seed: MaxPool2d(3) takes 32 -> 10 -> 3 -> 1; a 3x3 conv costs H x W x C_out x (C_in x 9) MACs.
+    #   conv1 32*32*64*(3*9)   = 1,769,472
+    #   conv2 10*10*64*(64*9)  = 3,686,400
+    #   conv3  3* 3*64*(64*9)  =   331,776
+    #   fc1   64*1024          =    65,536
+    #   fc2   1024*10          =    10,240   -> 5,863,424
+    ("seed", 5_863_424),
+    # seed-wide: MaxPool2d(2) takes 32 -> 16 -> 8 -> 4.
+    #   conv1 32*32*64*27 = 1,769,472; conv2 16*16*64*576 = 9,437,184; conv3 8*8*64*576 = 2,359,296;
+    #   fc1 1024*1024 = 1,048,576; fc2 1024*10 = 10,240                  -> 14,624,768
+    ("seed-wide", 14_624_768),
+])
+def test_mac_count_matches_the_analytic_value(name, macs):
+    assert inference.count_macs(build_classifier(TrainConfig(model=name), 10)) == macs
+
+
+@pytest.mark.parametrize("output", [lambda x: x.mean((1, 2, 3)), lambda x: x.flatten(1)[:, :1]])
+def test_check_classifier_rejects_non_classifiers(output):
+    class NotAClassifier(torch.nn.Module):
+        def forward(self, images):
+            return output(images)
+
+    with pytest.raises(TrackingError, match="model toy is not an image classifier"):
+        inference.check_classifier(NotAClassifier(), "toy")
+    assert inference.check_classifier(seed_model(), "seed") == 10
+
+
+def test_check_classifier_rejects_other_input_sizes():
+    wrong_input = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 10))
+    with pytest.raises(TrackingError, match="does not accept \\(B, 3, 32, 32\\) images"):
+        inference.check_classifier(wrong_input, "big-images")
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+def test_time_calls_measures_a_known_duration():
+    stats = inference.time_calls(lambda: time.sleep(0.002), batch_size=4, threads=1, repeats=3,
+                                 seconds_per_repeat=0.02, warmup_seconds=0.0)
+    assert len(stats.repeat_p50_ms) == 3 and stats.calls >= 3 * inference.MIN_CALLS
+    assert 2.0 <= stats.p50_ms <= stats.p90_ms <= stats.p99_ms < 50
+    assert stats.images_per_second == pytest.approx(4 / (stats.mean_ms / 1e3), rel=1e-6)
+    assert 0 <= stats.spread < 5
+
+
+@pytest.mark.parametrize("backend", ["pytorch-fp32", "onnxruntime-fp32"])
+def test_measure_latency_of_a_fresh_model(backend):
+    stats = inference.measure_latency(seed_model(), batch_size=2, threads=1, backend=backend, **QUICK)
+    assert stats.batch_size == 2 and stats.threads == 1
+    assert 0 < stats.p50_ms <= stats.p99_ms
+    assert stats.calls >= 3 * inference.MIN_CALLS and len(stats.repeat_p50_ms) == 3
+
+
+def test_measure_latency_needs_calibration_for_int8():
+    with pytest.raises(ConfigError, match="measure_latency cannot measure backend 'onnxruntime-int8'"):
+        inference.measure_latency(seed_model(), backend="onnxruntime-int8")
+
+
+@pytest.mark.parametrize("batch_size", [0, -3])
+def test_measure_latency_rejects_bad_batch_sizes(batch_size):
+    with pytest.raises(ConfigError, match=f"batch size must be >= 1, got {batch_size}"):
+        inference.measure_latency(seed_model(), batch_size=batch_size)
+
+
+@pytest.mark.parametrize(("batch_sizes", "message"), [
+    ("1,0,8", "batch sizes must be >= 1, got 0 in '1,0,8'"),
+    ("1,-2", "batch sizes must be >= 1, got -2"),
+    ("1,x", "batch-sizes must be comma-separated integers, got '1,x'"),
+])
+def test_benchmark_config_rejects_bad_batch_sizes(batch_sizes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
+        BenchmarkConfig(batch_sizes=batch_sizes)
+
+
+def test_benchmark_config_rejects_unknown_backends():
+    with pytest.raises(ConfigError, match="unknown backend 'tensorrt'"):
+        BenchmarkConfig(backends="pytorch-fp32,tensorrt")
+    assert BenchmarkConfig(backends="onnxruntime-int8, pytorch-fp32").backend_names() == (
+        "onnxruntime-int8", "pytorch-fp32")
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX and int8
+
+
+@pytest.fixture(scope="module")
+def seed_onnx(tmp_path_factory):
+    """An untrained seed model and its ONNX export: (model, path)."""
+    model = seed_model()
+    return model, inference.export_onnx(model, tmp_path_factory.mktemp("onnx") / "seed.onnx")
+
+
+def test_onnx_export_agrees_with_pytorch_on_random_inputs(seed_onnx):
+    model, path = seed_onnx
+    graph_input = onnx.load(str(path)).graph.input[0]
+    assert graph_input.name == "images"
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param  # the batch axis is symbolic
+    session = inference.onnx_session(path, threads=1)
+    for batch_size in (1, 7, 300):
+        images = np.random.default_rng(batch_size).random((batch_size, 3, 32, 32), dtype=np.float32)
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(images)).numpy()
+        check = inference.compare_logits(expected, session.run(None, {"images": images})[0])
+        assert check.top1_agreement == 1.0
+        assert check.max_abs_logit_diff < 1e-4
+        assert check.images == batch_size
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tiny_data, tmp_path_factory):
+    """A seed model trained a few epochs on the tiny learnable set: (model, splits)."""
+    cfg = DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    splits = load_splits(cfg)
+    result = fit(TrainConfig(epochs=4, batch_size=32, lr=0.05, amp=False, eval_batch_size=100), splits)
+    return result.model.cpu(), splits
+
+
+def test_int8_export_keeps_the_accuracy(tiny_trained, tmp_path):
+    model, splits = tiny_trained
+    calibration = inference.calibration_images(splits.train, 200)
+    assert calibration.shape == (200, 3, 32, 32) and calibration.dtype == np.float32
+    assert 0 <= calibration.min() and calibration.max() <= 1
+    result = inference.export_and_verify(model, tmp_path / "out", test=splits.test, calibration=calibration,
+                                         threads=1)
+    assert result.onnx_path.is_file() and result.int8_path.is_file()
+    fp32, int8 = result.onnx_check, result.int8_check
+    assert fp32.top1_agreement == 1.0 and fp32.max_abs_logit_diff < 1e-4
+    assert fp32.accuracy == fp32.reference_accuracy > 0.5  # the model learned something to keep
+    assert abs(int8.accuracy - fp32.accuracy) <= 0.05  # 5 of the 100 test images
+    assert int8.top1_agreement >= 0.9
+    # int8 weights are a quarter of fp32's, plus fp32 biases and scales, and the fp32 first conv.
+    assert result.weight_bytes_int8 < 0.4 * result.weight_bytes_fp32
+    metrics = result.metrics()
+    assert metrics["onnxruntime-int8/test_accuracy"] == int8.accuracy
+    assert metrics["onnxruntime-fp32/top1_agreement"] == 1.0
+
+
+def test_calibration_takes_at_most_the_training_set(tiny_trained):
+    _, splits = tiny_trained
+    assert len(inference.calibration_images(splits.train, 10_000)) == len(splits.train)
+    with pytest.raises(ConfigError, match="calibration-images must be >= 1, got 0"):
+        inference.calibration_images(splits.train, 0)
+
+
+def test_int8_preparation_pads_the_first_conv_exactly(seed_onnx, tmp_path):
+    # Only the first conv's 3 input channels need a 4th, zero channel; its output must not change.
+    model, path = seed_onnx
+    graph = onnx.load(str(path))
+    padded = inference._pad_conv_input_channels(graph)
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    assert padded == [convs[0].name]
+    weights = {t.name: tuple(t.dims) for t in graph.graph.initializer}
+    assert weights[convs[0].input[1]] == (64, 4, 3, 3) and weights[convs[1].input[1]] == (64, 64, 3, 3)
+    onnx.save(graph, str(tmp_path / "padded.onnx"))
+    images = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
+    before = inference.onnx_session(path, 1).run(None, {"images": images})[0]
+    after = inference.onnx_session(tmp_path / "padded.onnx", 1).run(None, {"images": images})[0]
+    assert np.abs(after - before).max() < 1e-5
+
+
+def test_relu_runs_before_max_pool_in_the_onnx_file(seed_onnx):
+    # PyTorch's seed pools first; the ONNX file applies ReLU first (same values, fuses with the conv).
+    _, path = seed_onnx
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Conv") == 3 and "MaxPool" in ops
+    assert [ops[i + 1] for i, op in enumerate(ops) if op == "Conv"] == ["Relu"] * 3
+
+
+def test_export_to_an_unwritable_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExportError, match=f"cannot write to {blocker / 'out'}"):
+        inference.check_writable_folder(blocker / "out")
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark report
+
+
+def test_benchmark_report_has_every_field(tiny_trained, tmp_path):
+    model, splits = tiny_trained
+    cfg = BenchmarkConfig(batch_sizes="1,4", threads=1, **QUICK)
+    report = inference.run_benchmark(
+        model, label="tiny-seed", cfg=cfg, calibration=inference.calibration_images(splits.train, 64),
+        test=splits.test, work_dir=tmp_path,
+    )
+    document = json.loads(json.dumps(report.to_dict()))  # JSON-serialisable as written
+    assert document["model"] == {
+        "name": "tiny-seed", "parameters": 152_458, "macs_per_image": 5_863_424,
+        "weight_bytes_fp32": report.facts.weight_bytes_fp32, "weight_bytes_int8": report.facts.weight_bytes_int8,
+    }
+    assert 590_000 < document["model"]["weight_bytes_fp32"] < 620_000  # 152,458 fp32 values + 2 constants
+    assert document["machine"]["threads"] == 1 and document["machine"]["cpu"]
+    assert {"cores", "cpu_capability", "cpu_native_bf16", "torch_version", "onnxruntime_version"} <= set(
+        document["machine"])
+    assert document["settings"]["batch_sizes"] == [1, 4] and document["settings"]["repeats"] == 3
+    assert document["settings"]["calibration_images"] == 64 and document["settings"]["test_images"] == 100
+    cpu_backends = ["pytorch-fp32", "pytorch-bf16", "onnxruntime-fp32", "onnxruntime-int8"]
+    assert [b["name"] for b in document["backends"]] == cpu_backends
+    if not torch.cuda.is_available():
+        assert document["skipped"] == {"pytorch-fp32-cuda": "no CUDA GPU", "pytorch-bf16-cuda": "no CUDA GPU"}
+    latency_fields = {"batch_size", "threads", "calls", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+                      "images_per_second", "repeat_p50_ms", "spread"}
+    for backend in document["backends"]:
+        assert backend["precision"] in ("fp32", "bf16", "int8")
+        assert set(backend["latency"]) == {"1", "4"}
+        for batch_size, stats in backend["latency"].items():
+            assert set(stats) == latency_fields
+            assert stats["batch_size"] == int(batch_size) and len(stats["repeat_p50_ms"]) == 3
+            assert 0 < stats["p50_ms"] <= stats["p99_ms"]
+        agreement = backend["agreement"]
+        assert agreement["images"] == 100 and backend["test_accuracy"] == agreement["accuracy"]
+    by_name = {b["name"]: b for b in document["backends"]}
+    assert by_name["pytorch-fp32"]["agreement"]["top1_agreement"] == 1.0
+    assert by_name["onnxruntime-fp32"]["agreement"]["max_abs_logit_diff"] < 1e-4
+    assert by_name["pytorch-fp32"]["test_accuracy"] > 0.5
+    floor = document["compute_floor"]
+    assert floor["fp32_macs_per_second"] > 1e9 and floor["threads"] == 1
+    assert floor["fp32_floor_ms"] == pytest.approx(5_863_424 / floor["fp32_macs_per_second"] * 1e3)
+    best = document["best_batch1"]
+    assert best["backend"] == min(document["backends"], key=lambda b: b["latency"]["1"]["p50_ms"])["name"]
+    assert best["ratio_to_fp32_floor"] == pytest.approx(best["p50_ms"] / floor["fp32_floor_ms"])
+    table = report.table()
+    for name in cpu_backends:
+        assert name in table
+    assert "compute floor" in table and "152,458 parameters" in table
+
+
+def test_benchmark_without_batch_size_one(tmp_path):
+    cfg = BenchmarkConfig(batch_sizes="2", threads=1, backends="onnxruntime-fp32", **QUICK)
+    report = inference.run_benchmark(seed_model(), label="seed", cfg=cfg, work_dir=tmp_path)
+    document = report.to_dict()
+    assert document["best_batch1"] is None and list(document["backends"][0]["latency"]) == ["2"]
+    assert "img/s b2" in report.table() and "best batch-1" not in report.table()
+
+
+# --------------------------------------------------------------------------------------------------
+# Pareto front
+
+
+def test_pareto_front_on_hand_made_points():
+    # (accuracy, latency ms)
+    points = [
+        (0.70, 1.0),  # front: the fastest of the accurate ones
+        (0.72, 2.0),  # front: most accurate
+        (0.60, 0.5),  # front: fastest
+        (0.65, 1.5),  # dominated by (0.70, 1.0)
+        (0.72, 3.0),  # dominated by (0.72, 2.0): as accurate, slower
+        (0.60, 0.8),  # dominated by (0.60, 0.5): as accurate, slower
+        (0.70, 1.0),  # a tie with the first: both stay on the front
+    ]
+    accuracy, latency = zip(*points)
+    assert pareto_front(accuracy, latency).tolist() == [True, True, True, False, False, False, True]
+    assert pareto_front([0.5], [1.0]).tolist() == [True]
+    with pytest.raises(ValueError):
+        pareto_front([0.5, 0.6], [1.0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+@pytest.mark.parametrize("command", ["benchmark", "export", "pareto"])
+def test_every_inference_option_has_help(command):
+    from cifar_exp import cli
+
+    result = run_cli(command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+    for param in getattr(cli, command).params:
+        assert param.help, param.name
+
+
+def all_runs():
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.fixture(scope="module")
+def logged(tiny_data, tmp_path_factory):
+    """A tracked training run of seed on the tiny set, in a module-wide store: (run_id, store, cache)."""
+    from cifar_exp.experiment import train_and_track
+
+    root = tmp_path_factory.mktemp("store")
+    cache = str(root / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        cfg = ExperimentConfig(
+            data=DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=cache),
+            train=TrainConfig(epochs=3, batch_size=32, lr=0.05, amp=False, eval_batch_size=100),
+            tracking=TrackingConfig(experiment_name="inference"),
+        )
+        outcome = train_and_track(cfg)
+        yield outcome.run_id, root, cache
+
+
+@pytest.fixture
+def in_store(logged, monkeypatch):
+    run_id, root, cache = logged
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return run_id, root, cache
+
+
+@pytest.mark.slow
+def test_export_cli_logs_verified_files_into_the_models_run(in_store, tiny_data, tmp_path):
+    run_id, _, cache = in_store
+    result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--int8", "--output-dir", tmp_path / "out",
+                     "--data-dir", tiny_data, "--cache-dir", cache, "--calibration-images", "200")
+    assert result.exit_code == 0, result.output
+    assert f"logged under onnx/ in the model's run {run_id}" in result.output
+    assert "model.onnx: test accuracy" in result.output and "top-1 agreement 100.00%" in result.output
+    assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "model.int8.onnx").is_file()
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"  # logging into it did not reopen it
+    assert {a.path for a in client.list_artifacts(run_id, "onnx")} == {
+        "onnx/model.onnx", "onnx/model.int8.onnx", "onnx/export_checks.json"}
+    metrics = run.data.metrics
+    assert metrics["onnxruntime-fp32/top1_agreement"] == 1.0
+    assert metrics["onnxruntime-fp32/test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=0.02)
+    assert abs(metrics["onnxruntime-int8/test_accuracy"] - metrics["onnxruntime-fp32/test_accuracy"]) <= 0.05
+    assert run.data.tags["onnx_exported"] == "int8"
+    checks = json.loads((tmp_path / "out" / "export_checks.json").read_text())
+    assert checks["onnx_int8"]["images"] == 100 and checks["calibration_images"] == 200
+
+
+@pytest.mark.slow
+def test_benchmark_then_pareto_cli(in_store, tiny_data, tmp_path):
+    run_id, _, cache = in_store
+    before = {r.info.run_id for r in all_runs()}
+    output = tmp_path / "bench.json"
+    result = run_cli("benchmark", "--model-uri", f"runs:/{run_id}/model", "--data-dir", tiny_data,
+                     "--cache-dir", cache, "--experiment-name", "inference", "--threads", "1",
+                     "--output", output, *QUICK_ARGS)
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime-int8" in result.output and "compute floor" in result.output
+    document = json.loads(output.read_text())
+    assert document["source_run_id"] == run_id and document["model_uri"] == f"runs:/{run_id}/model"
+    new = [r for r in all_runs() if r.info.run_id not in before]
+    assert len(new) == 1
+    bench = new[0]
+    assert bench.info.status == "FINISHED"
+    assert bench.data.tags["run_kind"] == "benchmark" and bench.data.tags["source_run_id"] == run_id
+    assert bench.data.tags["model"] == f"runs:/{run_id}/model"
+    metrics = bench.data.metrics
+    assert metrics["macs_per_image"] == 5_863_424 and metrics["parameters"] == 152_458
+    for backend in ("pytorch-fp32", "pytorch-bf16", "onnxruntime-fp32", "onnxruntime-int8"):
+        for batch_size in (1, 4):
+            stats = document["backends"][[b["name"] for b in document["backends"]].index(backend)]
+            assert metrics[f"{backend}/b{batch_size}/p50_ms"] == pytest.approx(
+                stats["latency"][str(batch_size)]["p50_ms"])
+        assert metrics[f"{backend}/test_accuracy"] > 0.5
+    artifacts = {a.path for a in MlflowClient().list_artifacts(bench.info.run_id)}
+    assert {"benchmark.json", "benchmark.txt", "benchmark_table.json"} <= artifacts
+
+    pareto = run_cli("pareto", "--experiment-name", "inference")
+    assert pareto.exit_code == 0, pareto.output
+    assert "points on the front" in pareto.output
+    pareto_run = next(r for r in all_runs() if r.data.tags.get("run_kind") == "pareto")
+    assert pareto_run.info.status == "FINISHED"
+    assert pareto_run.data.metrics["points"] == 4  # one trained model on four CPU backends
+    assert 1 <= pareto_run.data.metrics["front_points"] <= 4
+    folder = mlflow.artifacts.download_artifacts(run_id=pareto_run.info.run_id, dst_path=str(tmp_path / "p"))
+    assert (tmp_path / "p" / "plots" / "pareto.png").stat().st_size > 10_000
+    assert "on_front" in (tmp_path / "p" / "pareto.csv").read_text() and folder
+
+
+def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):
+    before = {r.info.run_id for r in all_runs()}
+    result = run_cli("benchmark", "--model", "seed", "--backends", "onnxruntime-fp32,onnxruntime-int8",
+                     "--data-dir", tmp_path / "no-data", "--output", tmp_path / "b.json", "--threads", "1",
+                     "--experiment-name", "untrained", *QUICK_ARGS)
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime-int8    skipped: no calibration images" in result.output
+    assert str(tmp_path / "no-data") in result.output
+    document = json.loads((tmp_path / "b.json").read_text())
+    assert document["model"]["name"] == "seed" and document["source_run_id"] is None
+    assert [b["name"] for b in document["backends"]] == ["onnxruntime-fp32"]
+    assert list(document["skipped"]) == ["onnxruntime-int8"] and document["model"]["weight_bytes_int8"] is None
+    [run] = [r for r in all_runs() if r.info.run_id not in before]
+    assert run.data.tags["model"] == "seed" and run.data.tags["model_uri"] == "none (untrained)"
+    assert "onnxruntime-fp32/b1/p50_ms" in run.data.metrics
+    assert "onnxruntime-fp32/test_accuracy" not in run.data.metrics  # untrained: no accuracy to report
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch-sizes", "1,0"], "batch sizes must be >= 1, got 0 in '1,0'"),
+    (["--batch-sizes", "-4"], "batch sizes must be >= 1, got -4"),
+    (["--threads", "-1"], "threads must be >= 0 (0: all cores), got -1"),
+    (["--repeats", "0"], "repeats must be >= 1, got 0"),
+    (["--backends", "tpu"], "unknown backend 'tpu'"),
+])
+def test_bad_benchmark_options_are_one_line_and_touch_nothing(tracking_store, tmp_path, args, message):
+    result = run_cli("benchmark", "--output", tmp_path / "b.json", *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("uri", ["models:/no-such-model@champion", "runs:/0123456789abcdef/model"])
+def test_benchmark_unknown_model_uri_leaves_no_run(in_store, tmp_path, uri):
+    before = len(all_runs())
+    result = run_cli("benchmark", "--model-uri", uri, "--output", tmp_path / "b.json")
+    assert result.exit_code == 1
+    assert f"Error: cannot load model {uri}" in result.output
+    assert len(all_runs()) == before and not (tmp_path / "b.json").exists()
+
+
+def test_benchmark_rejects_a_model_that_is_not_an_image_classifier(in_store, tmp_path):
+    class Brightness(torch.nn.Module):  # (B, 3, 32, 32) -> (B,): not a classifier
+        def forward(self, images):
+            return images.mean((1, 2, 3))
+
+    with tracking.start_run("models"):
+        uri, _ = tracking.log_model(Brightness(), None)
+    before = len(all_runs())
+    result = run_cli("benchmark", "--model-uri", uri, "--output", tmp_path / "b.json")
+    assert result.exit_code == 1
+    assert f"Error: model {uri} is not an image classifier: output (2,) for 2 images" in result.output
+    assert len(all_runs()) == before
+
+
+def test_benchmark_output_that_cannot_be_written(in_store, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    before = len(all_runs())
+    result = run_cli("benchmark", "--output", blocker / "b.json")
+    assert result.exit_code == 1 and f"Error: cannot write to {blocker}" in result.output
+    assert len(all_runs()) == before
+
+
+def test_export_into_an_unwritable_folder_fails_first(in_store, tiny_data, tmp_path):
+    run_id, _, cache = in_store
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    before = MlflowClient().list_artifacts(run_id)
+    result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--output-dir", blocker / "out",
+                     "--data-dir", tiny_data, "--cache-dir", cache)
+    assert result.exit_code == 1 and f"Error: cannot write to {blocker / 'out'}" in result.output
+    assert MlflowClient().list_artifacts(run_id) == before
+
+
+def test_export_int8_without_calibration_data(in_store, tmp_path):
+    run_id, _, _ = in_store
+    result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--int8", "--output-dir", tmp_path / "out",
+                     "--data-dir", tmp_path / "missing")
+    assert result.exit_code == 1
+    assert (f"Error: --int8 needs training images to calibrate on: data dir {tmp_path / 'missing'} does not exist"
+            in result.output)
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_export_unknown_model_uri(in_store, tmp_path):
+    before = len(all_runs())
+    result = run_cli("export", "--model-uri", "models:/nothing@champion", "--output-dir", tmp_path / "out")
+    assert result.exit_code == 1 and "Error: cannot load model models:/nothing@champion" in result.output
+    assert len(all_runs()) == before
+
+
+def test_pareto_needs_benchmarked_runs(in_store):
+    missing = run_cli("pareto", "--experiment-name", "nothing-here")
+    assert missing.exit_code == 1 and "no MLflow experiment named 'nothing-here'" in missing.output
+    with tracking.start_run("no-benchmarks"):
+        tracking.log_metrics({"test_accuracy": 0.7})
+    before = len(all_runs())
+    empty = run_cli("pareto", "--experiment-name", "no-benchmarks")
+    assert empty.exit_code == 1
+    assert ("experiment 'no-benchmarks' has no finished run with both a test accuracy and a benchmark"
+            in empty.output)
+    assert len(all_runs()) == before

@@ -1,0 +1,129 @@
+"""Models, optimizer, schedules and recipes beyond the seed's."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from cifar_exp.cli import build_config, main
+from cifar_exp.config import RECIPES, TrainConfig, recipe_config
+from cifar_exp.data import cutout
+from cifar_exp.errors import ConfigError
+from cifar_exp.models import build_model, count_parameters
+from cifar_exp.train import build_classifier, build_optimizer, build_scheduler, lr_factor
+
+
+@pytest.mark.parametrize(("name", "parameters"), [
+    ("seed-bn", 152_458 + 3 * 2 * 64),  # the seed plus a BatchNorm scale and shift per conv channel
+    # MLPerf Tiny ResNet-8: 77,706 conv/dense weights and biases + 480 BN scales/shifts (Keras also
+    # counts the 480 running statistics: 78,666).
+    ("resnet8", 78_186),
+    ("pico", 130_514),
+])
+def test_model_sizes_and_outputs(name, parameters):
+    model = build_model(name)
+    assert count_parameters(model) == parameters
+    assert model(torch.rand(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_resnet8_counts_like_the_mlperf_reference():
+    model = build_model("resnet8")
+    running_stats = sum(b.numel() for n, b in model.named_buffers() if "running" in n)
+    assert count_parameters(model) + running_stats == 78_666
+
+
+def test_weight_decay_skips_biases_and_batchnorm():
+    model = build_classifier(TrainConfig(model="seed-bn"), 10)
+    optimizer = build_optimizer(TrainConfig(model="seed-bn", weight_decay=5e-4, momentum=0.9,
+                                            optimizer="nesterov"), model)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, parameter in model.named_parameters():
+        expected = name.endswith("weight") and parameter.ndim > 1  # conv and linear weights only
+        assert (id(parameter) in decayed) == expected, name
+    assert optimizer.param_groups[0]["nesterov"]
+
+
+def test_label_smoothing_changes_the_loss_as_defined():
+    logits, labels, eps = torch.randn(8, 10), torch.randint(0, 10, (8,)), 0.1
+    smoothed = F.cross_entropy(logits, labels, label_smoothing=eps)
+    log_probs = logits.log_softmax(1)
+    expected = ((1 - eps) * -log_probs.gather(1, labels[:, None]).squeeze(1) - eps * log_probs.mean(1)).mean()
+    torch.testing.assert_close(smoothed, expected)
+
+
+def _lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    lrs = []
+    for _ in range(cfg.epochs * steps_per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_exp_schedule_is_the_seeds_per_epoch_decay():
+    lrs = _lrs(TrainConfig(epochs=3, lr=0.1, lr_decay=0.5), steps_per_epoch=4)
+    assert lrs == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025] * 4)
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = TrainConfig(epochs=10, lr=0.2, schedule="cosine", warmup_epochs=2)
+    lrs = _lrs(cfg, steps_per_epoch=5)  # 50 steps, 10 of warm-up
+    assert lrs[0] == pytest.approx(0.2 / 10) and lrs[4] == pytest.approx(0.2 * 5 / 10)
+    assert lrs[9] == pytest.approx(0.2)  # warm-up done: peak
+    assert lrs[30] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))  # half-way: 0.1
+    assert lrs[-1] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    assert lr_factor(cfg, 50, 5) == pytest.approx(0.0)
+
+
+def test_onecycle_schedule_peaks_after_warmup():
+    lrs = _lrs(TrainConfig(epochs=10, lr=0.4, schedule="onecycle", warmup_epochs=3, momentum=0.9,
+                           optimizer="nesterov"), steps_per_epoch=10)
+    assert lrs[0] == pytest.approx(0.4 / 25)  # OneCycleLR starts at max_lr / div_factor
+    assert max(lrs) == pytest.approx(0.4) and lrs.index(max(lrs)) == 29  # peak at 30% of 100 steps
+    assert lrs[-1] < 1e-4
+
+
+def test_recipe_seed_is_exactly_the_default():
+    assert recipe_config("seed") == TrainConfig()
+    assert build_config({}).train == TrainConfig()
+
+
+def test_best_recipe_options_are_overridable_on_the_command_line(monkeypatch):
+    best = next(name for name in RECIPES if name != "seed")
+    seen = {}
+
+    def record(cfg, **kwargs):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr("cifar_exp.experiment.train_and_track", record)
+    result = CliRunner().invoke(main, ["train", "--recipe", best, "--epochs", "20"])
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"].train
+    assert cfg.recipe == best and cfg.epochs == 20
+    for key, value in RECIPES[best].items():
+        if key != "epochs":
+            assert getattr(cfg, key) == value, key
+
+
+def test_unknown_recipe_and_bad_recipe_values():
+    with pytest.raises(ConfigError, match="unknown recipe 'fastest'"):
+        recipe_config("fastest")
+    with pytest.raises(ConfigError, match="optimizer nesterov needs --momentum > 0"):
+        TrainConfig(optimizer="nesterov")
+    with pytest.raises(ConfigError, match="label-smoothing must be in"):
+        TrainConfig(label_smoothing=1.0)
+
+
+def test_cutout_blanks_one_square_per_image():
+    images = torch.zeros(64, 3, 32, 32)
+    out = cutout(images, 8, torch.Generator().manual_seed(0))
+    blanked = (out[:, 0] == 0.5).sum(dim=(1, 2))  # pixels per image
+    assert bool((blanked <= 64).all()) and bool((blanked > 0).all())
+    assert int((blanked == 64).sum()) > 20  # most squares lie fully inside the image
+    assert torch.equal(out[:, 0], out[:, 2])  # the same square on every channel

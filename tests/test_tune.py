@@ -1,0 +1,382 @@
+"""Optuna sweeps: a parent run with a child per trial, pruning, NaN trials, bad input, many workers."""
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from cifar_exp.cli import main
+from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig
+from cifar_exp.errors import ConfigError
+from cifar_exp.tune import tune
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--epochs", "2", "--batch-size", "32", "--val-size", "50", "--eval-batch-size", "100"]
+PER_EPOCH = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
+             "train_images_per_second")
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def all_runs(client=None):
+    client = client or MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def tiny_config(data_dir, cache_dir, epochs=3, **train):
+    return ExperimentConfig(
+        data=DataConfig(data_dir=str(data_dir), val_size=50, cache_dir=cache_dir),
+        train=TrainConfig(**{"epochs": epochs, "batch_size": 32, "eval_batch_size": 100, **train}),
+        tracking=TrackingConfig(experiment_name="tests"),
+    )
+
+
+def children_of(parent_id, client=None):
+    return [r for r in all_runs(client) if r.data.tags.get("mlflow.parentRunId") == parent_id]
+
+
+def test_tune_has_help_for_every_option():
+    from cifar_exp.cli import tune as tune_command
+
+    result = run_cli("tune", "--help")
+    assert result.exit_code == 0 and "--n-trials" in result.output and "--retrain-best" in result.output
+    for param in tune_command.params:
+        assert param.help, param.name
+    # Tuning never sees the test split: the seed's validate-on-test protocol is not offered.
+    assert "--val-on-test" not in result.output
+
+
+def test_three_trial_study(tiny_data, tracking_store, cache_dir, tmp_path):
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS,
+                     "--n-trials", "3", "--sampler", "random", "--pruner", "none")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("trial 0 (baseline) COMPLETE val_accuracy ") for line in lines), result.output
+    assert sum(line.startswith("trial ") and "| best: trial" in line for line in lines) == 3
+    assert any(line.startswith("best: trial ") for line in lines)
+
+    client = MlflowClient()
+    runs = all_runs(client)
+    parents = [r for r in runs if r.data.tags.get("run_kind") == "tune-study"]
+    assert len(parents) == 1 and len(runs) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tune-cifar10-seed-2ep"
+    children = children_of(parent.info.run_id, client)
+    assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1", "trial-2"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["optuna_state"] == "COMPLETE"
+        assert child.data.params["train.epochs"] == "2"
+        for name in PER_EPOCH:
+            steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, name))
+            assert steps == [1, 2], (child.info.run_name, name)
+
+    # The baseline (the seed's lr 0.1, decay 0.95) runs first.
+    baseline = next(r for r in children if r.info.run_name == "trial-0")
+    assert baseline.data.tags["baseline"] == "true"
+    assert (baseline.data.params["train.lr"], baseline.data.params["train.lr_decay"]) == ("0.1", "0.95")
+
+    # The parent: best params and value, the baseline's value, trials.csv and the plots.
+    study = optuna.load_study(study_name="cifar10-seed-2ep", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    metrics, params = parent.data.metrics, parent.data.params
+    assert metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    assert float(params["best.lr"]) == pytest.approx(study.best_params["lr"])
+    assert float(params["best.lr_decay"]) == pytest.approx(study.best_params["lr_decay"])
+    assert metrics["baseline_val_accuracy"] == pytest.approx(study.trials[0].value)
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, dst_path=str(tmp_path / "a")))
+    with open(folder / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["number"]) for r in rows] == [0, 1, 2]
+    assert {r["mlflow_run_id"] for r in rows} == {c.info.run_id for c in children}
+    for plot in ("optimization_history", "param_importances", "lr_decay_contour", "lr_decay_scatter"):
+        assert (folder / "plots" / f"{plot}.png").stat().st_size > 5000, plot
+
+    # Running again adds to the same study; the baseline is not queued twice.
+    again = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--n-trials", "1",
+                    "--sampler", "random", "--pruner", "none")
+    assert again.exit_code == 0, again.output
+    assert "3 finished trials in the study before this run" in again.output
+    study = optuna.load_study(study_name="cifar10-seed-2ep", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert len(study.trials) == 4 and not study.trials[3].user_attrs.get("baseline")
+
+
+def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
+    study.enqueue_trial({"lr": 0.08, "lr_decay": 0.95})
+    study.enqueue_trial({"lr": 0.12, "lr_decay": 0.95})
+    study.enqueue_trial({"lr": 1e-5, "lr_decay": 0.9})  # learns nothing: hopeless from epoch 1 on
+    cfg = tiny_config(tiny_data, cache_dir, epochs=3)
+    tune_cfg = TuneConfig(n_trials=4, study_name="prune", storage=storage, sampler="random", lr_min=1e-5,
+                          pruner="median", prune_startup_trials=2, prune_warmup_epochs=0)
+    lines = []
+    outcome = tune(cfg, tune_cfg, report=lines.append)
+
+    states = [t.state for t in outcome.trials]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"], lines
+    pruned = outcome.trials[2]
+    assert pruned.epochs == 1 and pruned.reason.startswith("pruned after epoch 1: val_accuracy")
+    assert outcome.baseline.number == 3 and outcome.baseline.state == "COMPLETE"  # the study went on
+    client = MlflowClient()
+    child = next(r for r in children_of(outcome.run_id, client) if r.info.run_name == "trial-2")
+    assert child.data.tags["optuna_state"] == "PRUNED" and child.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1]
+    names = {a.path for a in client.list_artifacts(outcome.run_id, "plots")}
+    assert "plots/intermediate_values.png" in names
+    assert client.get_run(outcome.run_id).data.metrics["trials_pruned"] == 1
+
+
+def test_nan_trial_fails_cleanly_and_the_study_goes_on(tiny_data, tracking_store, cache_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="nan", storage=storage, direction="maximize")
+    study.enqueue_trial({"lr": 1e6, "lr_decay": 0.9})
+    cfg = tiny_config(tiny_data, cache_dir, epochs=2, amp=False)
+    tune_cfg = TuneConfig(n_trials=2, study_name="nan", storage=storage, lr_max=1e7, pruner="none")
+    outcome = tune(cfg, tune_cfg, report=lambda line: None)
+
+    failed, baseline = outcome.trials
+    assert failed.state == "FAIL" and "training loss became" in failed.reason
+    assert baseline.state == "COMPLETE" and baseline.baseline
+    assert outcome.best.number == baseline.number
+    client = MlflowClient()
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    child = next(r for r in children_of(outcome.run_id, client) if r.info.run_name == "trial-0")
+    assert child.info.status == "FAILED"
+    assert child.data.tags["optuna_state"] == "FAIL" and "training loss became" in child.data.tags["optuna_reason"]
+    assert optuna.load_study(study_name="nan", storage=storage).trials[0].user_attrs["reason"] == failed.reason
+
+
+def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, tracking_store, cache_dir):
+    cfg = tiny_config(tiny_data, cache_dir, epochs=2)
+    outcome = tune(cfg, TuneConfig(n_trials=1, pruner="none", retrain_best=True), report=lambda line: None)
+    retrained = outcome.retrained
+    assert retrained is not None and retrained.model_version == "1" and retrained.champion
+    run = MlflowClient().get_run(retrained.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == outcome.run_id
+    assert run.data.tags["tune_parent_run_id"] == outcome.run_id
+    assert run.data.tags["optuna_trial_number"] == "0"
+    assert run.data.params["train.lr"] == "0.1" and "test_accuracy" in run.data.metrics
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lr-min", "0"], "lr-min must be a finite number > 0, got 0.0"),
+    (["--lr-max", "-1"], "lr-max must be a finite number > 0, got -1.0"),
+    (["--lr-min", "0.5", "--lr-max", "0.1"], "lr range [0.5, 0.1] is empty or inverted"),
+    (["--lr-min", "0.2", "--lr-max", "0.2"], "lr range [0.2, 0.2] is empty or inverted"),
+    (["--decay-min", "0.99", "--decay-max", "0.9"], "decay range [0.99, 0.9] is empty or inverted"),
+    (["--decay-max", "1"], "decay-max must be in (0, 1), got 1.0"),
+    (["--decay-min", "0"], "decay-min must be in (0, 1), got 0.0"),
+    (["--n-trials", "0"], "n-trials must be >= 1, got 0"),
+    (["--lr", "0.9"], "the baseline trial (--lr 0.9, --lr-decay 0.95) lies outside the searched ranges"),
+    (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
+    (["--storage", "postgresql://who:secret@127.0.0.1:9/db"],
+     "Optuna storage postgresql://who:***@127.0.0.1:9/db cannot be used: "),
+    (["--storage", "nosuch://host/db"], "Optuna storage nosuch://host/db cannot be used: "),
+])
+def test_bad_input_is_one_line_before_any_training(tiny_data, tracking_store, cache_dir, args, message):
+    start = time.perf_counter()
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == [result.output.strip()]
+    assert result.output.startswith("Error: ") and "secret" not in result.output
+    assert all_runs() == [] and time.perf_counter() - start < 30
+
+
+def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tracking_store, cache_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"  # the default storage
+    (tmp_path / "mlruns").mkdir()
+    optuna.create_study(study_name="losses", storage=storage, direction="minimize")
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--study-name", "losses")
+    assert result.exit_code == 1
+    assert "Error: study 'losses' in " in result.output
+    assert "exists with direction minimize; tune maximises val_accuracy: pass another --study-name" in result.output
+
+    other = optuna.create_study(study_name="five-epochs", storage=storage, direction="maximize")
+    other.set_user_attr("settings", {"train.epochs": 5})
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS,
+                     "--study-name", "five-epochs")
+    assert result.exit_code == 1
+    assert "holds trials trained with other settings (epochs 5 -> 2" in result.output
+    assert all_runs() == []
+
+
+def test_config_rejects_unknown_sampler_and_bad_counts():
+    with pytest.raises(ConfigError, match="unknown sampler 'cmaes'"):
+        TuneConfig(sampler="cmaes")
+    with pytest.raises(ConfigError, match="grid-size must be >= 2"):
+        TuneConfig(grid_size=1)
+    with pytest.raises(ConfigError, match="timeout must be > 0"):
+        TuneConfig(timeout=0)
+    assert TuneConfig().lr_min == 0.01 and TuneConfig().decay_max == 0.99
+
+
+@pytest.mark.slow
+def test_grid_sampler_and_hyperband(tiny_data, tracking_store, cache_dir):
+    cfg = tiny_config(tiny_data, cache_dir, epochs=2)
+    outcome = tune(cfg, TuneConfig(n_trials=3, sampler="grid", grid_size=2, pruner="hyperband"),
+                   report=lambda line: None)
+    grid = [t.params for t in outcome.trials if not t.baseline]
+    assert len(outcome.trials) == 3 and outcome.trials[0].baseline
+    for params in grid:
+        assert params["lr"] in (0.01, 0.5) and params["lr_decay"] in (0.85, 0.99)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_store, cache_dir, tmp_path):
+    """SIGKILL: no handler runs. The next worker finds the trial's heartbeat stale, fails and retries it."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    common = ["--data-dir", tiny_data, "--cache-dir", cache_dir, "--val-size", "50", "--batch-size", "32",
+              "--storage", storage, "--study-name", "killed", "--heartbeat-interval", "1", "--pruner", "none"]
+    # 10 epochs: the killed worker is many epochs from done; the next one trains them all.
+    common += ["--epochs", "10", "--n-trials", "1"]
+    worker = subprocess.Popen([sys.executable, "-m", "cifar_exp", "tune", *map(str, common)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in worker.stdout:  # wait for the first trial to be under way
+            if line.startswith("epoch 1/10"):
+                break
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=60)
+    finally:
+        worker.kill()
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]
+    time.sleep(3)  # > 2 heartbeat intervals
+
+    result = run_cli("tune", *common)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].system_attrs["failed_trial"] == 0  # the dead worker's trial, run again
+    assert study.trials[1].params == study.trials[0].params
+    # Its MLflow runs (trial and parent) are closed too, not left RUNNING.
+    assert "RUNNING" not in {r.info.status for r in all_runs()}
+    dead = [r for r in all_runs() if r.info.status == "KILLED"]
+    assert sorted(r.info.run_name for r in dead) == ["trial-0", "tune-killed"]
+
+
+@pytest.mark.slow
+def test_mlflow_run_tune_entry_point(tiny_data, tracking_store, cache_dir, tmp_path):
+    """`mlflow run . -e tune`: the study's parent is the run mlflow run created."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local",
+         "--experiment-name", "project", "-P", "n_trials=2", "-P", "epochs=1", "-P", f"data_dir={tiny_data}",
+         "-P", "val_size=50", "-P", f"cache_dir={cache_dir}", "-P", f"storage={tmp_path / 'study.log'}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    runs = all_runs()
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(top) == 1 and top[0].data.tags["run_kind"] == "tune-study"
+    assert top[0].data.tags["mlflow.project.entryPoint"] == "tune"
+    assert sorted(r.info.run_name for r in children_of(top[0].info.run_id)) == ["trial-0", "trial-1"]
+    assert (tmp_path / "study.log").stat().st_size > 0  # a journal-file storage
+
+
+# -- many workers on one PostgreSQL study ----------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_url():
+    """The test server of .ci/postgres.sh; required under CI, where this test must run."""
+    url = os.environ.get("CIFAR_EXP_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("CIFAR_EXP_TEST_POSTGRES_URL is not set: .ci/run must start PostgreSQL for this test")
+        pytest.skip("no PostgreSQL: run `source .ci/postgres.sh` first (CIFAR_EXP_TEST_POSTGRES_URL)")
+    return url
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback: the shared tracking server of a distributed sweep."""
+    port = free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("mlflow server did not start:\n" + (tmp_path / "mlflow-server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_postgresql_study(postgres_url, tiny_data, cache_dir, tmp_path, mlflow_server,
+                                                monkeypatch):
+    url = postgres_url
+    study_name = f"workers-{uuid.uuid4().hex[:8]}"
+    per_worker = 3
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    command = [sys.executable, "-m", "cifar_exp", "tune", "--storage", url, "--study-name", study_name,
+               "--n-trials", str(per_worker), "--data-dir", str(tiny_data), "--cache-dir", cache_dir,
+               "--epochs", "1", "--batch-size", "32", "--val-size", "50", "--pruner", "none"]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                cwd=tmp_path) for _ in range(2)]
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
+    for worker, output in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, output[-3000:]
+    assert url.split("@")[0] not in "".join(outputs)  # the password is never shown
+
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; cifar-exp picks psycopg2 itself.
+    study = optuna.load_study(study_name=study_name, storage=url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == list(range(2 * per_worker))  # every trial once, none lost or doubled
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both workers ran trials
+    assert any(t.user_attrs.get("baseline") for t in study.trials)
+
+    client = MlflowClient(mlflow_server)
+    runs = [r for r in all_runs(client) if r.data.tags.get("optuna_study_name") == study_name]
+    parents = [r for r in runs if r.data.tags["run_kind"] == "tune-study"]
+    trials = [r for r in runs if r.data.tags["run_kind"] == "tune-trial"]
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.info.run_name for r in trials) == [f"trial-{n}" for n in sorted(numbers)]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {p.info.run_id for p in parents}
+    for parent in parents:
+        assert parent.data.metrics["study_trials"] >= per_worker
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.csv", "plots"}
