@@ -17,7 +17,6 @@ Prints images/s for each pipeline per round, the median ratio, peak memory and t
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from cifar_exp.config import DataConfig, TrainConfig
@@ -36,6 +35,7 @@ from cifar_exp.train import (
     build_classifier,
     build_optimizer,
     build_scheduler,
+    cpu_name,
     fit,
     resolve_amp_dtype,
     resolve_device,
@@ -114,9 +114,7 @@ def _sync(device: torch.device) -> None:
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} torch threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads"
 
 
 def main() -> None:

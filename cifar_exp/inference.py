@@ -33,7 +33,7 @@ from cifar_exp.config import BenchmarkConfig
 from cifar_exp.data import IMAGE_SHAPE, ImageSet
 from cifar_exp.errors import ConfigError, ExportError, TrackingError
 from cifar_exp.models import count_parameters
-from cifar_exp.train import cpu_supports_bf16
+from cifar_exp.train import cpu_name, cpu_supports_bf16
 
 log = logging.getLogger(__name__)
 
@@ -273,16 +273,6 @@ def onnx_weight_bytes(path: Path) -> int:
 
     model = onnx.load(str(path))
     return sum(numpy_helper.to_array(tensor).nbytes for tensor in model.graph.initializer)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch import nn
 
 from cifar_exp.data import ImageSet
 from cifar_exp.errors import TrackingError
+from cifar_exp.train import cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def environment_tags(device: torch.device, amp_dtype: torch.dtype | None) -> dic
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "none",
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "none (fp32)",
         "python_version": platform.python_version(),
         "torch_threads": str(torch.get_num_threads()),
@@ -359,13 +360,3 @@ def _git_commit() -> str:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"

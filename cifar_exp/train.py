@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import platform
 import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,6 +69,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def cpu_name() -> str:
+    """The processor's model name, e.g. "Intel(R) Xeon(R) Processor @ 2.50GHz"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def cpu_supports_bf16() -> bool:
