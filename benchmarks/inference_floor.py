@@ -20,6 +20,12 @@ from cifar_exp.models import model_names
 from cifar_exp.train import build_classifier
 
 SIZES = (1024, 2048, 4096)
+# The issue's targets: (faster backend, baseline, batch size, the largest ratio allowed).
+TARGETS = (
+    ("onnxruntime-fp32", "pytorch-fp32", 1, 1 / 5),
+    ("onnxruntime-int8", "onnxruntime-fp32", 1, 0.7),
+    ("onnxruntime-int8", "onnxruntime-fp32", 256, 0.7),
+)
 
 
 def main() -> None:
@@ -62,6 +68,21 @@ def main() -> None:
                 achieved = backend["latency"]["256"]["images_per_second"] * macs
                 line += f"; batch 256: {achieved / 1e9:6.1f} G MAC/s = {achieved / rate:6.1%} of the {precision} peak"
             print(line)
+        _print_targets(report)
+
+
+def _print_targets(report: dict) -> None:
+    """Each target's p50 ratio, and the ratio within each repeat (both timed seconds apart)."""
+    backends = {backend["name"]: backend["latency"] for backend in report["backends"]}
+    for fast, base, batch_size, limit in TARGETS:
+        if fast not in backends or base not in backends or str(batch_size) not in backends[fast]:
+            continue
+        fast_stats, base_stats = backends[fast][str(batch_size)], backends[base][str(batch_size)]
+        paired = [f / b for f, b in zip(fast_stats["repeat_p50_ms"], base_stats["repeat_p50_ms"])]
+        ratio = fast_stats["p50_ms"] / base_stats["p50_ms"]
+        print(f"  target {fast} / {base} at batch {batch_size} <= {limit:.2f}: p50 ratio {ratio:.3f} "
+              f"({'met' if ratio <= limit else 'NOT met'}); per repeat "
+              + ", ".join(f"{r:.3f}" for r in paired))
 
 
 if __name__ == "__main__":

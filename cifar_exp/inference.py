@@ -799,12 +799,14 @@ def run_benchmark(
         test_images = images_as_float(test)
         reference_logits = _TorchBackend("pytorch-fp32", model, torch.device("cpu"), threads).predict(test_images)
 
-    # Every repeat is a full pass over all backends and batch sizes, so a change of machine load
-    # during the run shows up in the spread of all of them instead of skewing one backend's numbers.
+    # Every repeat is a full pass over all batch sizes and backends, with the backends of one batch
+    # size timed back to back: a change of machine speed during the run then shows up in the
+    # spread of every backend instead of skewing one backend's numbers, and the ratio of two
+    # backends within one repeat compares measurements seconds apart.
     times: dict[tuple[int, int], list[list[float]]] = {}
     for repeat in range(cfg.repeats):
-        for index, backend in enumerate(backends):
-            for batch_size in batch_sizes:
+        for batch_size in batch_sizes:
+            for index, backend in enumerate(backends):
                 with backend.timed_call(batch_size) as (call, synchronize), _no_garbage_collection():
                     _run_for(call, cfg.warmup_seconds, synchronize)
                     times.setdefault((index, batch_size), []).append(
