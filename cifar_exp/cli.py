@@ -176,7 +176,9 @@ def tune(**options: Any) -> None:
 
     The objective is the validation accuracy (split carved from train) after --epochs epochs.
     The baseline trial (--lr, --lr-decay) runs first; every other option is train's. Workers that
-    share --storage and --study-name share the study.
+    share --storage and --study-name share the study. With --objectives accuracy,latency the conv
+    widths (and hidden size) are searched too, the trained model's batch-1 CPU latency is minimised
+    as well, and the Pareto set is printed and logged.
     """
     from cifar_exp.tune import tune as run_tune
 
@@ -191,13 +193,19 @@ def tune(**options: Any) -> None:
     best, baseline = outcome.best, outcome.baseline
     if best is None:
         click.echo("no trial has completed yet: no best parameters")
+    elif tune_cfg.multi_objective:
+        click.echo(f"Pareto set: {len(outcome.pareto)} trials, fastest first")
+        for trial in outcome.pareto:
+            click.echo(f"  trial {trial.number}: val_accuracy {trial.value:.4f}, latency {trial.latency_ms:.3f} ms, "
+                       f"{trial.parameter_count:,} parameters; train with {trial.train_options()}")
     else:
         click.echo(f"best: trial {best.number}, lr {best.params['lr']:.4g}, "
                    f"lr_decay {best.params['lr_decay']:.4g}, val_accuracy {best.value:.4f}")
     if baseline is not None and baseline.value is not None:
-        gain = f" ({best.value - baseline.value:+.4f} for the best)" if best else ""
+        gain = f" ({best.value - baseline.value:+.4f} for the best)" if best and not tune_cfg.multi_objective else ""
+        latency = f", latency {baseline.latency_ms:.3f} ms" if baseline.latency_ms is not None else ""
         click.echo(f"baseline: trial {baseline.number}, lr {baseline.params['lr']:.4g}, "
-                   f"lr_decay {baseline.params['lr_decay']:.4g}, val_accuracy {baseline.value:.4f}{gain}")
+                   f"lr_decay {baseline.params['lr_decay']:.4g}, val_accuracy {baseline.value:.4f}{latency}{gain}")
     elif baseline is not None:
         click.echo(f"baseline: trial {baseline.number} {baseline.state} {baseline.reason or ''}".rstrip())
     if outcome.retrained is not None:

@@ -20,6 +20,7 @@ AMP_DTYPES = ("auto", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
+OBJECTIVES = ("accuracy", "accuracy,latency")
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("exp", "cosine", "onecycle")
 
@@ -30,14 +31,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     # a one-cycle schedule, label smoothing, flip + crop augmentation and mirror test-time augmentation.
     "pico": {
         "model": "pico",
-        "epochs": 40,
+        "epochs": 50,
         "batch_size": 256,
         "optimizer": "nesterov",
         "lr": 0.4,
         "momentum": 0.9,
         "weight_decay": 5e-4,
         "schedule": "onecycle",
-        "warmup_epochs": 8,
+        "warmup_epochs": 10,
         "label_smoothing": 0.1,
         "augment": "flip-crop",
         "tta": True,
@@ -85,6 +86,12 @@ class TrainConfig:
         "seed", "Named bundle of training settings; options given explicitly override it.", tuple(RECIPES)
     )
     model: str = option("seed", "Model architecture (see `cifar-exp models`).")
+    widths: str = option(
+        "", "Channels of the model's three conv stages, e.g. 32,48,64 (empty: the architecture's own)."
+    )
+    hidden: int = option(
+        0, "Width of the hidden linear layer of the seed models (0: the architecture's own, 1024)."
+    )
     epochs: int = option(50, "Number of training epochs.")
     batch_size: int = option(64, "Training batch size.")
     optimizer: str = option("sgd", "Optimizer; nesterov is SGD with Nesterov momentum.", OPTIMIZERS)
@@ -139,6 +146,9 @@ class TrainConfig:
             raise ConfigError(f"warmup-epochs must be in [0, epochs], got {self.warmup_epochs}")
         if not 0 <= self.cutout <= 32:
             raise ConfigError(f"cutout must be in [0, 32] pixels, got {self.cutout}")
+        self.conv_widths()
+        if self.hidden < 0:
+            raise ConfigError(f"hidden must be >= 0 (0: the architecture's own), got {self.hidden}")
         for name in ("recipe", "optimizer", "schedule", "augment", "amp_dtype", "device"):
             choices = _field(TrainConfig, name).metadata["choices"]
             if getattr(self, name) not in choices:
@@ -146,6 +156,15 @@ class TrainConfig:
                     f"unknown {name.replace('_', '-')} {getattr(self, name)!r}; "
                     f"choose one of {', '.join(choices)}"
                 )
+
+    def conv_widths(self) -> tuple[int, int, int] | None:
+        """``--widths`` as three channel counts; None: the architecture's own."""
+        if not self.widths.strip():
+            return None
+        widths = _positive_ints(self.widths, "widths")
+        if len(widths) != 3:
+            raise ConfigError(f"widths must be three positive integers, e.g. 32,48,64; got {self.widths!r}")
+        return widths[0], widths[1], widths[2]
 
 
 @dataclass(frozen=True)
@@ -166,8 +185,13 @@ class TuneConfig:
 
     Every other setting of a trial, ``--epochs`` included, comes from the train/data options; the
     baseline trial (``--lr``, ``--lr-decay``: the seed's 0.1 / 0.95 by default) is enqueued first.
+    With ``--objectives accuracy,latency`` the conv widths (and hidden size) are searched too.
     """
 
+    objectives: str = option(
+        "accuracy", "What the study optimises: accuracy (max validation accuracy) or accuracy,latency (also "
+        "min CPU batch-1 latency, searching conv widths and hidden size too; no pruning).", OBJECTIVES,
+    )
     n_trials: int = option(20, "Trials this process runs (N workers on one study run N x this).")
     timeout: float | None = option(
         None, "Stop starting new trials after this many seconds (default: no limit)."
@@ -203,6 +227,18 @@ class TuneConfig:
         False, "After the search, train the best trial's lr/decay with the full `train` pipeline "
         "(test report, registered model, champion rule) as a nested run of the study's run.",
     )
+    width_choices: str = option(
+        "16,24,32,48,64,80,96,128", "Channel counts each of the three conv stages may take with "
+        "--objectives accuracy,latency (comma-separated).",
+    )
+    hidden_choices: str = option(
+        "128,256,512,1024", "Hidden-layer widths searched with --objectives accuracy,latency, for models "
+        "that have a hidden layer (the seed family).",
+    )
+    latency_threads: int = option(
+        1, "CPU threads for the batch-1 latency objective (0: all cores); each trial times its trained "
+        "model for about 1 s on this machine.",
+    )
 
     def __post_init__(self) -> None:
         if self.n_trials < 1:
@@ -230,10 +266,32 @@ class TuneConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.heartbeat_interval < 1:
             raise ConfigError(f"heartbeat-interval must be >= 1 second, got {self.heartbeat_interval}")
-        for name in ("sampler", "pruner"):
+        for name in ("sampler", "pruner", "objectives"):
             choices = _field(TuneConfig, name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        self.width_choice_list()
+        self.hidden_choice_list()
+        if self.latency_threads < 0:
+            raise ConfigError(f"latency-threads must be >= 0 (0: all cores), got {self.latency_threads}")
+        if self.multi_objective and self.sampler == "grid":
+            raise ConfigError("--sampler grid cannot search the conv widths and hidden size of --objectives "
+                              "accuracy,latency: use --sampler tpe or random")
+        if self.multi_objective and self.retrain_best:
+            raise ConfigError("--retrain-best needs a single best trial; with --objectives accuracy,latency pick a "
+                              "trial of the Pareto set and run `cifar-exp train` with its --lr, --lr-decay, "
+                              "--widths and --hidden")
+
+    @property
+    def multi_objective(self) -> bool:
+        """Validation accuracy and batch-1 CPU latency, over lr, decay and the width knobs."""
+        return self.objectives == "accuracy,latency"
+
+    def width_choice_list(self) -> tuple[int, ...]:
+        return tuple(sorted(set(_positive_ints(self.width_choices, "width-choices"))))
+
+    def hidden_choice_list(self) -> tuple[int, ...]:
+        return tuple(sorted(set(_positive_ints(self.hidden_choices, "hidden-choices"))))
 
     def check_baseline(self, lr: float, lr_decay: float) -> None:
         """Reject a baseline trial that lies outside the searched ranges."""
@@ -244,6 +302,23 @@ class TuneConfig:
                 f"the baseline trial (--lr {lr}, --lr-decay {lr_decay}) lies outside the searched ranges "
                 f"lr [{self.lr_min}, {self.lr_max}], decay [{self.decay_min}, {self.decay_max}]: widen "
                 "them, move --lr/--lr-decay inside, or pass --no-baseline"
+            )
+
+    def check_baseline_widths(self, model: str, widths: tuple[int, ...], hidden: int | None) -> None:
+        """Reject a baseline trial whose conv widths or hidden size are not among the searched choices."""
+        if not self.baseline or not self.multi_objective:
+            return
+        outside = [w for w in widths if w not in self.width_choice_list()]
+        if outside:
+            raise ConfigError(
+                f"the baseline trial's conv width {outside[0]} (model {model}, widths "
+                f"{','.join(map(str, widths))}) is not among --width-choices {self.width_choices}: add it, "
+                "or pass --no-baseline"
+            )
+        if hidden is not None and hidden not in self.hidden_choice_list():
+            raise ConfigError(
+                f"the baseline trial's hidden size {hidden} (model {model}) is not among --hidden-choices "
+                f"{self.hidden_choices}: add it, or pass --no-baseline"
             )
 
 
@@ -271,6 +346,9 @@ class BenchmarkConfig:
     )
     seconds_per_repeat: float = option(1.0, "Seconds each repeat keeps timing calls (at least 3).")
     warmup_seconds: float = option(0.5, "Untimed calls before each measurement, in seconds (at least 3).")
+    floor_matmul_size: int = option(
+        2048, "Side of the square matrix product whose MAC rate gives the compute floor."
+    )
     calibration_images: int = option(
         512, "Training images (at most) that calibrate the int8 model's activation ranges."
     )
@@ -287,6 +365,8 @@ class BenchmarkConfig:
             raise ConfigError(f"seconds-per-repeat must be > 0, got {self.seconds_per_repeat}")
         if self.warmup_seconds < 0:
             raise ConfigError(f"warmup-seconds must be >= 0, got {self.warmup_seconds}")
+        if self.floor_matmul_size < 1:
+            raise ConfigError(f"floor-matmul-size must be >= 1, got {self.floor_matmul_size}")
         if self.calibration_images < 1:
             raise ConfigError(f"calibration-images must be >= 1, got {self.calibration_images}")
 
@@ -360,6 +440,17 @@ def recipe_config(name: str, **overrides: Any) -> TrainConfig:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     return TrainConfig(**{**RECIPES[name], **overrides, "recipe": name})
+
+
+def _positive_ints(text: str, option_name: str) -> tuple[int, ...]:
+    """``"32,48,64"`` -> (32, 48, 64); anything but comma-separated integers >= 1 names the option."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option_name} must be comma-separated positive integers, got {text!r}") from None
+    if min(values) < 1:
+        raise ConfigError(f"{option_name} must be comma-separated positive integers, got {text!r}")
+    return values
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

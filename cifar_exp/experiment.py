@@ -18,11 +18,12 @@ from cifar_exp import tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig
 from cifar_exp.data import Splits, load_dataset, load_splits
 from cifar_exp.inference import check_classifier
-from cifar_exp.models import build_model, count_parameters
+from cifar_exp.models import count_parameters
 from cifar_exp.reports import ClassMetrics, class_metrics, write_evaluation_report, write_training_report
 from cifar_exp.train import (
     EvalResult,
     FitResult,
+    build_network,
     evaluate,
     fit,
     resolve_amp_dtype,
@@ -65,7 +66,7 @@ def train_and_track(
     tracking.check_tracking_store()
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp_dtype(cfg.train, device)
-    parameter_count = count_parameters(build_model(cfg.train.model))  # also rejects unknown names
+    parameter_count = count_parameters(build_network(cfg.train))  # also rejects unknown names and knobs
     if splits is None:
         splits = load_splits(cfg.data)
 

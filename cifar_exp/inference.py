@@ -42,8 +42,8 @@ EVAL_BATCH_SIZE = 256  # batch of the accuracy / agreement passes over the test 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # fp32 ONNX Runtime and PyTorch differ only by float rounding (~1e-6 here); a larger gap is a bug.
 FP32_LOGIT_TOLERANCE = 1e-3
-# A square matrix product this large runs at the GEMM kernels' sustained rate (~17 GFLOP).
-MATMUL_SIZE = 2048
+# 2048: a square matrix product this large runs at the GEMM kernels' sustained rate (~17 GFLOP).
+MATMUL_SIZE = BenchmarkConfig.floor_matmul_size
 # int8 dot-product instructions (AVX512-VNNI vpdpbusd, ARM sdot) multiply 4 bytes at a time, and
 # ONNX Runtime's int8 convolutions are only fast when the input channels fill those groups: the
 # first conv's 3-channel image gets a 4th, zero channel (and zero weights) before quantisation.
@@ -787,11 +787,12 @@ def run_benchmark(
     if not backends:
         raise ConfigError(f"none of the backends {', '.join(wanted)} can run here: {skipped}")
 
+    size, seconds = cfg.floor_matmul_size, cfg.seconds_per_repeat
     floor = ComputeFloor(
-        matmul_size=MATMUL_SIZE,
+        matmul_size=size,
         threads=threads,
-        fp32_macs_per_second=measure_matmul_rate("fp32", threads=threads),
-        int8_macs_per_second=measure_matmul_rate("int8", threads=threads),
+        fp32_macs_per_second=measure_matmul_rate("fp32", threads=threads, size=size, seconds=seconds),
+        int8_macs_per_second=measure_matmul_rate("int8", threads=threads, size=size, seconds=seconds),
     )
     reference_logits = None
     test_images = None
@@ -804,15 +805,16 @@ def run_benchmark(
     # spread of every backend instead of skewing one backend's numbers, and the ratio of two
     # backends within one repeat compares measurements seconds apart.
     times: dict[tuple[int, int], list[list[float]]] = {}
-    for repeat in range(cfg.repeats):
-        for batch_size in batch_sizes:
-            for index, backend in enumerate(backends):
-                with backend.timed_call(batch_size) as (call, synchronize), _no_garbage_collection():
-                    _run_for(call, cfg.warmup_seconds, synchronize)
-                    times.setdefault((index, batch_size), []).append(
-                        _run_for(call, cfg.seconds_per_repeat, synchronize))
-        log.info("repeat %d/%d of %d backends x %d batch sizes done", repeat + 1, cfg.repeats, len(backends),
-                 len(batch_sizes))
+    with _no_garbage_collection():  # one collection up front: each takes ~0.2 s with torch and ONNX loaded
+        for repeat in range(cfg.repeats):
+            for batch_size in batch_sizes:
+                for index, backend in enumerate(backends):
+                    with backend.timed_call(batch_size) as (call, synchronize):
+                        _run_for(call, cfg.warmup_seconds, synchronize)
+                        times.setdefault((index, batch_size), []).append(
+                            _run_for(call, cfg.seconds_per_repeat, synchronize))
+            log.info("repeat %d/%d of %d batch sizes x %d backends done", repeat + 1, cfg.repeats,
+                     len(batch_sizes), len(backends))
 
     results = []
     for index, backend in enumerate(backends):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -11,13 +12,27 @@ from cifar_exp.errors import ConfigError
 
 NUM_CLASSES = 10
 
-ModelBuilder = Callable[[int], nn.Module]
-_REGISTRY: dict[str, ModelBuilder] = {}
+# A builder takes (num_classes, widths=..., [hidden=...]) and returns the network.
+ModelBuilder = Callable[..., nn.Module]
 
 
-def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+@dataclass(frozen=True)
+class Architecture:
+    """A registered model family: its builder and its own (default) width knobs."""
+
+    builder: ModelBuilder
+    widths: tuple[int, int, int]  # output channels of the three conv stages
+    hidden: int | None  # width of the hidden linear layer; None: the family has no hidden layer
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(
+    name: str, *, widths: tuple[int, int, int], hidden: int | None = None
+) -> Callable[[ModelBuilder], ModelBuilder]:
     def add(builder: ModelBuilder) -> ModelBuilder:
-        _REGISTRY[name] = builder
+        _REGISTRY[name] = Architecture(builder, widths, hidden)
         return builder
 
     return add
@@ -27,67 +42,107 @@ def model_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def build_model(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
+def architecture(name: str) -> Architecture:
     try:
-        builder = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ConfigError(
             f"unknown model {name!r}; known models: {', '.join(model_names())}"
         ) from None
-    return builder(num_classes)
+
+
+def build_model(
+    name: str,
+    num_classes: int = NUM_CLASSES,
+    *,
+    widths: tuple[int, int, int] | None = None,
+    hidden: int | None = None,
+) -> nn.Module:
+    """Model ``name``; ``widths`` / ``hidden`` replace its own conv widths / hidden size when given."""
+    arch = architecture(name)
+    if widths is not None and (len(widths) != 3 or min(widths) < 1):
+        raise ConfigError(f"model {name} needs three positive conv widths, got {','.join(map(str, widths))}")
+    if hidden is not None and arch.hidden is None:
+        raise ConfigError(f"model {name} has no hidden layer (--hidden {hidden})")
+    if hidden is not None and hidden < 1:
+        raise ConfigError(f"model {name} needs a hidden size >= 1, got {hidden}")
+    knobs: dict[str, object] = {"widths": tuple(widths) if widths is not None else arch.widths}
+    if arch.hidden is not None:
+        knobs["hidden"] = hidden if hidden is not None else arch.hidden
+    return arch.builder(num_classes, **knobs)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+SEED_WIDTHS = (64, 64, 64)
+SEED_HIDDEN = 1024
+
+
 def _seed_network(
-    pool: int, features: int, num_classes: int, batch_norm: bool = False, report_order: bool = False
+    pool: int,
+    num_classes: int,
+    widths: tuple[int, int, int] = SEED_WIDTHS,
+    hidden: int = SEED_HIDDEN,
+    batch_norm: bool = False,
+    report_order: bool = False,
 ) -> nn.Sequential:
-    def block(in_channels: int) -> list[nn.Module]:
-        norm = [nn.BatchNorm2d(64)] if batch_norm else []
+    def block(in_channels: int, out_channels: int) -> list[nn.Module]:
+        norm = [nn.BatchNorm2d(out_channels)] if batch_norm else []
         relu_pool = [nn.ReLU(inplace=True), nn.MaxPool2d(pool)]
         # The report's Conv -> ReLU -> MaxPool, computed as Conv -> MaxPool -> ReLU: ReLU is monotonic,
         # so both give the same values and gradients, but ReLU (and its backward) then touch pool**2
         # times fewer elements. Neither layer has parameters, so state dicts are unchanged.
-        return [nn.Conv2d(in_channels, 64, 3, padding=1), *norm, *(relu_pool if report_order else relu_pool[::-1])]
+        return [nn.Conv2d(in_channels, out_channels, 3, padding=1), *norm,
+                *(relu_pool if report_order else relu_pool[::-1])]
 
+    side = 32 // pool // pool // pool  # MaxPool2d(3): 32 -> 10 -> 3 -> 1; MaxPool2d(2): 32 -> 16 -> 8 -> 4
+    first, second, third = widths
     return nn.Sequential(
-        *block(3),
-        *block(64),
-        *block(64),
-        nn.Flatten(),
-        nn.Linear(features, 1024),
+        *block(3, first),
+        *block(first, second),
+        *block(second, third),
+        nn.Flatten(),  # (B, third, side, side) -> (B, third * side**2)
+        nn.Linear(third * side * side, hidden),
         nn.ReLU(inplace=True),
-        nn.Linear(1024, num_classes),
+        nn.Linear(hidden, num_classes),
     )
 
 
-@register("seed")
-def seed(num_classes: int = NUM_CLASSES) -> nn.Module:
+@register("seed", widths=SEED_WIDTHS, hidden=SEED_HIDDEN)
+def seed(
+    num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = SEED_WIDTHS, hidden: int = SEED_HIDDEN
+) -> nn.Module:
     # The report's network: three Conv3x3(64) -> ReLU -> MaxPool blocks, then Linear(64 -> 1024)
     # -> ReLU -> Linear(1024 -> 10). A first linear layer of 64 inputs and "~150k parameters" hold
     # together only if pooling collapses 32x32 to 1x1, which MaxPool2d(3) in every block does:
     # 32 -> 10 -> 3 -> 1, so (B, 64, 1, 1) -> 64 features and exactly 152,458 parameters.
-    return _seed_network(pool=3, features=64, num_classes=num_classes)
+    return _seed_network(pool=3, num_classes=num_classes, widths=widths, hidden=hidden)
 
 
-def seed_as_reported(num_classes: int = NUM_CLASSES) -> nn.Module:
+def seed_as_reported(
+    num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = SEED_WIDTHS, hidden: int = SEED_HIDDEN
+) -> nn.Module:
     """``seed`` with the report's literal layer order (ReLU before MaxPool): same function, slower."""
-    return _seed_network(pool=3, features=64, num_classes=num_classes, report_order=True)
+    return _seed_network(pool=3, num_classes=num_classes, widths=widths, hidden=hidden, report_order=True)
 
 
-@register("seed-wide")
-def seed_wide(num_classes: int = NUM_CLASSES) -> nn.Module:
+@register("seed-wide", widths=SEED_WIDTHS, hidden=SEED_HIDDEN)
+def seed_wide(
+    num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = SEED_WIDTHS, hidden: int = SEED_HIDDEN
+) -> nn.Module:
     # The other reading of the report: MaxPool2d(2) gives 32 -> 16 -> 8 -> 4, (B, 64, 4, 4) ->
     # 1024 features, Linear(1024 -> 1024): 1,135,498 parameters.
-    return _seed_network(pool=2, features=4 * 4 * 64, num_classes=num_classes)
+    return _seed_network(pool=2, num_classes=num_classes, widths=widths, hidden=hidden)
 
 
-@register("seed-bn")
-def seed_bn(num_classes: int = NUM_CLASSES) -> nn.Module:
+@register("seed-bn", widths=SEED_WIDTHS, hidden=SEED_HIDDEN)
+def seed_bn(
+    num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = SEED_WIDTHS, hidden: int = SEED_HIDDEN
+) -> nn.Module:
     # The seed network with BatchNorm after every conv: what normalisation alone buys.
-    return _seed_network(pool=3, features=64, num_classes=num_classes, batch_norm=True)
+    return _seed_network(pool=3, num_classes=num_classes, widths=widths, hidden=hidden, batch_norm=True)
 
 
 def conv_bn(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> list[nn.Module]:
@@ -113,17 +168,21 @@ class ResidualBlock(nn.Module):
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
-@register("resnet8")
-def resnet8(num_classes: int = NUM_CLASSES) -> nn.Module:
+RESNET8_WIDTHS = (16, 32, 64)
+
+
+@register("resnet8", widths=RESNET8_WIDTHS)
+def resnet8(num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = RESNET8_WIDTHS) -> nn.Module:
     # MLPerf Tiny's image-classification reference (ResNet v1, 3 stacks of one block, 16/32/64 filters,
     # convolutions with biases as in its Keras model). Keras counts 78,666 parameters including the
     # 480 BatchNorm running statistics, which PyTorch keeps as buffers: 78,186 trainable here.
+    first, second, third = widths
     return nn.Sequential(
-        *conv_bn(3, 16, bias=True), nn.ReLU(inplace=True),  # (B, 16, 32, 32)
-        ResidualBlock(16, 16, 1, bias=True),  # (B, 16, 32, 32)
-        ResidualBlock(16, 32, 2, bias=True),  # (B, 32, 16, 16)
-        ResidualBlock(32, 64, 2, bias=True),  # (B, 64, 8, 8)
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
+        *conv_bn(3, first, bias=True), nn.ReLU(inplace=True),  # (B, first, 32, 32)
+        ResidualBlock(first, first, 1, bias=True),  # (B, first, 32, 32)
+        ResidualBlock(first, second, 2, bias=True),  # (B, second, 16, 16)
+        ResidualBlock(second, third, 2, bias=True),  # (B, third, 8, 8)
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(third, num_classes),
     )
 
 
@@ -137,17 +196,20 @@ def _pico_block(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
-@register("pico")
-def pico(num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = (24, 48, 80)) -> nn.Module:
+PICO_WIDTHS = (24, 48, 80)
+
+
+@register("pico", widths=PICO_WIDTHS)
+def pico(num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = PICO_WIDTHS) -> nn.Module:
     # Our accuracy-per-millisecond design: 130,514 parameters, 9.1 M MACs (seed: 5.9 M). Batch-1 CPU
     # latency is set by the work done at high resolution, so only one narrow conv sees 32x32 and the
     # width is spent at 8x8 and 4x4, where it is cheap; six BN-ReLU convs give depth (the seed has three
     # and no normalisation); global max-pooling feeds a single linear layer (no 1024-wide hidden layer).
     first, second, third = widths
     return nn.Sequential(
-        *_pico_block(3, first),  # (B, 24, 16, 16)
-        *_pico_block(first, second),  # (B, 48, 8, 8)
-        *_pico_block(second, third),  # (B, 80, 4, 4)
+        *_pico_block(3, first),  # (B, first, 16, 16)
+        *_pico_block(first, second),  # (B, second, 8, 8)
+        *_pico_block(second, third),  # (B, third, 4, 4)
         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(third, num_classes),
     )
 

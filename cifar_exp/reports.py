@@ -215,8 +215,11 @@ def pareto_front(accuracy: Sequence[float], cost: Sequence[float]) -> np.ndarray
     return ~(no_worse & better).any(axis=1)
 
 
-def plot_pareto(points: Sequence[TradeoffPoint], path: Path) -> None:
-    """Accuracy vs. batch-1 latency and vs. parameters, each with its Pareto front highlighted."""
+def plot_pareto(points: Sequence[TradeoffPoint], path: Path, accuracy_label: str = "test accuracy") -> None:
+    """Accuracy vs. batch-1 latency and vs. parameters, each with its Pareto front highlighted.
+
+    ``accuracy_label`` names the accuracy axis (which split the accuracy was measured on).
+    """
     accuracy = np.array([p.accuracy for p in points])
     panels = (
         ("batch-1 latency, p50 (ms)", np.array([p.latency_ms for p in points])),
@@ -245,7 +248,7 @@ def plot_pareto(points: Sequence[TradeoffPoint], path: Path) -> None:
                        label=f"{TARGET_FPS} FPS budget")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(accuracy_label)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.suptitle(f"accuracy vs. cost of {len(points)} model/backend points (Pareto front in red)", fontsize=10)

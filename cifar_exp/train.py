@@ -21,7 +21,7 @@ from torch import nn
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import DeviceBatches, ImageSet, Splits
 from cifar_exp.errors import ConfigError, TrainingDivergedError
-from cifar_exp.models import Classifier, build_model
+from cifar_exp.models import NUM_CLASSES, Classifier, build_model
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,13 @@ def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
     return None  # no native bf16 here: emulated bf16 is slower than fp32
 
 
+def build_network(cfg: TrainConfig, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """``cfg.model`` with its width knobs (``--widths``, ``--hidden``) applied; no normalisation."""
+    return build_model(cfg.model, num_classes, widths=cfg.conv_widths(), hidden=cfg.hidden or None)
+
+
 def build_classifier(cfg: TrainConfig, num_classes: int) -> Classifier:
-    return Classifier(build_model(cfg.model, num_classes), cfg.norm_mean, cfg.norm_std)
+    return Classifier(build_network(cfg, num_classes), cfg.norm_mean, cfg.norm_std)
 
 
 def fit(

@@ -5,6 +5,12 @@ runs is a child run ``trial-<n>`` holding the trial's params, the per-epoch metr
 and its Optuna state as a tag. The objective is the validation accuracy after the last epoch, on
 the split carved from train; the test split is never looked at during the search.
 
+With ``--objectives accuracy,latency`` the study has two objectives: validation accuracy (maximised)
+and the trained model's batch-1 CPU latency p50 on this machine (minimised), and each trial also
+picks the model's three conv widths and, for the seed family, its hidden size. Optuna cannot prune
+such studies; the parent run logs the Pareto set of the study's trials (``pareto.csv``,
+``plots/pareto.png``).
+
 Studies live in an Optuna storage: by default a SQLite file ``mlruns/optuna.db`` next to the
 tracking store (fine for one process at a time); ``--storage postgresql://...`` lets N workers on N
 machines share one study (same ``--study-name``). On a database storage every running trial sends
@@ -14,6 +20,7 @@ worker that starts a trial, and its parameters are retried once.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import logging
@@ -38,24 +45,40 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import sqlalchemy.exc  # noqa: E402
+import torch  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+from torch import nn  # noqa: E402
 
 from cifar_exp import tracking  # noqa: E402
-from cifar_exp.config import ExperimentConfig, TuneConfig  # noqa: E402
+from cifar_exp.config import ExperimentConfig, TrainConfig, TuneConfig  # noqa: E402
 from cifar_exp.data import Splits, load_splits  # noqa: E402
 from cifar_exp.errors import ConfigError, StorageError, TrainingDivergedError  # noqa: E402
 from cifar_exp.experiment import TrainingOutcome, train_and_track  # noqa: E402
-from cifar_exp.models import build_model, count_parameters  # noqa: E402
-from cifar_exp.train import EpochStats, fit, resolve_amp_dtype, resolve_device  # noqa: E402
+from cifar_exp.inference import measure_latency  # noqa: E402
+from cifar_exp.models import architecture, count_parameters  # noqa: E402
+from cifar_exp.reports import TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
+from cifar_exp.train import EpochStats, build_network, fit, resolve_amp_dtype, resolve_device  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "val_accuracy"
+LATENCY_OBJECTIVE = "latency_ms"  # batch-1 CPU latency p50 of the trained model (accuracy,latency studies)
+MULTI_OBJECTIVE_STUDY_SUFFIX = "-acc-lat"  # default study names of the two modes never collide
+WIDTH_PARAMS = ("width1", "width2", "width3")  # channels of the three conv stages
+HIDDEN_PARAM = "hidden"
+# Timing of the latency objective. A batch-1 call of these models takes about 0.1-2 ms, so each
+# 0.3 s repeat takes hundreds of calls; 3 repeats and the warm-up add about 1 s to a trial, little
+# next to its training.
+LATENCY_REPEATS = 3
+LATENCY_SECONDS_PER_REPEAT = 0.3
+LATENCY_WARMUP_SECONDS = 0.1
+LATENCY_BACKEND = "pytorch-fp32"  # eager PyTorch, fp32, on the CPU: what measure_latency times here
 DEFAULT_STORAGE_FILE = "optuna.db"
 # A study only takes trials that agree on every setting that changes what a trial's value means:
 # all training settings but the searched ones and those that only change speed or where it runs.
 NOT_STUDY_SETTINGS = {"lr", "lr_decay", "device", "amp_dtype", "channels_last", "compile",
                       "eval_batch_size", "recipe"}
+SEARCHED_WIDTH_SETTINGS = {"widths", "hidden"}  # searched, not fixed, in accuracy,latency studies
 DATA_STUDY_SETTINGS = ("val_size", "split_seed")
 
 
@@ -64,19 +87,25 @@ class TrialSummary:
     number: int
     state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
     value: float | None  # validation accuracy after the last epoch, for COMPLETE trials
-    params: dict[str, float]
-    epochs: int  # epochs it reported
+    latency_ms: float | None  # batch-1 CPU latency p50, for COMPLETE trials of an accuracy,latency study
+    parameter_count: int | None  # of the trial's model, in an accuracy,latency study
+    params: dict[str, float | int]  # lr, lr_decay and, in an accuracy,latency study, width1-3 and hidden
+    epochs: int  # epochs it trained
     baseline: bool
     reason: str | None  # why it was pruned or failed
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialSummary:
+        values = trial.values if trial.state == TrialState.COMPLETE else None
         return cls(
             number=trial.number,
             state=trial.state.name,
-            value=trial.value if trial.state == TrialState.COMPLETE else None,
+            value=values[0] if values else None,
+            latency_ms=values[1] if values and len(values) > 1 else None,
+            parameter_count=trial.user_attrs.get("parameter_count"),
             params=dict(trial.params),
-            epochs=len(trial.intermediate_values),
+            # Multi-objective trials have no intermediate values: they count their epochs themselves.
+            epochs=trial.user_attrs.get("epochs", len(trial.intermediate_values)),
             baseline=bool(trial.user_attrs.get("baseline")),
             reason=trial.user_attrs.get("reason"),
         )
@@ -85,10 +114,21 @@ class TrialSummary:
         params = ", ".join(f"{k} {v:.4g}" for k, v in self.params.items())
         if self.state == TrialState.COMPLETE.name:
             result = f"{OBJECTIVE} {self.value:.4f}"
+            if self.latency_ms is not None:
+                result += f" {LATENCY_OBJECTIVE} {self.latency_ms:.3f}"
         else:
             result = self.reason or ""
         tag = " (baseline)" if self.baseline else ""
         return f"trial {self.number}{tag} {self.state} {result} [{params}]".replace("  ", " ")
+
+    def train_options(self) -> str:
+        """The ``cifar-exp train`` options that give this trial's searched settings (full precision)."""
+        options = [f"--lr {self.params['lr']!r}", f"--lr-decay {self.params['lr_decay']!r}"]
+        if WIDTH_PARAMS[0] in self.params:
+            options.append("--widths " + ",".join(str(self.params[name]) for name in WIDTH_PARAMS))
+        if HIDDEN_PARAM in self.params:
+            options.append(f"--hidden {self.params[HIDDEN_PARAM]}")
+        return " ".join(options)
 
 
 @dataclass(frozen=True)
@@ -97,9 +137,11 @@ class TuneOutcome:
     storage: str  # the storage URL with any password hidden
     run_id: str  # the parent MLflow run
     trials: list[TrialSummary]  # the trials this invocation ran
-    best: TrialSummary | None  # the study's best COMPLETE trial (any worker, any invocation)
+    best: TrialSummary | None  # the study's most accurate COMPLETE trial (any worker, any invocation)
     baseline: TrialSummary | None  # the study's baseline trial, if it has one
     retrained: TrainingOutcome | None
+    # accuracy,latency studies: the study's Pareto set, fastest first (empty for accuracy studies)
+    pareto: list[TrialSummary]
 
 
 def tune(
@@ -109,7 +151,8 @@ def tune(
     report: Callable[[str], None] = log.info,
     progress: bool = False,
 ) -> TuneOutcome:
-    """Search lr and decay for ``cfg`` as one parent MLflow run; ``report`` gets a line per trial.
+    """Search lr and decay (and, for accuracy,latency, the width knobs) for ``cfg`` as one parent
+    MLflow run; ``report`` gets a line per trial.
 
     Everything that can be checked is checked before a run is opened or a model trained: the
     config, the tracking store, the device, the model name, the Optuna storage and study, the data.
@@ -122,11 +165,17 @@ def tune(
         raise ConfigError(f"tune searches --lr and --lr-decay, and lr-decay only acts with --schedule exp "
                           f"(got {schedule})")
     tune_cfg.check_baseline(cfg.train.lr, cfg.train.lr_decay)
+    parameter_count = count_parameters(build_network(cfg.train))  # also rejects unknown names and knobs
+    baseline_params: dict[str, float | int] = {"lr": cfg.train.lr, "lr_decay": cfg.train.lr_decay}
+    if tune_cfg.multi_objective:
+        width_params = baseline_width_params(cfg.train)
+        tune_cfg.check_baseline_widths(cfg.train.model, tuple(width_params[name] for name in WIDTH_PARAMS),
+                                       width_params.get(HIDDEN_PARAM))
+        baseline_params.update(width_params)
     tracking.check_tracking_store()
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp_dtype(cfg.train, device)
-    parameter_count = count_parameters(build_model(cfg.train.model))  # also rejects unknown names
-    study_name = tune_cfg.study_name or default_study_name(cfg)
+    study_name = tune_cfg.study_name or default_study_name(cfg, tune_cfg)
     storage_url = tune_cfg.storage or default_storage()
     shown_url = hide_password(storage_url)
     study = open_study(cfg, tune_cfg, study_name, storage_url)
@@ -137,8 +186,7 @@ def tune(
         if _is_database_server(storage_url):
             # Workers started together would all find no baseline and each queue one: spread them out.
             time.sleep(random.uniform(0, 3))
-        study.enqueue_trial({"lr": cfg.train.lr, "lr_decay": cfg.train.lr_decay},
-                            user_attrs={"baseline": True}, skip_if_exists=True)
+        study.enqueue_trial(baseline_params, user_attrs={"baseline": True}, skip_if_exists=True)
     parent_tags = {
         **tracking.environment_tags(device, amp_dtype),
         "model": cfg.train.model,
@@ -147,8 +195,9 @@ def tune(
         "optuna_study_name": study_name,
         "optuna_storage": shown_url,
         "optuna_sampler": tune_cfg.sampler,
-        "optuna_pruner": tune_cfg.pruner,
-        "objective": f"{OBJECTIVE} after the last epoch (maximise)",
+        "optuna_pruner": "none (multi-objective)" if tune_cfg.multi_objective else tune_cfg.pruner,
+        "objective": f"{OBJECTIVE} after the last epoch (maximise)" + (
+            f", {LATENCY_OBJECTIVE} batch-1 CPU p50 (minimise)" if tune_cfg.multi_objective else ""),
     }
     ran: list[TrialSummary] = []
     run_name = cfg.tracking.run_name or f"tune-{study_name}"
@@ -163,10 +212,17 @@ def tune(
             summary = TrialSummary.of(trial)
             ran.append(summary)
             best = best_trial(study)
-            report(f"{summary.describe()} | best: "
-                   + (f"trial {best.number} {OBJECTIVE} {best.value:.4f}" if best else "none yet"))
+            if tune_cfg.multi_objective:
+                front = [t.number for t in pareto_trials(study)]
+                report(f"{summary.describe()} | Pareto set: "
+                       + (f"trials {', '.join(map(str, front))}" if front else "none yet"))
+            else:
+                report(f"{summary.describe()} | best: "
+                       + (f"trial {best.number} {OBJECTIVE} {best.value:.4f}" if best else "none yet"))
             if summary.value is not None:
                 tracking.log_metrics({f"trial_{OBJECTIVE}": summary.value}, step=trial.number)
+            if summary.latency_ms is not None:
+                tracking.log_metrics({f"trial_{LATENCY_OBJECTIVE}": summary.latency_ms}, step=trial.number)
             if best is not None:  # the final best_val_accuracy is logged once the study is done
                 tracking.log_metrics({f"best_so_far_{OBJECTIVE}": best.value}, step=trial.number)
 
@@ -175,7 +231,8 @@ def tune(
             study.optimize(objective, n_trials=tune_cfg.n_trials, timeout=tune_cfg.timeout,
                            callbacks=[after_trial], gc_after_trial=True)
         best, baseline = best_trial(study), baseline_trial(study)
-        _log_study_summary(study, best, baseline, ran, tune_cfg)
+        pareto = pareto_trials(study) if tune_cfg.multi_objective else []
+        _log_study_summary(study, best, baseline, ran, tune_cfg, pareto)
         if best is None:
             report(f"no trial of study {study_name} has completed yet")
         retrained = None
@@ -193,24 +250,54 @@ def tune(
                       "optuna_study_name": study_name, "optuna_trial_number": str(best.number)},
             )
             tracking.set_tags({"retrained_run_id": retrained.run_id})
-    return TuneOutcome(study_name, shown_url, run_id, ran, best, baseline, retrained)
+    return TuneOutcome(study_name, shown_url, run_id, ran, best, baseline, retrained,
+                       [TrialSummary.of(t) for t in pareto])
+
+
+def baseline_width_params(train: TrainConfig) -> dict[str, int]:
+    """The baseline trial's width knobs: ``--widths`` / ``--hidden``, else the architecture's own."""
+    arch = architecture(train.model)
+    params = dict(zip(WIDTH_PARAMS, train.conv_widths() or arch.widths))
+    if arch.hidden is not None:
+        params[HIDDEN_PARAM] = train.hidden or arch.hidden
+    return params
 
 
 class _Objective:
-    """One trial: train the suggested lr/decay as a nested MLflow run, reporting every epoch."""
+    """One trial: train the suggested settings as a nested MLflow run, reporting every epoch.
+
+    Returns the validation accuracy, or (validation accuracy, batch-1 CPU latency in ms) in an
+    accuracy,latency study.
+    """
 
     def __init__(self, cfg: ExperimentConfig, tune_cfg: TuneConfig, splits: Splits, study_name: str,
                  progress: bool) -> None:
         self.cfg, self.tune_cfg, self.splits = cfg, tune_cfg, splits
         self.study_name, self.progress = study_name, progress
+        self.multi_objective = tune_cfg.multi_objective
+        self.has_hidden = architecture(cfg.train.model).hidden is not None
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        lr = trial.suggest_float("lr", self.tune_cfg.lr_min, self.tune_cfg.lr_max, log=True)
-        lr_decay = trial.suggest_float("lr_decay", self.tune_cfg.decay_min, self.tune_cfg.decay_max)
-        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, lr=lr, lr_decay=lr_decay))
+    def _suggest(self, trial: optuna.Trial) -> TrainConfig:
+        searched: dict[str, Any] = {
+            "lr": trial.suggest_float("lr", self.tune_cfg.lr_min, self.tune_cfg.lr_max, log=True),
+            "lr_decay": trial.suggest_float("lr_decay", self.tune_cfg.decay_min, self.tune_cfg.decay_max),
+        }
+        if self.multi_objective:
+            choices = self.tune_cfg.width_choice_list()
+            widths = [trial.suggest_categorical(name, choices) for name in WIDTH_PARAMS]
+            searched["widths"] = ",".join(map(str, widths))
+            if self.has_hidden:
+                searched["hidden"] = trial.suggest_categorical(HIDDEN_PARAM, self.tune_cfg.hidden_choice_list())
+        return dataclasses.replace(self.cfg.train, **searched)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        cfg = dataclasses.replace(self.cfg, train=self._suggest(trial))
         baseline = bool(trial.user_attrs.get("baseline"))
         trial.set_user_attr("worker", self.worker)
+        parameter_count = count_parameters(build_network(cfg.train))
+        if self.multi_objective:
+            trial.set_user_attr("parameter_count", parameter_count)  # for the Pareto reports
         tags = {"run_kind": "tune-trial", "optuna_study_name": self.study_name,
                 "optuna_trial_number": str(trial.number), "optuna_state": "RUNNING",
                 "baseline": str(baseline).lower(), "worker": self.worker}
@@ -234,20 +321,37 @@ class _Objective:
                     raise
                 else:
                     value = result.history[-1].val_accuracy
-                    tracking.log_metrics({
+                    metrics = {
                         "train_seconds": result.train_seconds,
                         "peak_memory_bytes": result.peak_memory_bytes,
                         "best_val_accuracy": max(s.val_accuracy for s in result.history),
-                    })
+                    }
+                    if self.multi_objective:
+                        latency_ms = self._latency_ms(result.model)
+                        metrics.update({LATENCY_OBJECTIVE: latency_ms, "parameter_count": parameter_count})
+                    tracking.log_metrics(metrics)
                     self._finish(trial, "COMPLETE", None)
         except TrainingDivergedError:
-            return math.nan  # Optuna marks the trial FAIL (reason in its user attrs); the study goes on
+            # NaN values make Optuna mark the trial FAIL (reason in its user attrs); the study goes on.
+            return (math.nan, math.nan) if self.multi_objective else math.nan
         if pruned is not None:
             raise pruned
-        return value
+        return (value, latency_ms) if self.multi_objective else value
+
+    def _latency_ms(self, model: nn.Module) -> float:
+        """Batch-1 latency p50 of an fp32, eval-mode CPU copy of the trained model, as it ships."""
+        shipped = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+        stats = measure_latency(shipped, 1, threads=self.tune_cfg.latency_threads, repeats=LATENCY_REPEATS,
+                                seconds_per_repeat=LATENCY_SECONDS_PER_REPEAT,
+                                warmup_seconds=LATENCY_WARMUP_SECONDS, backend=LATENCY_BACKEND)
+        return stats.p50_ms
 
     def _epoch_end(self, trial: optuna.Trial, stats: EpochStats) -> None:
         tracking.log_metrics(stats.metrics(), step=stats.epoch)
+        if self.multi_objective:
+            # Optuna takes no intermediate values (and prunes nothing) in multi-objective studies.
+            trial.set_user_attr("epochs", stats.epoch)
+            return
         trial.report(stats.val_accuracy, stats.epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(
@@ -263,8 +367,9 @@ class _Objective:
         tracking.set_tags(tags)
 
 
-def default_study_name(cfg: ExperimentConfig) -> str:
-    return f"cifar10-{cfg.train.model}-{cfg.train.epochs}ep"
+def default_study_name(cfg: ExperimentConfig, tune_cfg: TuneConfig) -> str:
+    suffix = MULTI_OBJECTIVE_STUDY_SUFFIX if tune_cfg.multi_objective else ""
+    return f"cifar10-{cfg.train.model}-{cfg.train.epochs}ep{suffix}"
 
 
 def default_storage() -> str:
@@ -286,12 +391,13 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
     """Create the study or load it; a storage that cannot be used fails here, before any training."""
     shown = hide_password(storage_url)
     seed = sampler_seed(cfg.train.seed, storage_url)
+    wanted = study_directions(tune_cfg)
     for attempt in range(3):
         try:
             with _quiet_optuna():
                 storage = _storage(storage_url, tune_cfg.heartbeat_interval)
                 study = optuna.create_study(
-                    storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
+                    storage=storage, study_name=study_name, directions=wanted, load_if_exists=True,
                     sampler=_sampler(tune_cfg, seed), pruner=_pruner(tune_cfg, cfg.train.epochs),
                 )
             break
@@ -304,21 +410,46 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
         except Exception as error:
             raise StorageError(f"Optuna storage {shown} cannot be used: {_first_line(error)}") from None
     directions = [d.name.lower() for d in study.directions]
-    if directions != ["maximize"]:
+    if directions != wanted:
+        aims = (f"--objectives accuracy,latency maximises {OBJECTIVE} and minimises {LATENCY_OBJECTIVE}"
+                if tune_cfg.multi_objective else f"maximises {OBJECTIVE}")
         raise StorageError(
-            f"study {study_name!r} in {shown} exists with direction {', '.join(directions)}; tune "
-            f"maximises {OBJECTIVE}: pass another --study-name"
+            f"study {study_name!r} in {shown} exists with direction{'s' if len(directions) > 1 else ''} "
+            f"{', '.join(directions)}; tune {aims}: pass another --study-name"
         )
-    _check_study_settings(study, cfg, study_name)
+    if tune_cfg.multi_objective:
+        with _quiet_optuna():  # set_metric_names is experimental
+            study.set_metric_names([OBJECTIVE, LATENCY_OBJECTIVE])  # names the plots' objectives
+    _check_study_settings(study, cfg, tune_cfg, study_name)
     return study
 
 
-def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, study_name: str) -> None:
-    settings = {f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_STUDY_SETTINGS}
+def study_directions(tune_cfg: TuneConfig) -> list[str]:
+    return ["maximize", "minimize"] if tune_cfg.multi_objective else ["maximize"]
+
+
+def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig) -> dict[str, Any]:
+    """The settings every trial of the study must share, as ``section.name -> value``."""
+    not_settings = NOT_STUDY_SETTINGS | (SEARCHED_WIDTH_SETTINGS if tune_cfg.multi_objective else set())
+    settings = {f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items() if k not in not_settings}
     settings.update({f"data.{k}": getattr(cfg.data, k) for k in DATA_STUDY_SETTINGS})
+    if tune_cfg.multi_objective:
+        # What else its values depend on: the choices searched (Optuna refuses other categorical
+        # choices for a parameter within a study) and the threads latency is timed with.
+        settings.update({
+            "tune.width_choices": ",".join(map(str, tune_cfg.width_choice_list())),
+            "tune.hidden_choices": ",".join(map(str, tune_cfg.hidden_choice_list())),
+            "tune.latency_threads": tune_cfg.latency_threads,
+        })
+    return settings
+
+
+def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: TuneConfig,
+                          study_name: str) -> None:
+    settings = study_settings(cfg, tune_cfg)
     stored = study.user_attrs.get("settings")
     if stored is None:
-        study.set_user_attr("objective", OBJECTIVE)
+        study.set_user_attr("objective", ",".join(study_objective_names(study)))
         study.set_user_attr("settings", settings)
         return
     # Settings the study has no record of (added to cifar-exp since) are taken to agree.
@@ -407,6 +538,8 @@ def _sampler(tune_cfg: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def _pruner(tune_cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
+    if tune_cfg.multi_objective:
+        return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
     if tune_cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune_cfg.prune_startup_trials,
                                            n_warmup_steps=tune_cfg.prune_warmup_epochs)
@@ -416,9 +549,43 @@ def _pruner(tune_cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def study_objective_names(study: optuna.Study) -> list[str]:
+    return [OBJECTIVE, LATENCY_OBJECTIVE][: len(study.directions)]
+
+
+def validation_accuracy(trial: FrozenTrial) -> float:
+    """The first objective of a COMPLETE trial, in studies of one or two objectives."""
+    return trial.values[0]
+
+
 def best_trial(study: optuna.Study) -> TrialSummary | None:
+    """The most accurate COMPLETE trial (in an accuracy,latency study: whatever its latency)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return TrialSummary.of(max(complete, key=lambda t: t.value)) if complete else None
+    return TrialSummary.of(max(complete, key=validation_accuracy)) if complete else None
+
+
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The COMPLETE trials of an accuracy,latency study that no other trial beats, fastest first."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return []
+    front = pareto_front([t.values[0] for t in complete], [t.values[1] for t in complete])
+    return sorted((t for t, on in zip(complete, front) if on), key=lambda t: (t.values[1], t.number))
+
+
+def tradeoff_point(trial: FrozenTrial) -> TradeoffPoint:
+    """A COMPLETE trial of an accuracy,latency study, as the Pareto reports take it."""
+    label = f"trial-{trial.number} w=" + ",".join(str(trial.params[name]) for name in WIDTH_PARAMS)
+    if HIDDEN_PARAM in trial.params:
+        label += f" h={trial.params[HIDDEN_PARAM]}"
+    return TradeoffPoint(
+        label=label,
+        backend=LATENCY_BACKEND,
+        accuracy=trial.values[0],
+        latency_ms=trial.values[1],
+        parameters=trial.user_attrs.get("parameter_count", 0),
+        run_id=trial.user_attrs.get("mlflow_run_id", ""),
+    )
 
 
 def baseline_trial(study: optuna.Study) -> TrialSummary | None:
@@ -435,8 +602,10 @@ def _log_study_summary(
     baseline: TrialSummary | None,
     ran: list[TrialSummary],
     tune_cfg: TuneConfig,
+    pareto: list[FrozenTrial],
 ) -> None:
-    """Into the parent run: best params and value, the baseline's value, trials.csv and the plots."""
+    """Into the parent run: best params and value, the baseline's value, trials.csv and the plots;
+    for an accuracy,latency study the Pareto set too (``pareto.csv``, ``plots/pareto.png``)."""
     counts = {state: sum(t.state == state for t in ran) for state in ("COMPLETE", "PRUNED", "FAIL")}
     tracking.log_metrics({f"trials_{state.lower()}": n for state, n in counts.items()})
     tracking.log_metrics({"study_trials": len(study.trials)})
@@ -453,29 +622,59 @@ def _log_study_summary(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_trials_csv(study, folder / "trials.csv")
-        write_study_plots(study, folder / "plots", intermediate=tune_cfg.pruner != "none",
+        write_study_plots(study, folder / "plots",
+                          intermediate=not tune_cfg.multi_objective and tune_cfg.pruner != "none",
                           bounds=((tune_cfg.lr_min, tune_cfg.lr_max), (tune_cfg.decay_min, tune_cfg.decay_max)))
+        if tune_cfg.multi_objective:
+            tracking.log_metrics({"pareto_size": len(pareto)})
+            write_pareto_report(study, pareto, folder)
         tracking.log_artifacts(folder)
+
+
+def write_pareto_report(study: optuna.Study, pareto: list[FrozenTrial], folder: Path) -> None:
+    """``pareto.csv`` (every COMPLETE trial, ``on_front`` marking the Pareto set) and ``plots/pareto.png``."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return
+    on_front = {t.number for t in pareto}
+    points = [tradeoff_point(t) for t in complete]
+    write_pareto_csv(points, np.array([t.number in on_front for t in complete]), folder / "pareto.csv")
+    (folder / "plots").mkdir(parents=True, exist_ok=True)
+    try:
+        plot_pareto(points, folder / "plots" / "pareto.png", accuracy_label="validation accuracy")
+    except Exception as error:  # a plot is a report, never a reason to lose the study's run
+        log.warning("plot pareto skipped: %s", _first_line(error))
+        plt.close("all")
 
 
 TRIAL_COLUMNS = ("number", "state", OBJECTIVE, "lr", "lr_decay", "epochs", "baseline", "duration_s",
                  "reason", "worker", "mlflow_run_id")
+# accuracy,latency studies: their second objective, the model's size and the searched width knobs too
+MULTI_OBJECTIVE_TRIAL_COLUMNS = ("number", "state", OBJECTIVE, LATENCY_OBJECTIVE, "parameter_count", "lr",
+                                 "lr_decay", *WIDTH_PARAMS, HIDDEN_PARAM, "epochs", "baseline", "duration_s",
+                                 "reason", "worker", "mlflow_run_id")
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
+    multi_objective = len(study.directions) > 1
+    columns = MULTI_OBJECTIVE_TRIAL_COLUMNS if multi_objective else TRIAL_COLUMNS
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, TRIAL_COLUMNS)
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
         for trial in study.get_trials(deepcopy=False):
             summary = TrialSummary.of(trial)
             duration = trial.duration.total_seconds() if trial.duration else None
-            writer.writerow({
+            row = {
                 "number": trial.number, "state": summary.state, OBJECTIVE: summary.value,
                 "lr": trial.params.get("lr"), "lr_decay": trial.params.get("lr_decay"),
                 "epochs": summary.epochs, "baseline": summary.baseline, "duration_s": duration,
                 "reason": summary.reason, "worker": trial.user_attrs.get("worker"),
                 "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
-            })
+            }
+            if multi_objective:
+                row.update({LATENCY_OBJECTIVE: summary.latency_ms, "parameter_count": summary.parameter_count,
+                            **{name: trial.params.get(name) for name in (*WIDTH_PARAMS, HIDDEN_PARAM)}})
+            writer.writerow(row)
 
 
 def write_study_plots(
@@ -488,15 +687,20 @@ def write_study_plots(
     """Optuna's matplotlib plots of the study, plus a scatter of every trial over lr x decay.
 
     ``bounds`` ((lr_min, lr_max), (decay_min, decay_max)) frames the scatter on the searched space.
-    A plot the study cannot support yet (importances need two completed trials) is skipped.
+    A plot the study cannot support yet (importances need two completed trials) is skipped. In an
+    accuracy,latency study the history and contour show validation accuracy; the importances both.
     """
     from optuna.visualization import matplotlib as oplt
 
+    # Optuna's plots of one objective need it named in a multi-objective study.
+    accuracy: dict[str, Any] = (
+        {"target": validation_accuracy, "target_name": OBJECTIVE} if len(study.directions) > 1 else {}
+    )
     folder.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Callable[[], Any]] = {
-        "optimization_history": lambda: oplt.plot_optimization_history(study),
+        "optimization_history": lambda: oplt.plot_optimization_history(study, **accuracy),
         "param_importances": lambda: oplt.plot_param_importances(study),
-        "lr_decay_contour": lambda: oplt.plot_contour(study, params=["lr", "lr_decay"]),
+        "lr_decay_contour": lambda: oplt.plot_contour(study, params=["lr", "lr_decay"], **accuracy),
         "lr_decay_scatter": lambda: _plot_scatter(study, bounds),
         "timeline": lambda: oplt.plot_timeline(study),
     }
@@ -529,9 +733,9 @@ def _plot_scatter(study: optuna.Study, bounds: tuple[tuple[float, float], tuple[
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
         points = ax.scatter([t.params["lr"] for t in complete], [t.params["lr_decay"] for t in complete],
-                            c=[t.value for t in complete], cmap="viridis", s=60, edgecolors="k")
+                            c=[validation_accuracy(t) for t in complete], cmap="viridis", s=60, edgecolors="k")
         figure.colorbar(points, ax=ax, label=OBJECTIVE)
-        best = max(complete, key=lambda t: t.value)
+        best = max(complete, key=validation_accuracy)
         ax.scatter([best.params["lr"]], [best.params["lr_decay"]], marker="*", s=300, c="red",
                    edgecolors="k", label=f"best: trial {best.number}")
     for state, marker in ((TrialState.PRUNED, "x"), (TrialState.FAIL, "X")):

@@ -22,6 +22,10 @@ def test_defaults_are_the_seed_recipe():
     ("epochs", 0, "epochs must be >= 1, got 0"),
     ("batch_size", 0, "batch-size must be >= 1, got 0"),
     ("augment", "mixup", "unknown augment 'mixup'"),
+    ("widths", "32,48", "widths must be three positive integers, e.g. 32,48,64; got '32,48'"),
+    ("widths", "32,0,64", "widths must be comma-separated positive integers, got '32,0,64'"),
+    ("widths", "wide", "widths must be comma-separated positive integers, got 'wide'"),
+    ("hidden", -1, r"hidden must be >= 0 \(0: the architecture's own\), got -1"),
 ])
 def test_bad_training_values_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -40,3 +44,8 @@ def test_config_is_frozen_and_flattens_every_field():
     assert flat["train.lr"] == 0.1 and flat["data.val_size"] == 5000
     assert len(flat) == sum(len(dataclasses.fields(getattr(cfg, f.name))) for f in dataclasses.fields(cfg))
     assert cfg.registered_model_name == "cifar10-seed"
+
+
+def test_width_knobs_default_to_the_architectures_own():
+    assert TrainConfig().conv_widths() is None and TrainConfig().hidden == 0
+    assert TrainConfig(widths=" 32, 48,64").conv_widths() == (32, 48, 64)

@@ -21,7 +21,8 @@ from cifar_exp.train import build_classifier, fit
 # Fast settings for every measurement here: speed targets live in benchmarks/, not in tests.
 QUICK = dict(repeats=3, seconds_per_repeat=0.01, warmup_seconds=0.0)
 QUICK_ARGS = ["--repeats", "3", "--seconds-per-repeat", "0.01", "--warmup-seconds", "0",
-              "--batch-sizes", "1,4", "--calibration-images", "64"]
+              "--batch-sizes", "1,4", "--calibration-images", "64", "--floor-matmul-size", "256"]
+FLOOR = dict(floor_matmul_size=256)
 
 
 def run_cli(*args):
@@ -222,7 +223,7 @@ def test_export_to_an_unwritable_folder(tmp_path):
 
 def test_benchmark_report_has_every_field(tiny_trained, tmp_path):
     model, splits = tiny_trained
-    cfg = BenchmarkConfig(batch_sizes="1,4", threads=1, **QUICK)
+    cfg = BenchmarkConfig(batch_sizes="1,4", threads=1, **QUICK, **FLOOR)
     report = inference.run_benchmark(
         model, label="tiny-seed", cfg=cfg, calibration=inference.calibration_images(splits.train, 64),
         test=splits.test, work_dir=tmp_path,
@@ -258,7 +259,7 @@ def test_benchmark_report_has_every_field(tiny_trained, tmp_path):
     assert by_name["onnxruntime-fp32"]["agreement"]["max_abs_logit_diff"] < 1e-4
     assert by_name["pytorch-fp32"]["test_accuracy"] > 0.5
     floor = document["compute_floor"]
-    assert floor["fp32_macs_per_second"] > 1e9 and floor["threads"] == 1
+    assert floor["fp32_macs_per_second"] > 1e9 and floor["threads"] == 1 and floor["matmul_size"] == 256
     assert floor["fp32_floor_ms"] == pytest.approx(5_863_424 / floor["fp32_macs_per_second"] * 1e3)
     best = document["best_batch1"]
     assert best["backend"] == min(document["backends"], key=lambda b: b["latency"]["1"]["p50_ms"])["name"]
@@ -270,7 +271,7 @@ def test_benchmark_report_has_every_field(tiny_trained, tmp_path):
 
 
 def test_benchmark_without_batch_size_one(tmp_path):
-    cfg = BenchmarkConfig(batch_sizes="2", threads=1, backends="onnxruntime-fp32", **QUICK)
+    cfg = BenchmarkConfig(batch_sizes="2", threads=1, backends="onnxruntime-fp32", **QUICK, **FLOOR)
     report = inference.run_benchmark(seed_model(), label="seed", cfg=cfg, work_dir=tmp_path)
     document = report.to_dict()
     assert document["best_batch1"] is None and list(document["backends"][0]["latency"]) == ["2"]

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from cifar_exp.config import TrainConfig
 from cifar_exp.errors import ConfigError
-from cifar_exp.models import Classifier, build_model, count_parameters, model_names, seed_as_reported
+from cifar_exp.models import Classifier, architecture, build_model, count_parameters, model_names, seed_as_reported
+from cifar_exp.train import build_classifier
 
 
 @pytest.mark.parametrize(("name", "parameters"), [("seed", 152_458), ("seed-wide", 1_135_498)])
@@ -42,3 +44,34 @@ def test_pooling_before_relu_matches_the_reports_order():
     (grad_ours,) = torch.autograd.grad(ours.sum(), images)
     (grad_theirs,) = torch.autograd.grad(theirs.sum(), images)
     torch.testing.assert_close(grad_ours, grad_theirs, rtol=0, atol=0)
+
+
+def test_width_knobs_give_the_counted_seed():
+    widths, hidden = (32, 32, 32), 256
+    convs = sum(3 * 3 * c_in * c_out + c_out for c_in, c_out in zip((3, *widths[:2]), widths))
+    linears = (widths[2] * 1 * 1) * hidden + hidden + hidden * 10 + 10  # MaxPool2d(3) x3: 1x1 pixel left
+    model = build_model("seed", widths=widths, hidden=hidden)
+    assert count_parameters(model) == convs + linears == 30_410
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    # The training config reaches the same network (the Classifier's normalisation has no parameters).
+    assert count_parameters(build_classifier(TrainConfig(widths="32,32,32", hidden=256), 10)) == 30_410
+
+
+@pytest.mark.parametrize("name", ["seed", "seed-wide", "seed-bn", "resnet8", "pico"])
+def test_every_model_takes_three_conv_widths(name):
+    default = build_model(name)
+    narrow = build_model(name, widths=(8, 16, 24))
+    assert count_parameters(narrow) < count_parameters(default)
+    assert narrow(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    convs = [m for m in narrow.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert {m.out_channels for m in convs} == {8, 16, 24}
+    # Without knobs: the architecture's own widths, exactly today's model.
+    assert count_parameters(build_model(name, widths=architecture(name).widths)) == count_parameters(default)
+
+
+def test_a_knob_the_model_lacks_is_named():
+    with pytest.raises(ConfigError, match=r"^model pico has no hidden layer \(--hidden 128\)$"):
+        build_model("pico", hidden=128)
+    with pytest.raises(ConfigError, match=r"model resnet8 has no hidden layer \(--hidden 64\)"):
+        build_classifier(TrainConfig(model="resnet8", hidden=64), 10)
+    assert architecture("pico").hidden is None and architecture("seed").hidden == 1024

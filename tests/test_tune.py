@@ -21,10 +21,13 @@ from optuna.trial import TrialState
 from cifar_exp.cli import main
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig
 from cifar_exp.errors import ConfigError
-from cifar_exp.tune import tune
+from cifar_exp.models import build_model, count_parameters
+from cifar_exp.tune import baseline_width_params, default_study_name, tune
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--epochs", "2", "--batch-size", "32", "--val-size", "50", "--eval-batch-size", "100"]
+# Two objectives, few width choices: the seed's own 64,64,64 and 1024 among them (its baseline trial).
+ACC_LAT = ["--objectives", "accuracy,latency", "--width-choices", "16,32,64", "--hidden-choices", "128,1024"]
 PER_EPOCH = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
              "train_images_per_second")
 
@@ -188,6 +191,19 @@ def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, trac
     (["--storage", "postgresql://who:secret@127.0.0.1:9/db"],
      "Optuna storage postgresql://who:***@127.0.0.1:9/db cannot be used: "),
     (["--storage", "nosuch://host/db"], "Optuna storage nosuch://host/db cannot be used: "),
+    (["--objectives", "accuracy,latency", "--sampler", "grid"],
+     "--sampler grid cannot search the conv widths and hidden size of --objectives accuracy,latency"),
+    (["--objectives", "accuracy,latency", "--retrain-best"],
+     "--retrain-best needs a single best trial; with --objectives accuracy,latency pick a trial of the Pareto "
+     "set and run `cifar-exp train` with its --lr, --lr-decay, --widths and --hidden"),
+    (["--objectives", "accuracy,latency", "--width-choices", "16,32"],
+     "the baseline trial's conv width 64 (model seed, widths 64,64,64) is not among --width-choices 16,32"),
+    (["--objectives", "accuracy,latency", "--hidden-choices", "128,256"],
+     "the baseline trial's hidden size 1024 (model seed) is not among --hidden-choices 128,256"),
+    (["--width-choices", "16,x"], "width-choices must be comma-separated positive integers, got '16,x'"),
+    (["--latency-threads", "-1"], "latency-threads must be >= 0 (0: all cores), got -1"),
+    (["--model", "pico", "--hidden", "128"], "model pico has no hidden layer (--hidden 128)"),
+    (["--widths", "32,48"], "widths must be three positive integers, e.g. 32,48,64; got '32,48'"),
 ])
 def test_bad_input_is_one_line_before_any_training(tiny_data, tracking_store, cache_dir, args, message):
     start = time.perf_counter()
@@ -215,6 +231,131 @@ def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tr
     assert result.exit_code == 1
     assert "holds trials trained with other settings (epochs 5 -> 2" in result.output
     assert all_runs() == []
+
+
+def test_single_objective_study_is_not_reopened_with_two_objectives(tiny_data, tracking_store, cache_dir,
+                                                                   tmp_path):
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"  # the default storage
+    (tmp_path / "mlruns").mkdir()
+    optuna.create_study(study_name="lr-decay", storage=storage, direction="maximize")
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, *ACC_LAT,
+                     "--study-name", "lr-decay")
+    assert result.exit_code == 1
+    assert "Error: study 'lr-decay' in " in result.output
+    assert ("exists with direction maximize; tune --objectives accuracy,latency maximises val_accuracy and "
+            "minimises latency_ms: pass another --study-name") in result.output
+
+    optuna.create_study(study_name="acc-lat", storage=storage, directions=["maximize", "minimize"])
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--study-name", "acc-lat")
+    assert result.exit_code == 1
+    assert "exists with directions maximize, minimize; tune maximises val_accuracy: pass another" in result.output
+    assert all_runs() == []
+    # Left to their defaults, the two kinds of study never share a name.
+    cfg = ExperimentConfig(train=TrainConfig(epochs=5))
+    assert default_study_name(cfg, TuneConfig()) == "cifar10-seed-5ep"
+    assert default_study_name(cfg, TuneConfig(objectives="accuracy,latency")) == "cifar10-seed-5ep-acc-lat"
+
+
+@pytest.fixture
+def quick_latency(monkeypatch):
+    """A short latency measurement: these tests check that it is measured and logged, not its precision."""
+    monkeypatch.setattr("cifar_exp.tune.LATENCY_SECONDS_PER_REPEAT", 0.05)
+    monkeypatch.setattr("cifar_exp.tune.LATENCY_WARMUP_SECONDS", 0.02)
+
+
+def test_accuracy_latency_study_logs_its_pareto_set(tiny_data, tracking_store, cache_dir, tmp_path, quick_latency):
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--epochs", "1",
+                     *ACC_LAT, "--n-trials", "4", "--sampler", "random")
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="cifar10-seed-1ep-acc-lat", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    front = sorted(t.number for t in study.best_trials)  # Optuna's own Pareto set, to check ours against
+
+    # The CLI prints the Pareto set, one trial a line with the train options that reproduce it.
+    pareto_lines = [line for line in result.output.splitlines() if line.startswith("  trial ")]
+    assert f"Pareto set: {len(front)} trials, fastest first" in result.output
+    assert sorted(int(line.split()[1].rstrip(":")) for line in pareto_lines) == front
+    for line in pareto_lines:
+        number = int(line.split()[1].rstrip(":"))
+        params = study.trials[number].params
+        widths = ",".join(str(params[f"width{i}"]) for i in (1, 2, 3))
+        assert f"val_accuracy {study.trials[number].values[0]:.4f}, latency " in line
+        assert line.endswith(f"train with --lr {params['lr']!r} --lr-decay {params['lr_decay']!r} "
+                             f"--widths {widths} --hidden {params['hidden']}")
+
+    client = MlflowClient()
+    parents = [r for r in all_runs(client) if r.data.tags.get("run_kind") == "tune-study"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_name == "tune-cifar10-seed-1ep-acc-lat" and parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna_pruner"] == "none (multi-objective)"
+    assert parent.data.metrics["pareto_size"] == len(front)
+    children = {r.info.run_name: r for r in children_of(parent.info.run_id, client)}  # nested under the parent
+    assert sorted(children) == ["trial-0", "trial-1", "trial-2", "trial-3"]
+    for trial in study.trials:
+        child = children[f"trial-{trial.number}"]
+        assert child.data.tags["optuna_state"] == "COMPLETE"
+        assert child.data.metrics["latency_ms"] == pytest.approx(trial.values[1]) and trial.values[1] > 0
+        assert child.data.metrics["val_accuracy"] == pytest.approx(trial.values[0])
+        widths = tuple(int(w) for w in child.data.params["train.widths"].split(","))
+        hidden = int(child.data.params["train.hidden"])
+        assert set(widths) <= {16, 32, 64} and hidden in (128, 1024)
+        assert widths == tuple(trial.params[f"width{i}"] for i in (1, 2, 3)) and hidden == trial.params["hidden"]
+        assert child.data.metrics["parameter_count"] == count_parameters(build_model("seed", widths=widths,
+                                                                                     hidden=hidden))
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1]
+
+    # The baseline trial is the seed as it is: lr 0.1, decay 0.95, its own widths and hidden size.
+    assert study.trials[0].user_attrs["baseline"]
+    assert study.trials[0].params == {"lr": 0.1, "lr_decay": 0.95, "width1": 64, "width2": 64, "width3": 64,
+                                      "hidden": 1024}
+    assert children["trial-0"].data.params["train.widths"] == "64,64,64"
+
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, dst_path=str(tmp_path / "a")))
+    with open(folder / "pareto.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    on_front = sorted(int(r["label"].split()[0].removeprefix("trial-")) for r in rows if r["on_front"] == "True")
+    assert on_front == front
+    for row in rows:
+        trial = study.trials[int(row["label"].split()[0].removeprefix("trial-"))]
+        assert row["run_id"] == children[f"trial-{trial.number}"].info.run_id
+        assert row["backend"] == "pytorch-fp32" and row["label"].endswith(f"h={trial.params['hidden']}")
+        assert float(row["accuracy"]) == pytest.approx(trial.values[0])
+        assert float(row["latency_ms"]) == pytest.approx(trial.values[1])
+    assert (folder / "plots" / "pareto.png").stat().st_size > 5000
+    with open(folder / "trials.csv") as f:
+        trial_rows = list(csv.DictReader(f))
+    assert [float(r["latency_ms"]) for r in trial_rows] == pytest.approx([t.values[1] for t in study.trials])
+    assert [int(r["width1"]) for r in trial_rows] == [t.params["width1"] for t in study.trials]
+
+
+def test_diverged_trial_fails_and_the_two_objective_study_goes_on(tiny_data, tracking_store, cache_dir, tmp_path,
+                                                                   quick_latency):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="nan", storage=storage, directions=["maximize", "minimize"])
+    study.enqueue_trial({"lr": 1e6, "lr_decay": 0.9, "width1": 16, "width2": 16, "width3": 16, "hidden": 128})
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1, amp=False)
+    tune_cfg = TuneConfig(objectives="accuracy,latency", n_trials=2, study_name="nan", storage=storage,
+                          lr_max=1e7, width_choices="16,64", hidden_choices="128,1024")
+    outcome = tune(cfg, tune_cfg, report=lambda line: None)
+
+    failed, baseline = outcome.trials
+    assert failed.state == "FAIL" and "training loss became" in failed.reason and failed.latency_ms is None
+    assert baseline.state == "COMPLETE" and baseline.baseline and baseline.latency_ms > 0
+    assert [t.number for t in outcome.pareto] == [baseline.number] and outcome.best.number == baseline.number
+    child = next(r for r in children_of(outcome.run_id) if r.info.run_name == "trial-0")
+    assert child.info.status == "FAILED" and child.data.tags["optuna_state"] == "FAIL"
+
+
+def test_baseline_widths_are_the_models_own_unless_given():
+    assert baseline_width_params(TrainConfig()) == {"width1": 64, "width2": 64, "width3": 64, "hidden": 1024}
+    assert baseline_width_params(TrainConfig(model="pico")) == {"width1": 24, "width2": 48, "width3": 80}
+    assert baseline_width_params(TrainConfig(widths="16,32,64", hidden=256)) == {
+        "width1": 16, "width2": 32, "width3": 64, "hidden": 256}
+    tune_cfg = TuneConfig(objectives="accuracy,latency", width_choices="64, 16,32,16")
+    assert tune_cfg.width_choice_list() == (16, 32, 64)
 
 
 def test_config_rejects_unknown_sampler_and_bad_counts():
