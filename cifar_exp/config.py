@@ -74,8 +74,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.val_size < 0:
-            raise ConfigError(f"val-size must be >= 0, got {self.val_size}")
+        _require_at_least(self, 0, "val_size")
         if not self.val_on_test and self.val_size == 0:
             raise ConfigError("val-size is 0: pass --val-on-test or a positive --val-size")
 
@@ -122,20 +121,14 @@ class TrainConfig:
     eval_batch_size: int = option(1000, "Batch size for validation and test evaluation.")
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch-size must be >= 1, got {self.batch_size}")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        _require_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr-decay must be in (0, 1], got {self.lr_decay}")
         if self.momentum < 0 or self.momentum >= 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
+        _require_at_least(self, 0, "weight_decay")
         if self.norm_std <= 0:
             raise ConfigError(f"norm-std must be > 0, got {self.norm_std}")
         if self.optimizer == "nesterov" and self.momentum <= 0:
@@ -147,15 +140,8 @@ class TrainConfig:
         if not 0 <= self.cutout <= 32:
             raise ConfigError(f"cutout must be in [0, 32] pixels, got {self.cutout}")
         self.conv_widths()
-        if self.hidden < 0:
-            raise ConfigError(f"hidden must be >= 0 (0: the architecture's own), got {self.hidden}")
-        for name in ("recipe", "optimizer", "schedule", "augment", "amp_dtype", "device"):
-            choices = _field(TrainConfig, name).metadata["choices"]
-            if getattr(self, name) not in choices:
-                raise ConfigError(
-                    f"unknown {name.replace('_', '-')} {getattr(self, name)!r}; "
-                    f"choose one of {', '.join(choices)}"
-                )
+        _require_at_least(self, 0, "hidden", note=" (0: the architecture's own)")
+        _require_choice(self, "recipe", "optimizer", "schedule", "augment", "amp_dtype", "device")
 
     def conv_widths(self) -> tuple[int, int, int] | None:
         """``--widths`` as three channel counts; None: the architecture's own."""
@@ -241,8 +227,7 @@ class TuneConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.n_trials < 1:
-            raise ConfigError(f"n-trials must be >= 1, got {self.n_trials}")
+        _require_at_least(self, 1, "n_trials")
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
         for name in ("lr_min", "lr_max"):
@@ -259,21 +244,13 @@ class TuneConfig:
                     f"{low.split('_')[0]} range [{getattr(self, low)}, {getattr(self, high)}] is empty "
                     f"or inverted: --{low.replace('_', '-')} must be below --{high.replace('_', '-')}"
                 )
-        if self.grid_size < 2:
-            raise ConfigError(f"grid-size must be >= 2, got {self.grid_size}")
-        for name in ("tpe_startup_trials", "prune_startup_trials", "prune_warmup_epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.heartbeat_interval < 1:
-            raise ConfigError(f"heartbeat-interval must be >= 1 second, got {self.heartbeat_interval}")
-        for name in ("sampler", "pruner", "objectives"):
-            choices = _field(TuneConfig, name).metadata["choices"]
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        _require_at_least(self, 2, "grid_size")
+        _require_at_least(self, 0, "tpe_startup_trials", "prune_startup_trials", "prune_warmup_epochs")
+        _require_at_least(self, 1, "heartbeat_interval", note=" second")
+        _require_choice(self, "sampler", "pruner", "objectives")
         self.width_choice_list()
         self.hidden_choice_list()
-        if self.latency_threads < 0:
-            raise ConfigError(f"latency-threads must be >= 0 (0: all cores), got {self.latency_threads}")
+        _require_at_least(self, 0, "latency_threads", note=" (0: all cores)")
         if self.multi_objective and self.sampler == "grid":
             raise ConfigError("--sampler grid cannot search the conv widths and hidden size of --objectives "
                               "accuracy,latency: use --sampler tpe or random")
@@ -357,18 +334,11 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         self.batch_size_list()
         self.backend_names()
-        if self.threads < 0:
-            raise ConfigError(f"threads must be >= 0 (0: all cores), got {self.threads}")
-        if self.repeats < 1:
-            raise ConfigError(f"repeats must be >= 1, got {self.repeats}")
+        _require_at_least(self, 0, "threads", note=" (0: all cores)")
+        _require_at_least(self, 1, "repeats", "floor_matmul_size", "calibration_images")
         if not self.seconds_per_repeat > 0:
             raise ConfigError(f"seconds-per-repeat must be > 0, got {self.seconds_per_repeat}")
-        if self.warmup_seconds < 0:
-            raise ConfigError(f"warmup-seconds must be >= 0, got {self.warmup_seconds}")
-        if self.floor_matmul_size < 1:
-            raise ConfigError(f"floor-matmul-size must be >= 1, got {self.floor_matmul_size}")
-        if self.calibration_images < 1:
-            raise ConfigError(f"calibration-images must be >= 1, got {self.calibration_images}")
+        _require_at_least(self, 0, "warmup_seconds")
 
     def batch_size_list(self) -> tuple[int, ...]:
         try:
@@ -408,10 +378,8 @@ class ExportConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.format not in EXPORT_FORMATS:
-            raise ConfigError(f"unknown format {self.format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-        if self.calibration_images < 1:
-            raise ConfigError(f"calibration-images must be >= 1, got {self.calibration_images}")
+        _require_choice(self, "format")
+        _require_at_least(self, 1, "calibration_images")
         if not self.output_dir.strip():
             raise ConfigError("output-dir must not be empty")
 
@@ -451,6 +419,22 @@ def _positive_ints(text: str, option_name: str) -> tuple[int, ...]:
     if min(values) < 1:
         raise ConfigError(f"{option_name} must be comma-separated positive integers, got {text!r}")
     return values
+
+
+def _require_at_least(config: Any, minimum: int, *names: str, note: str = "") -> None:
+    """Each field in ``names`` must be >= ``minimum``; else a one-line error naming its option."""
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            raise ConfigError(f"{name.replace('_', '-')} must be >= {minimum}{note}, got {value}")
+
+
+def _require_choice(config: Any, *names: str) -> None:
+    """Each field in ``names`` must be one of the choices its ``option`` declares."""
+    for name in names:
+        choices, value = _field(type(config), name).metadata["choices"], getattr(config, name)
+        if value not in choices:
+            raise ConfigError(f"unknown {name.replace('_', '-')} {value!r}; choose one of {', '.join(choices)}")
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,20 @@ def write_image_folder(root: Path, train_per_class: int = TRAIN_PER_CLASS,
                 suffix = "png" if i % 2 == 0 else "jpg"
                 Image.fromarray(synthetic_image(label, rng)).save(folder / f"{i:04d}.{suffix}")
     return root
+
+
+def signal_cli_mid_training(args: list[str], epochs: int, sig: signal.Signals) -> int:
+    """Run ``python -m cifar_exp *args``, send ``sig`` once its ``epoch 1/<epochs>`` line is out; exit code."""
+    process = subprocess.Popen([sys.executable, "-m", "cifar_exp", *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:  # wait for training to be under way
+            if line.startswith(f"epoch 1/{epochs}"):
+                break
+        process.send_signal(sig)
+        return process.wait(timeout=60)
+    finally:
+        process.kill()
 
 
 @pytest.fixture(scope="session")

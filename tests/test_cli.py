@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cifar_exp.cli import main
+from conftest import signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--val-size", "50", "--eval-batch-size", "100"]
@@ -123,20 +124,11 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
 
 @pytest.mark.slow
 def test_terminated_training_is_marked_killed(tiny_data, tracking_store, cache_dir):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cifar_exp", "train", "--data-dir", str(tiny_data), "--cache-dir", cache_dir,
-         "--epochs", "500", "--val-size", "50"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    returncode = signal_cli_mid_training(
+        ["train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--epochs", 500, "--val-size", 50],
+        epochs=500, sig=signal.SIGTERM,
     )
-    try:
-        for line in process.stdout:  # wait for training to be under way
-            if line.startswith("epoch 1/500"):
-                break
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode != 0
+    assert returncode != 0
     assert [r.info.status for r in all_runs()] == ["KILLED"]
 
 

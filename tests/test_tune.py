@@ -23,6 +23,7 @@ from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, Train
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import build_model, count_parameters
 from cifar_exp.tune import baseline_width_params, default_study_name, tune
+from conftest import signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--epochs", "2", "--batch-size", "32", "--val-size", "50", "--eval-batch-size", "100"]
@@ -387,16 +388,7 @@ def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_s
               "--storage", storage, "--study-name", "killed", "--heartbeat-interval", "1", "--pruner", "none"]
     # 10 epochs: the killed worker is many epochs from done; the next one trains them all.
     common += ["--epochs", "10", "--n-trials", "1"]
-    worker = subprocess.Popen([sys.executable, "-m", "cifar_exp", "tune", *map(str, common)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in worker.stdout:  # wait for the first trial to be under way
-            if line.startswith("epoch 1/10"):
-                break
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=60)
-    finally:
-        worker.kill()
+    signal_cli_mid_training(["tune", *common], epochs=10, sig=signal.SIGKILL)  # mid first trial
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
     time.sleep(3)  # > 2 heartbeat intervals
