@@ -8,6 +8,10 @@ batch-1 CPU latency of the model next to the `seed` model's, measured side by si
     python benchmarks/accuracy.py --recipe seed --seeds 0 1 2 --data-dir ../shared/data/cifar10-jpeg-dev
     python benchmarks/accuracy.py --recipe pico --seeds 0 1 2 --data-dir ../shared/data/cifar10-jpeg-dev
     python benchmarks/accuracy.py --recipe pico --model resnet8 --seeds 0 1 2   # a model with a recipe
+    python benchmarks/accuracy.py --recipe pico --latency-only   # just the latency comparison, no training
+
+Run the latency comparison on a quiet machine: it alternates the two models, but other jobs on the
+same cores still distort both.
 """
 
 from __future__ import annotations
@@ -23,13 +27,27 @@ from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, recip
 from cifar_exp.data import load_splits
 from cifar_exp.experiment import train_and_track
 from cifar_exp.inference import count_macs, measure_latency
-from cifar_exp.models import count_parameters
+from cifar_exp.models import NUM_CLASSES, count_parameters
 from cifar_exp.train import build_classifier
 
 
-def latency_ms(model: torch.nn.Module) -> float:
-    """Batch-1 PyTorch fp32 p50 latency in ms on all cores."""
-    return measure_latency(model.cpu().eval(), 1, repeats=3, seconds_per_repeat=1.0).p50_ms
+LATENCY_BACKENDS = ("pytorch-fp32", "onnxruntime-fp32")
+LATENCY_ROUNDS = 5
+
+
+def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None:
+    """Batch-1 p50 latency (all cores) of ``model`` and the seed model, alternating them so that
+    machine noise hits both alike: the median over rounds, the range of the rounds, and the ratio."""
+    for backend in LATENCY_BACKENDS:
+        latencies = {"model": [], "seed": []}
+        for _ in range(LATENCY_ROUNDS):
+            for name, network in (("model", model), ("seed", seed_model)):
+                latencies[name].append(measure_latency(network.cpu().eval(), 1, repeats=3, seconds_per_repeat=1.0,
+                                                       backend=backend).p50_ms)
+        model_ms, seed_ms = (statistics.median(v) for v in latencies.values())
+        print(f"batch-1 CPU latency ({backend}): {model_ms:.3f} ms ({min(latencies['model']):.3f}-"
+              f"{max(latencies['model']):.3f}); seed model {seed_ms:.3f} ms ({min(latencies['seed']):.3f}-"
+              f"{max(latencies['seed']):.3f}); ratio {model_ms / seed_ms:.2f}x")
 
 
 def main() -> None:
@@ -40,6 +58,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg-dev")
     parser.add_argument("--experiment", default="accuracy")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="Skip training: compare the batch-1 latency of the architecture with the seed model's.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("alembic", "mlflow"):
@@ -51,6 +71,13 @@ def main() -> None:
         train=recipe_config(args.recipe, **overrides),
         tracking=TrackingConfig(experiment_name=args.experiment, register=False),
     )
+    seed_model = build_classifier(recipe_config("seed"), NUM_CLASSES).eval()
+    if args.latency_only:
+        model = build_classifier(base.train, NUM_CLASSES).eval()
+        print(f"recipe {args.recipe}, model {base.train.model}: {count_parameters(model):,} parameters, "
+              f"{count_macs(model) / 1e6:.2f} M MACs per image")
+        compare_latency(model, seed_model)
+        return
     splits = load_splits(base.data)
     rows = []
     for seed in args.seeds:
@@ -62,13 +89,6 @@ def main() -> None:
               flush=True)
 
     model = build_classifier(base.train, len(splits.classes)).eval()
-    seed_model = build_classifier(recipe_config("seed"), len(splits.classes)).eval()
-    # Alternate the two models so that machine noise hits both alike.
-    latencies = {"model": [], "seed": []}
-    for _ in range(3):
-        latencies["model"].append(latency_ms(model))
-        latencies["seed"].append(latency_ms(seed_model))
-    model_ms, seed_ms = (statistics.median(v) for v in latencies.values())
 
     def mean_std(values: list[float]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -80,8 +100,7 @@ def main() -> None:
     print(f"training time per run:              {statistics.mean(r[3] for r in rows):.0f} s")
     print(f"parameters:                         {count_parameters(model):,}")
     print(f"MACs per image:                     {count_macs(model) / 1e6:.2f} M")
-    print(f"batch-1 CPU latency (PyTorch fp32): {model_ms:.3f} ms  (seed model: {seed_ms:.3f} ms, "
-          f"ratio {model_ms / seed_ms:.2f}x)")
+    compare_latency(model, seed_model)
 
 
 if __name__ == "__main__":
