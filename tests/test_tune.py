@@ -350,6 +350,26 @@ def test_diverged_trial_fails_and_the_two_objective_study_goes_on(tiny_data, tra
     assert child.info.status == "FAILED" and child.data.tags["optuna_state"] == "FAIL"
 
 
+def test_an_architecture_is_timed_once_per_study(tiny_data, tracking_store, cache_dir, tmp_path, quick_latency):
+    """Latency depends on the network, not on lr/decay: equal networks get equal latencies."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="twice", storage=storage, directions=["maximize", "minimize"])
+    for lr in (0.05, 0.2):  # the same architecture, trained with two learning rates
+        study.enqueue_trial({"lr": lr, "lr_decay": 0.9, "width1": 16, "width2": 16, "width3": 16, "hidden": 128})
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1, amp=False)
+    tune_cfg = TuneConfig(objectives="accuracy,latency", n_trials=2, study_name="twice", storage=storage,
+                          width_choices="16,64", hidden_choices="128,1024", baseline=False)
+    outcome = tune(cfg, tune_cfg, report=lambda line: None)
+
+    first, second = optuna.load_study(study_name="twice", storage=storage).trials
+    assert [t.params["lr"] for t in (first, second)] == [0.05, 0.2]
+    assert first.values[1] > 0 and second.values[1] == first.values[1]
+    assert "latency_timed_in_trial" not in first.user_attrs and second.user_attrs["latency_timed_in_trial"] == 0
+    runs = {r.info.run_name: r for r in children_of(outcome.run_id)}
+    assert runs["trial-1"].data.tags["latency_timed_in_trial"] == "0"
+    assert runs["trial-1"].data.metrics["latency_ms"] == pytest.approx(first.values[1])
+
+
 def test_baseline_widths_are_the_models_own_unless_given():
     assert baseline_width_params(TrainConfig()) == {"width1": 64, "width2": 64, "width3": 64, "hidden": 1024}
     assert baseline_width_params(TrainConfig(model="pico")) == {"width1": 24, "width2": 48, "width3": 80}
