@@ -295,9 +295,6 @@ class _Objective:
         cfg = dataclasses.replace(self.cfg, train=self._suggest(trial))
         baseline = bool(trial.user_attrs.get("baseline"))
         trial.set_user_attr("worker", self.worker)
-        parameter_count = count_parameters(build_network(cfg.train))
-        if self.multi_objective:
-            trial.set_user_attr("parameter_count", parameter_count)  # for the Pareto reports
         tags = {"run_kind": "tune-trial", "optuna_study_name": self.study_name,
                 "optuna_trial_number": str(trial.number), "optuna_state": "RUNNING",
                 "baseline": str(baseline).lower(), "worker": self.worker}
@@ -328,6 +325,8 @@ class _Objective:
                     }
                     if self.multi_objective:
                         latency_ms = self._latency_ms(result.model, trial)
+                        parameter_count = count_parameters(result.model)  # the trained network's own
+                        trial.set_user_attr("parameter_count", parameter_count)  # for the Pareto reports
                         metrics.update({LATENCY_OBJECTIVE: latency_ms, "parameter_count": parameter_count})
                     tracking.log_metrics(metrics)
                     self._finish(trial, "COMPLETE", None)
