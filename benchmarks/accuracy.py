@@ -9,6 +9,8 @@ batch-1 CPU latency of the model next to the `seed` model's, measured side by si
     python benchmarks/accuracy.py --recipe pico --seeds 0 1 2 --data-dir ../shared/data/cifar10-jpeg-dev
     python benchmarks/accuracy.py --recipe pico --model resnet8 --seeds 0 1 2   # a model with a recipe
     python benchmarks/accuracy.py --recipe pico --latency-only   # just the latency comparison, no training
+    python benchmarks/accuracy.py --recipe pico --set cutout=8 --set widths=24,56,80   # recipe variants
+    python benchmarks/accuracy.py --recipe pico --untracked --skip-latency   # e.g. on a GPU box without MLflow
 
 Run the latency comparison on a quiet machine: it alternates the two models, but other jobs on the
 same cores still distort both.
@@ -17,18 +19,19 @@ same cores still distort both.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 from dataclasses import replace
 
 import torch
 
-from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, recipe_config
-from cifar_exp.data import load_splits
-from cifar_exp.experiment import train_and_track
+from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, recipe_config
+from cifar_exp.data import Splits, load_splits
+from cifar_exp.errors import ConfigError
 from cifar_exp.inference import count_macs, measure_latency
 from cifar_exp.models import NUM_CLASSES, count_parameters
-from cifar_exp.train import build_classifier
+from cifar_exp.train import build_classifier, evaluate, fit
 
 
 LATENCY_BACKENDS = ("pytorch-fp32", "onnxruntime-fp32")
@@ -50,11 +53,51 @@ def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None
               f"{max(latencies['seed']):.3f}); ratio {model_ms / seed_ms:.2f}x")
 
 
+def parse_override(text: str) -> tuple[str, object]:
+    """``"cutout=8"`` -> ("cutout", 8), typed by the TrainConfig field it names."""
+    name, _, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if name not in fields or not _:
+        raise ConfigError(f"--set needs FIELD=VALUE with a train setting as FIELD, got {text!r}")
+    kind = type(fields[name].default)
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            return name, value.lower() == "true"
+        return name, kind(value) if kind in (int, float) else value
+    except ValueError:
+        raise ConfigError(f"--set {name}: {value!r} is not a {kind.__name__}") from None
+
+
+def train_untracked(cfg: ExperimentConfig, splits: Splits) -> tuple[float, float, float, str]:
+    """(final val accuracy, test accuracy, train seconds, "untracked"): ``fit`` and the test evaluation
+    of ``train_and_track`` without MLflow, for machines that train but do not track."""
+    result = fit(cfg.train, splits)
+    test = evaluate(result.model, splits.test, batch_size=cfg.train.eval_batch_size, amp_dtype=result.amp_dtype,
+                    channels_last=cfg.train.channels_last)
+    return result.history[-1].val_accuracy, test.accuracy, result.train_seconds, "untracked"
+
+
+def train_tracked(cfg: ExperimentConfig, splits: Splits) -> tuple[float, float, float, str]:
+    from cifar_exp.experiment import train_and_track  # MLflow only where runs are tracked
+
+    outcome = train_and_track(cfg, splits=splits, tags={"benchmark": "accuracy"})
+    return outcome.fit.history[-1].val_accuracy, outcome.test.accuracy, outcome.fit.train_seconds, outcome.run_id
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="seed")
     parser.add_argument("--model", help="Override the recipe's model.")
     parser.add_argument("--epochs", type=int, help="Override the recipe's epochs.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="Override any train setting of the recipe, e.g. --set cutout=8 (repeatable).")
+    parser.add_argument("--untracked", action="store_true",
+                        help="Train and test without MLflow (no runs logged), e.g. where MLflow is not installed.")
+    parser.add_argument("--skip-latency", action="store_true",
+                        help="Skip the batch-1 CPU latency comparison (meaningless on a busy machine).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg-dev")
     parser.add_argument("--experiment", default="accuracy")
@@ -65,12 +108,16 @@ def main() -> None:
     for noisy in ("alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    overrides = {k: v for k, v in (("model", args.model), ("epochs", args.epochs)) if v is not None}
-    base = ExperimentConfig(
-        data=DataConfig(data_dir=args.data_dir),
-        train=recipe_config(args.recipe, **overrides),
-        tracking=TrackingConfig(experiment_name=args.experiment, register=False),
-    )
+    try:
+        overrides = dict(parse_override(text) for text in args.overrides)
+        overrides.update({k: v for k, v in (("model", args.model), ("epochs", args.epochs)) if v is not None})
+        base = ExperimentConfig(
+            data=DataConfig(data_dir=args.data_dir),
+            train=recipe_config(args.recipe, **overrides),
+            tracking=TrackingConfig(experiment_name=args.experiment, register=False),
+        )
+    except ConfigError as error:
+        parser.error(str(error))
     seed_model = build_classifier(recipe_config("seed"), NUM_CLASSES).eval()
     if args.latency_only:
         model = build_classifier(base.train, NUM_CLASSES).eval()
@@ -79,14 +126,14 @@ def main() -> None:
         compare_latency(model, seed_model)
         return
     splits = load_splits(base.data)
+    train = train_untracked if args.untracked else train_tracked
     rows = []
     for seed in args.seeds:
         cfg = replace(base, train=replace(base.train, seed=seed),
                       tracking=replace(base.tracking, run_name=f"{args.recipe}-{base.train.model}-seed{seed}"))
-        outcome = train_and_track(cfg, splits=splits, tags={"benchmark": "accuracy"})
-        rows.append((seed, outcome.fit.history[-1].val_accuracy, outcome.test.accuracy, outcome.fit.train_seconds))
-        print(f"seed {seed}: val {rows[-1][1]:.4f}  test {rows[-1][2]:.4f}  {rows[-1][3]:.0f} s  run {outcome.run_id}",
-              flush=True)
+        val_accuracy, test_accuracy, seconds, run = train(cfg, splits)
+        rows.append((seed, val_accuracy, test_accuracy, seconds))
+        print(f"seed {seed}: val {val_accuracy:.4f}  test {test_accuracy:.4f}  {seconds:.0f} s  run {run}", flush=True)
 
     model = build_classifier(base.train, len(splits.classes)).eval()
 
@@ -94,13 +141,15 @@ def main() -> None:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}%"
 
-    print(f"\nrecipe {args.recipe}, model {base.train.model}, {base.train.epochs} epochs, seeds {args.seeds}")
+    print(f"\nrecipe {args.recipe}, model {base.train.model}, {base.train.epochs} epochs, seeds {args.seeds}"
+          + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"validation accuracy (final epoch): {mean_std([r[1] for r in rows])}")
     print(f"test accuracy:                      {mean_std([r[2] for r in rows])}")
     print(f"training time per run:              {statistics.mean(r[3] for r in rows):.0f} s")
     print(f"parameters:                         {count_parameters(model):,}")
     print(f"MACs per image:                     {count_macs(model) / 1e6:.2f} M")
-    compare_latency(model, seed_model)
+    if not args.skip_latency:
+        compare_latency(model, seed_model)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ Both train the same `seed` model with the same optimizer (SGD lr 0.1) at batch 6
 process, so machine noise hits both alike. The seed pipeline is rebuilt as the report's code did it:
 torchvision ``ImageFolder`` + ``ToTensor`` + ``Normalize(0.5, 0.5)`` + ``DataLoader`` (shuffle,
 workers, pinned memory on CUDA), the loss read back (``loss.item()``) every step, default memory
-format and layer order (Conv -> ReLU -> MaxPool). Both use the autocast dtype that ``--amp``
-resolves to on this device; on a CPU without native bf16 (where that is fp32) the seed pipeline is
-also timed with the bf16 autocast its own AMP code would run.
+format and layer order (Conv -> ReLU -> MaxPool). On a CPU both use the autocast dtype that ``--amp``
+resolves to; where that is fp32 (no native bf16) the seed pipeline is also timed with the bf16
+autocast its own AMP code would run. On CUDA the seed pipeline runs fp16 with a GradScaler, as the
+report's did, and the project's runs bf16, replayed as CUDA graphs (the default there) and eagerly.
 
     python benchmarks/train_throughput.py --data-dir ../shared/data/cifar10-jpeg-dev
-    python benchmarks/train_throughput.py --device cuda --full-recipe   # + the 50-epoch seed recipe
+    python benchmarks/train_throughput.py --device cuda --workers 2 8 --full-recipe   # + 50-epoch recipe
 
 Prints images/s for each pipeline per round, the median ratio, peak memory and the hardware.
 """
@@ -35,7 +36,9 @@ from cifar_exp.train import (
     build_classifier,
     build_optimizer,
     build_scheduler,
+    build_train_step,
     cpu_name,
+    evaluate,
     fit,
     resolve_amp_dtype,
     resolve_device,
@@ -52,13 +55,11 @@ def project_pipeline(cfg: TrainConfig, train: ImageSet, steps: int, device: torc
     batches = DeviceBatches(subset, cfg.batch_size, device=device, shuffle=True, augment=cfg.augment,
                             seed=cfg.seed, channels_last=cfg.channels_last)
     scheduler = build_scheduler(cfg, optimizer, len(batches))
-    amp_dtype = resolve_amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_model = torch.compile(model) if cfg.compile else model
-    train_epoch(step_model, batches, optimizer, scheduler, scaler, amp_dtype, 0.0, None)  # warm-up
+    step = build_train_step(cfg, model, optimizer, scheduler, resolve_amp_dtype(cfg, device))
+    train_epoch(step, batches)  # warm-up (and compilation or graph capture)
     _sync(device)
     start = time.perf_counter()
-    train_epoch(step_model, batches, optimizer, scheduler, scaler, amp_dtype, 0.0, None)
+    train_epoch(step, batches)
     _sync(device)
     return len(subset) / (time.perf_counter() - start)
 
@@ -94,16 +95,15 @@ def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torc
     return seen / (time.perf_counter() - start)
 
 
-def full_recipe_seconds(data_dir: str, device: torch.device) -> tuple[float, float]:
-    """Wall time and test accuracy of the whole 50-epoch seed recipe through ``fit``."""
+def full_recipe(data_dir: str, cfg: TrainConfig) -> tuple[float, float, int]:
+    """Wall time of ``fit`` (50 epochs with per-epoch validation), test accuracy and training images
+    of the seed recipe; the dataset is already decoded (cached) and its load is not timed."""
     splits = load_splits(DataConfig(data_dir=data_dir))
     start = time.perf_counter()
-    result = fit(TrainConfig(device=device.type), splits)
+    result = fit(cfg, splits)
     seconds = time.perf_counter() - start
-    from cifar_exp.train import evaluate
-
     test = evaluate(result.model, splits.test, amp_dtype=result.amp_dtype, channels_last=True)
-    return seconds, test.accuracy
+    return seconds, test.accuracy, len(splits.train)
 
 
 def _sync(device: torch.device) -> None:
@@ -123,9 +123,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=150, help="Timed batches per pipeline per round.")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed pipeline.")
+    parser.add_argument("--workers", type=int, nargs="+", default=[2],
+                        help="DataLoader workers of the seed pipeline; several values time one pipeline each.")
     parser.add_argument("--compile", action="store_true", help="Also time the project pipeline compiled.")
-    parser.add_argument("--full-recipe", action="store_true", help="Also time the 50-epoch seed recipe.")
+    parser.add_argument("--full-recipe", action="store_true",
+                        help="Also time the 50-epoch seed recipe (on CUDA: with CUDA graphs and eager).")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -136,20 +138,29 @@ def main() -> None:
         str(Path(args.data_dir) / "train"),
         transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]),
     )
-    loader = DataLoader(folder, batch_size=64, shuffle=True, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    loaders = {workers: DataLoader(folder, batch_size=64, shuffle=True, num_workers=workers,
+                                   pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+               for workers in args.workers}
+    # The seed's AMP: fp16 with a GradScaler on its RTX 3060; bf16 autocast on a CPU.
+    seed_cfg = TrainConfig(device=device.type, amp_dtype="float16") if device.type == "cuda" else cfg
 
-    print(f"hardware: {_hardware(device)}; torch {torch.__version__}; autocast: {amp_dtype or 'fp32'}")
+    print(f"hardware: {_hardware(device)}; torch {torch.__version__}; project autocast: {amp_dtype or 'fp32'}")
     print(f"seed model, batch 64, {args.steps} timed steps per pipeline, {args.rounds} alternating rounds")
-    pipelines = {"project": lambda: project_pipeline(cfg, train, args.steps, device),
-                 "seed-dataloader": lambda: seed_pipeline(cfg, loader, args.steps, device)}
-    if device.type == "cpu" and amp_dtype is None:
-        # No native bf16 here, so --amp resolves to fp32; the seed's own code would still autocast.
-        seed_amp = TrainConfig(device="cpu", amp_dtype="bfloat16")
-        pipelines["seed-dataloader-bf16"] = lambda: seed_pipeline(seed_amp, loader, args.steps, device)
+    pipelines = {"project": lambda: project_pipeline(cfg, train, args.steps, device)}  # on CUDA: graphs
+    if device.type == "cuda":
+        eager = TrainConfig(device="cuda", cuda_graphs=False)
+        pipelines["project-eager"] = lambda: project_pipeline(eager, train, args.steps, device)
     if args.compile:
         compiled = TrainConfig(device=device.type, compile=True)
         pipelines["project+compile"] = lambda: project_pipeline(compiled, train, args.steps, device)
+    for workers, loader in loaders.items():
+        name = "seed-dataloader" if len(loaders) == 1 else f"seed-dataloader-{workers}w"
+        pipelines[name] = lambda loader=loader: seed_pipeline(seed_cfg, loader, args.steps, device)
+    if device.type == "cpu" and amp_dtype is None:
+        # No native bf16 here, so --amp resolves to fp32; the seed's own code would still autocast.
+        seed_amp = TrainConfig(device="cpu", amp_dtype="bfloat16")
+        first_loader = next(iter(loaders.values()))
+        pipelines["seed-dataloader-bf16"] = lambda: seed_pipeline(seed_amp, first_loader, args.steps, device)
     results: dict[str, list[float]] = {name: [] for name in pipelines}
     for round_index in range(args.rounds):
         for name, measure in pipelines.items():
@@ -159,15 +170,23 @@ def main() -> None:
             peak = (f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB GPU"
                     if device.type == "cuda"
                     else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB process RSS so far")
-            print(f"round {round_index + 1} {name:<16} {results[name][-1]:8.0f} images/s  (peak {peak})")
-    baseline = statistics.median(results["seed-dataloader"])
+            print(f"round {round_index + 1} {name:<22} {results[name][-1]:8.0f} images/s  (peak {peak})", flush=True)
+    # The ratio is taken against the fastest seed-style pipeline measured.
+    baseline_name = max((name for name in results if name.startswith("seed-dataloader")),
+                        key=lambda name: statistics.median(results[name]))
+    baseline = statistics.median(results[baseline_name])
     for name, values in results.items():
         median = statistics.median(values)
-        print(f"{name:<16} median {median:8.0f} images/s  spread {min(values):.0f}-{max(values):.0f}  "
-              f"ratio vs seed pipeline {median / baseline:.2f}x")
+        print(f"{name:<22} median {median:8.0f} images/s  spread {min(values):.0f}-{max(values):.0f}  "
+              f"ratio vs {baseline_name} {median / baseline:.2f}x")
     if args.full_recipe:
-        seconds, accuracy = full_recipe_seconds(args.data_dir, device)
-        print(f"full seed recipe (50 epochs, 40k images, batch 64): {seconds:.1f} s, test accuracy {accuracy:.4f}")
+        recipes = {"default": TrainConfig(device=device.type)}  # on CUDA: replayed as CUDA graphs
+        if device.type == "cuda":
+            recipes["eager steps"] = TrainConfig(device="cuda", cuda_graphs=False)
+        for name, recipe in recipes.items():
+            seconds, accuracy, images = full_recipe(args.data_dir, recipe)
+            print(f"full seed recipe, {name} (50 epochs of {images} images, batch 64, validation every epoch): "
+                  f"{seconds:.1f} s, test accuracy {accuracy:.4f}", flush=True)
     sys.stdout.flush()
 
 

@@ -112,10 +112,16 @@ class TrainConfig:
     tta: bool = option(False, "Evaluate on each image and its mirror image, averaging probabilities.")
     amp: bool = option(True, "Automatic mixed precision (bf16 on capable CPUs, fp16/bf16 on CUDA).")
     amp_dtype: str = option(
-        "auto", "Autocast dtype; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.", AMP_DTYPES
+        "auto", "Autocast dtype; auto: bf16 on CUDA GPUs that have it (else fp16) and on CPUs with native "
+        "bf16, else fp32.", AMP_DTYPES
     )
     channels_last: bool = option(True, "Use the channels_last memory format.")
     compile: bool = option(False, "torch.compile the training model (pays off on long runs).")
+    cuda_graphs: bool = option(
+        True, "On CUDA, replay each training step (forward, backward, optimizer) as one CUDA graph: a "
+        "small model's step is mostly kernel-launch overhead. Steps run eagerly on CPU, with --compile "
+        "and with fp16 autocast (its GradScaler reads the GPU every step).",
+    )
     device: str = option("auto", "Training device.", DEVICES)
     seed: int = option(0, "Seed of weights, shuffling and augmentation; equal seeds give equal runs.")
     eval_batch_size: int = option(1000, "Batch size for validation and test evaluation.")

@@ -97,7 +97,9 @@ def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
     if cfg.amp_dtype != "auto":
         return getattr(torch, cfg.amp_dtype)
     if device.type == "cuda":
-        return torch.float16  # what the seed's RTX 3060 used; GradScaler keeps it stable
+        # bf16 needs no GradScaler, whose step reads the GPU's inf check on the host every step (and
+        # cannot be graph-captured); fp16, what the seed's RTX 3060 ran, only where bf16 is missing.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if cpu_supports_bf16():
         return torch.bfloat16
     return None  # no native bf16 here: emulated bf16 is slower than fp32
@@ -133,7 +135,6 @@ def fit(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_classifier(cfg, len(splits.classes)).to(device, memory_format=memory_format)
     optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batches = DeviceBatches(
         splits.train,
         cfg.batch_size,
@@ -145,7 +146,7 @@ def fit(
         channels_last=cfg.channels_last,
     )
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(batches))
-    step_model = torch.compile(model) if cfg.compile else model
+    train_step = build_train_step(cfg, model, optimizer, scheduler, amp_dtype)
     log.info(
         "training %s on %d images (%s, %s), validating on %d %s images",
         cfg.model, len(splits.train), device, f"autocast {amp_dtype}" if amp_dtype else "fp32",
@@ -158,8 +159,7 @@ def fit(
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_accuracy = train_epoch(
-            step_model, batches, optimizer, scheduler, scaler, amp_dtype, cfg.label_smoothing,
-            progress_label=f"epoch {epoch}/{cfg.epochs}" if progress else None,
+            train_step, batches, progress_label=f"epoch {epoch}/{cfg.epochs}" if progress else None
         )
         train_seconds = time.perf_counter() - epoch_start
         if not math.isfinite(train_loss):
@@ -205,9 +205,14 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     weights = [p for p in model.parameters() if p.ndim > 1]
     others = [p for p in model.parameters() if p.ndim <= 1]  # biases, BatchNorm scales and shifts
     groups = [{"params": weights, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    # On CUDA one fused kernel does the whole update, reading the lr (a tensor under --cuda-graphs) on
+    # the device; None keeps PyTorch's default (foreach) elsewhere.
+    fused = True if next(model.parameters()).is_cuda else None
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum or 0.9, 0.999))
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum or 0.9, 0.999), fused=fused,
+                                 capturable=bool(fused and cfg.cuda_graphs))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov",
+                           fused=fused)
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -236,40 +241,154 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
 
 
-def train_epoch(
+class TrainStep:
+    """One optimizer step per call; the epoch's loss sum and correct count accumulate on the device."""
+
+    autocast_cache = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        amp_dtype: torch.dtype | None,
+        label_smoothing: float,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.amp_dtype = amp_dtype
+        self.label_smoothing = label_smoothing
+        self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        # Accumulated on the device: reading them per step would synchronise host and device.
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.int64)
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()  # in place: a captured CUDA graph adds into these very tensors
+        self.correct.zero_()
+
+    def read(self, count: int) -> tuple[float, float]:
+        """(mean loss, accuracy) over the ``count`` images since ``reset``: one host read."""
+        return self.loss_sum.item() / count, self.correct.item() / count
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self._step(images, labels)
+        self.scheduler.step()
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
+                            cache_enabled=self.autocast_cache):
+            logits = self.model(images)  # (B, classes)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.loss_sum += loss.detach().float() * len(labels)
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+
+
+class GraphedTrainStep(TrainStep):
+    """``TrainStep`` replayed as one CUDA graph per full batch (PyTorch's whole-network capture).
+
+    A small model's step is ~100 kernels of a few microseconds each, so eager training is bound by the
+    host launching them; a graph launches them all at once. The first ``WARMUP_STEPS`` steps run
+    eagerly on a side stream (cuDNN picks its algorithms, the optimizer creates its state), then the
+    step is captured reading from static input buffers and writing the parameters, optimizer state and
+    accumulators in place. The learning rate lives in device tensors that the graph reads, refreshed
+    from the scheduler's value when it changes; a last, smaller batch runs eagerly.
+    """
+
+    WARMUP_STEPS = 3
+    autocast_cache = False  # cached weight casts would be baked into the graph
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.scaler.is_enabled():
+            raise ValueError("a CUDA graph cannot capture GradScaler's host-side inf check: use bf16 or fp32")
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.batch_size: int | None = None
+        self.eager_steps = 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.batch_size is None:
+            self.batch_size = len(labels)
+        if len(labels) != self.batch_size:
+            super().__call__(images, labels)  # the epoch's last, smaller batch
+        elif self.graph is None and self.eager_steps < self.WARMUP_STEPS:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step(images, labels)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.eager_steps += 1
+            self.scheduler.step()
+        else:
+            if self.graph is None:
+                self._capture(images, labels)
+            self._refresh_lr()
+            self.static_images.copy_(images)
+            self.static_labels.copy_(labels)
+            self.graph.replay()
+            self.scheduler.step()
+
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_images = images.clone()  # keeps channels_last
+        self.static_labels = labels.clone()
+        groups = self.optimizer.param_groups
+        self.lr_tensors = [torch.tensor(float(group["lr"]), device=self.device) for group in groups]
+        self.graph_lrs = [float(group["lr"]) for group in groups]
+        float_lrs = [group["lr"] for group in groups]
+        for group, lr in zip(groups, self.lr_tensors):
+            group["lr"] = lr  # the fused optimizer reads a tensor lr from device memory at replay
+        torch.cuda.synchronize(self.device)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self._step(self.static_images, self.static_labels)  # recorded, not run
+        finally:
+            for group, lr in zip(groups, float_lrs):
+                group["lr"] = lr  # the scheduler and eager steps go on with plain floats
+        log.info("captured the training step as a CUDA graph (batch %d)", self.batch_size)
+
+    def _refresh_lr(self) -> None:
+        for index, group in enumerate(self.optimizer.param_groups):
+            if group["lr"] != self.graph_lrs[index]:
+                self.lr_tensors[index].fill_(group["lr"])
+                self.graph_lrs[index] = group["lr"]
+
+
+def build_train_step(
+    cfg: TrainConfig,
     model: nn.Module,
-    batches: DeviceBatches,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
     amp_dtype: torch.dtype | None,
-    label_smoothing: float,
-    progress_label: str | None,
-) -> tuple[float, float]:
+) -> TrainStep:
+    """The step ``cfg`` asks for: replayed as a CUDA graph, on a ``torch.compile``d model, or eager."""
+    if cfg.cuda_graphs and next(model.parameters()).is_cuda:
+        if not cfg.compile and amp_dtype != torch.float16:
+            return GraphedTrainStep(model, optimizer, scheduler, amp_dtype, cfg.label_smoothing)
+        log.info("eager training steps: CUDA graphs do not combine with %s",
+                 "--compile" if cfg.compile else "fp16 autocast")
+    step_model = torch.compile(model) if cfg.compile else model
+    return TrainStep(step_model, optimizer, scheduler, amp_dtype, cfg.label_smoothing)
+
+
+def train_epoch(step: TrainStep, batches: DeviceBatches, progress_label: str | None = None) -> tuple[float, float]:
     """One pass over the training set; returns (mean loss, accuracy), read once at the end."""
-    device = batches.device
-    model.train()
-    # Accumulated on the device: reading them per step would synchronise host and device.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    step.model.train()
+    step.reset()
     steps = batches
     if progress_label is not None:
         from tqdm import tqdm
 
         steps = tqdm(batches, desc=progress_label, leave=False, file=sys.stderr, unit="batch")
     for images, labels in steps:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)  # (B, classes)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_sum += loss.detach().float() * len(labels)
-        correct += (logits.detach().argmax(1) == labels).sum()
-    n = len(batches.labels)
-    return loss_sum.item() / n, correct.item() / n
+        step(images, labels)
+    return step.read(len(batches.labels))
 
 
 @torch.inference_mode()

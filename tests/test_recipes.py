@@ -11,7 +11,7 @@ from cifar_exp.cli import build_config, main
 from cifar_exp.config import RECIPES, TrainConfig, recipe_config
 from cifar_exp.data import cutout
 from cifar_exp.errors import ConfigError
-from cifar_exp.models import build_model, count_parameters
+from cifar_exp.models import Shortcut, build_model, count_parameters
 from cifar_exp.train import build_classifier, build_optimizer, build_scheduler, lr_factor
 
 
@@ -127,3 +127,15 @@ def test_cutout_blanks_one_square_per_image():
     assert bool((blanked <= 64).all()) and bool((blanked > 0).all())
     assert int((blanked == 64).sum()) > 20  # most squares lie fully inside the image
     assert torch.equal(out[:, 0], out[:, 2])  # the same square on every channel
+
+
+def test_pico_res_is_pico_plus_identity_shortcuts():
+    plain, residual = build_model("pico").eval(), build_model("pico-res").eval()
+    # The same layers in the same order: pico's weights load into pico-res position by position.
+    residual.load_state_dict(dict(zip(residual.state_dict(), plain.state_dict().values())))
+    shortcuts = [m for m in residual.modules() if isinstance(m, Shortcut)]
+    assert len(shortcuts) == 3
+    x = torch.rand(2, 24, 16, 16)
+    torch.testing.assert_close(shortcuts[0](x), x + shortcuts[0].body(x))
+    images = torch.rand(4, 3, 32, 32)
+    assert not torch.allclose(residual(images), plain(images))  # the shortcuts change the function
