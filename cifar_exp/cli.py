@@ -242,7 +242,8 @@ def _section(cls: type, options: dict[str, Any]) -> Any:
 
 
 @main.command()
-@config_options(sections=BENCHMARK_SECTIONS, only=("model", *DATA_AND_RUN_OPTIONS, *_fields(BenchmarkConfig)))
+@config_options(sections=BENCHMARK_SECTIONS,
+                only=("model", "widths", "hidden", *DATA_AND_RUN_OPTIONS, *_fields(BenchmarkConfig)))
 @reports_errors
 def benchmark(**options: Any) -> None:
     """Measure a model's inference speed on every backend, as a new MLflow run.
@@ -255,7 +256,7 @@ def benchmark(**options: Any) -> None:
     from cifar_exp.deployment import benchmark_and_track
 
     cfg = build_config(options)
-    outcome = benchmark_and_track(cfg.train.model, _section(BenchmarkConfig, options), cfg.data, cfg.tracking)
+    outcome = benchmark_and_track(cfg.train, _section(BenchmarkConfig, options), cfg.data, cfg.tracking)
     click.echo(outcome.report.table())
     click.echo(f"run {outcome.run_id}: report written to {outcome.json_path}")
 

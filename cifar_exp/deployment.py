@@ -72,9 +72,10 @@ def load_classifier(model_uri: str) -> tuple[nn.Module, int]:
 
 
 def benchmark_and_track(
-    model_name: str, bench: BenchmarkConfig, data_cfg: DataConfig, tracking_cfg: TrackingConfig
+    train_cfg: TrainConfig, bench: BenchmarkConfig, data_cfg: DataConfig, tracking_cfg: TrackingConfig
 ) -> BenchmarkOutcome:
-    """Benchmark ``bench.model_uri`` (or ``model_name`` untrained) and log it as a new run.
+    """Benchmark ``bench.model_uri`` (or ``train_cfg``'s model, with its width knobs, untrained) and
+    log it as a new run.
 
     Test accuracy per backend is measured only for a logged model (untrained weights have none
     worth reporting); int8 is calibrated on training images when the dataset can be loaded.
@@ -88,8 +89,10 @@ def benchmark_and_track(
         label = bench.model_uri
         source_run_id = tracking.model_source_run(bench.model_uri)
     else:
-        model = build_classifier(TrainConfig(model=model_name), NUM_CLASSES)
-        classes, label = NUM_CLASSES, model_name
+        model = build_classifier(train_cfg, NUM_CLASSES)
+        knobs = [f"{name} {value}" for name, value in (("widths", train_cfg.widths), ("hidden", train_cfg.hidden))
+                 if value]
+        classes, label = NUM_CLASSES, train_cfg.model + (f" ({', '.join(knobs)})" if knobs else "")
     calibration, test, missing = _benchmark_data(bench, data_cfg, classes, trained=bench.model_uri is not None)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +112,8 @@ def benchmark_and_track(
     }
     with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
         tracking.log_params({**{f"benchmark.{k}": v for k, v in asdict(bench).items()},
-                             "train.model": model_name, "data.data_dir": data_cfg.data_dir})
+                             "train.model": train_cfg.model, "train.widths": train_cfg.widths,
+                             "train.hidden": train_cfg.hidden, "data.data_dir": data_cfg.data_dir})
         tracking.log_metrics(benchmark_metrics(report))
         tracking.log_dict(document, "benchmark.json")
         tracking.log_text(report.table() + "\n", "benchmark.txt")

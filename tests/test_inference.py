@@ -430,6 +430,20 @@ def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):
     assert "onnxruntime-fp32/test_accuracy" not in run.data.metrics  # untrained: no accuracy to report
 
 
+def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_path):
+    # A Pareto trial's network, e.g. seed at widths 32,16,16 and hidden 256: conv 3->32 (896) +
+    # 32->16 (4,624) + 16->16 (2,320) weights and biases, Linear 16->256 (4,352) + 256->10 (2,570).
+    result = run_cli("benchmark", "--model", "seed", "--widths", "32,16,16", "--hidden", "256",
+                     "--backends", "onnxruntime-fp32", "--data-dir", tmp_path / "no-data",
+                     "--output", tmp_path / "b.json", "--threads", "1", "--experiment-name", "narrow", *QUICK_ARGS)
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "b.json").read_text())
+    assert document["model"]["parameters"] == 896 + 4_624 + 2_320 + 4_352 + 2_570 == 14_762
+    assert document["model"]["name"] == "seed (widths 32,16,16, hidden 256)"
+    [run] = [r for r in all_runs() if r.data.tags.get("model") == "seed (widths 32,16,16, hidden 256)"]
+    assert run.data.params["train.widths"] == "32,16,16" and run.data.params["train.hidden"] == "256"
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--batch-sizes", "1,0"], "batch sizes must be >= 1, got 0 in '1,0'"),
     (["--batch-sizes", "-4"], "batch sizes must be >= 1, got -4"),
