@@ -1,7 +1,9 @@
 """Training throughput: the project's tensor pipeline vs. the seed report's DataLoader pipeline.
 
-Both train the same `seed` model with the same optimizer (SGD lr 0.1) at batch 64, alternating in one
-process, so machine noise hits both alike. The seed pipeline is rebuilt as the report's code did it:
+Both train the same `seed` model with the same optimizer (SGD lr 0.1) at batch 64, alternating round
+by round, so machine noise hits both alike. The seed pipelines run in a child process of their own with
+the C library's default allocator settings (the project's CPU training changes them for its process,
+see ``train.keep_freed_memory_in_process``). The seed pipeline is rebuilt as the report's code did it:
 torchvision ``ImageFolder`` + ``ToTensor`` + ``Normalize(0.5, 0.5)`` + ``DataLoader`` (shuffle,
 workers, pinned memory on CUDA), the loss read back (``loss.item()``) every step, default memory
 format and layer order (Conv -> ReLU -> MaxPool). On a CPU both use the autocast dtype that ``--amp``
@@ -18,10 +20,12 @@ Prints images/s for each pipeline per round, the median ratio, peak memory and t
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import statistics
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -95,6 +99,51 @@ def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torc
     return seen / (time.perf_counter() - start)
 
 
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB GPU"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB process RSS so far"
+
+
+def _serve_seed_pipelines(connection: Connection, data_dir: str, device_type: str,
+                          specs: dict[str, tuple[int, str]], steps: int) -> None:
+    """Child process: measure the named seed pipeline on each request, until None arrives."""
+    device = torch.device(device_type)
+    folder = datasets.ImageFolder(
+        str(Path(data_dir) / "train"),
+        transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]),
+    )
+    loaders = {workers: DataLoader(folder, batch_size=64, shuffle=True, num_workers=workers,
+                                   pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+               for workers, _ in specs.values()}
+    while (name := connection.recv()) is not None:
+        workers, amp_dtype = specs[name]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        images_per_second = seed_pipeline(TrainConfig(device=device_type, amp_dtype=amp_dtype), loaders[workers],
+                                          steps, device)
+        connection.send((images_per_second, peak_memory(device)))
+
+
+class SeedPipelines:
+    """The seed-style pipelines, each timed on request in one child process that keeps its loaders."""
+
+    def __init__(self, data_dir: str, device_type: str, specs: dict[str, tuple[int, str]], steps: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_serve_seed_pipelines,
+                                       args=(child, data_dir, device_type, specs, steps), daemon=False)
+        self.process.start()
+
+    def measure(self, name: str) -> tuple[float, str]:
+        self.connection.send(name)
+        return self.connection.recv()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
 def full_recipe(data_dir: str, cfg: TrainConfig) -> tuple[float, float, int]:
     """Wall time of ``fit`` (50 epochs with per-epoch validation), test accuracy and training images
     of the seed recipe; the dataset is already decoded (cached) and its load is not timed."""
@@ -134,15 +183,17 @@ def main() -> None:
     cfg = TrainConfig(device=device.type)
     amp_dtype = resolve_amp_dtype(cfg, device)
     train = load_splits(DataConfig(data_dir=args.data_dir)).train
-    folder = datasets.ImageFolder(
-        str(Path(args.data_dir) / "train"),
-        transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]),
-    )
-    loaders = {workers: DataLoader(folder, batch_size=64, shuffle=True, num_workers=workers,
-                                   pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-               for workers in args.workers}
-    # The seed's AMP: fp16 with a GradScaler on its RTX 3060; bf16 autocast on a CPU.
-    seed_cfg = TrainConfig(device=device.type, amp_dtype="float16") if device.type == "cuda" else cfg
+    # The seed's AMP: fp16 with a GradScaler on its RTX 3060; on a CPU the autocast --amp resolves to.
+    seed_amp = {"": "float16" if device.type == "cuda" else "auto"}
+    if device.type == "cpu" and amp_dtype is None:
+        seed_amp["-bf16"] = "bfloat16"  # no native bf16 here (--amp: fp32); the seed's code would autocast
+    seed_specs = {
+        ("seed-dataloader" if len(args.workers) == 1 else f"seed-dataloader-{workers}w") + suffix: (workers, dtype)
+        for workers in args.workers for suffix, dtype in seed_amp.items()
+    }
+    # The seed pipelines run in a process of their own, as the report's code ran: with the C
+    # library's default allocator settings, which the project's CPU training changes for its process.
+    seed_process = SeedPipelines(args.data_dir, device.type, seed_specs, args.steps)
 
     print(f"hardware: {_hardware(device)}; torch {torch.__version__}; project autocast: {amp_dtype or 'fp32'}")
     print(f"seed model, batch 64, {args.steps} timed steps per pipeline, {args.rounds} alternating rounds")
@@ -153,23 +204,18 @@ def main() -> None:
     if args.compile:
         compiled = TrainConfig(device=device.type, compile=True)
         pipelines["project+compile"] = lambda: project_pipeline(compiled, train, args.steps, device)
-    for workers, loader in loaders.items():
-        name = "seed-dataloader" if len(loaders) == 1 else f"seed-dataloader-{workers}w"
-        pipelines[name] = lambda loader=loader: seed_pipeline(seed_cfg, loader, args.steps, device)
-    if device.type == "cpu" and amp_dtype is None:
-        # No native bf16 here, so --amp resolves to fp32; the seed's own code would still autocast.
-        seed_amp = TrainConfig(device="cpu", amp_dtype="bfloat16")
-        first_loader = next(iter(loaders.values()))
-        pipelines["seed-dataloader-bf16"] = lambda: seed_pipeline(seed_amp, first_loader, args.steps, device)
+    for name in seed_specs:
+        pipelines[name] = lambda name=name: seed_process.measure(name)
     results: dict[str, list[float]] = {name: [] for name in pipelines}
     for round_index in range(args.rounds):
         for name, measure in pipelines.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            results[name].append(measure())
-            peak = (f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB GPU"
-                    if device.type == "cuda"
-                    else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB process RSS so far")
+            if name in seed_specs:
+                images_per_second, peak = measure()
+            else:
+                images_per_second, peak = measure(), peak_memory(device)
+            results[name].append(images_per_second)
             print(f"round {round_index + 1} {name:<22} {results[name][-1]:8.0f} images/s  (peak {peak})", flush=True)
     # The ratio is taken against the fastest seed-style pipeline measured.
     baseline_name = max((name for name in results if name.startswith("seed-dataloader")),
@@ -179,6 +225,7 @@ def main() -> None:
         median = statistics.median(values)
         print(f"{name:<22} median {median:8.0f} images/s  spread {min(values):.0f}-{max(values):.0f}  "
               f"ratio vs {baseline_name} {median / baseline:.2f}x")
+    seed_process.close()
     if args.full_recipe:
         recipes = {"default": TrainConfig(device=device.type)}  # on CUDA: replayed as CUDA graphs
         if device.type == "cuda":

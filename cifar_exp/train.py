@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import math
 import platform
@@ -88,6 +90,30 @@ def cpu_supports_bf16() -> bool:
         getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     )
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+_LARGEST_HEAP_BLOCK = 32 * 2**20  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit systems
+
+
+@functools.cache
+def keep_freed_memory_in_process() -> bool:
+    """Have glibc keep freed blocks of up to 32 MiB for reuse instead of returning them to the OS.
+
+    A CPU training step frees and allocates the same large buffers every step (the seed model's first
+    max-pool alone allocates a zeroed 16 MiB input gradient at batch 64). By default glibc serves
+    blocks that large from fresh ``mmap`` pages, and the page faults of touching them cost as much as
+    the convolutions: the seed model's CPU step ran 1.9x faster with this set (2 cores, 2026-11-26).
+    Process-wide, once; the price is that the process keeps its peak heap. False where the C library
+    is not glibc (nothing changed there).
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST_HEAP_BLOCK)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
+    log.info("glibc malloc keeps freed blocks up to 32 MiB for reuse: %s", "yes" if applied else "refused")
+    return applied
 
 
 def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -293,8 +319,9 @@ class TrainStep:
 class GraphedTrainStep(TrainStep):
     """``TrainStep`` replayed as one CUDA graph per full batch (PyTorch's whole-network capture).
 
-    A small model's step is ~100 kernels of a few microseconds each, so eager training is bound by the
-    host launching them; a graph launches them all at once. The first ``WARMUP_STEPS`` steps run
+    A small model's step is dozens of kernels of a few microseconds each, so eager training is bound by
+    the host launching them (3.3 vs 0.41 ms per seed-model step on an H100); a graph launches them all
+    at once. The first ``WARMUP_STEPS`` steps run
     eagerly on a side stream (cuDNN picks its algorithms, the optimizer creates its state), then the
     step is captured reading from static input buffers and writing the parameters, optimizer state and
     accumulators in place. The learning rate lives in device tensors that the graph reads, refreshed
@@ -367,7 +394,12 @@ def build_train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     amp_dtype: torch.dtype | None,
 ) -> TrainStep:
-    """The step ``cfg`` asks for: replayed as a CUDA graph, on a ``torch.compile``d model, or eager."""
+    """The step ``cfg`` asks for: replayed as a CUDA graph, on a ``torch.compile``d model, or eager.
+
+    On CPU it also makes the allocator keep freed memory (``keep_freed_memory_in_process``).
+    """
+    if not next(model.parameters()).is_cuda:
+        keep_freed_memory_in_process()
     if cfg.cuda_graphs and next(model.parameters()).is_cuda:
         if not cfg.compile and amp_dtype != torch.float16:
             return GraphedTrainStep(model, optimizer, scheduler, amp_dtype, cfg.label_smoothing)

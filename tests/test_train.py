@@ -132,3 +132,13 @@ def test_cuda_bf16_autocast_learns(splits, cuda_graphs):
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert evaluate(result.model, splits.test).accuracy > 0.5
     assert result.peak_memory_bytes > 0
+
+
+def test_cpu_training_keeps_freed_memory_for_reuse():
+    import platform
+
+    from cifar_exp.train import keep_freed_memory_in_process
+
+    on_glibc = platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory_in_process() is on_glibc
+    assert keep_freed_memory_in_process() is on_glibc  # once per process; a second call changes nothing
