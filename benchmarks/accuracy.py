@@ -31,7 +31,7 @@ from cifar_exp.data import Splits, load_splits
 from cifar_exp.errors import ConfigError
 from cifar_exp.inference import count_macs, measure_latency
 from cifar_exp.models import NUM_CLASSES, count_parameters
-from cifar_exp.train import build_classifier, evaluate, fit
+from cifar_exp.train import build_classifier, build_network, evaluate, fit
 
 
 LATENCY_BACKENDS = ("pytorch-fp32", "onnxruntime-fp32")
@@ -55,11 +55,13 @@ def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None
 
 def parse_override(text: str) -> tuple[str, object]:
     """``"cutout=8"`` -> ("cutout", 8), typed by the TrainConfig field it names."""
-    name, _, value = text.partition("=")
+    name, separator, value = text.partition("=")
     name = name.strip().replace("-", "_")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if name not in fields or not _:
+    if name not in fields or not separator:
         raise ConfigError(f"--set needs FIELD=VALUE with a train setting as FIELD, got {text!r}")
+    if name in ("recipe", "seed"):
+        raise ConfigError(f"--set {name}: use --{name}{'s' if name == 'seed' else ''} instead")
     kind = type(fields[name].default)
     try:
         if kind is bool:
@@ -68,7 +70,7 @@ def parse_override(text: str) -> tuple[str, object]:
             return name, value.lower() == "true"
         return name, kind(value) if kind in (int, float) else value
     except ValueError:
-        raise ConfigError(f"--set {name}: {value!r} is not a {kind.__name__}") from None
+        raise ConfigError(f"--set {name}: {value!r} is not {'an' if kind is int else 'a'} {kind.__name__}") from None
 
 
 def train_untracked(cfg: ExperimentConfig, splits: Splits) -> tuple[float, float, float, str]:
@@ -116,6 +118,7 @@ def main() -> None:
             train=recipe_config(args.recipe, **overrides),
             tracking=TrackingConfig(experiment_name=args.experiment, register=False),
         )
+        build_network(base.train)  # an unknown model or knob fails here, before the data loads
     except ConfigError as error:
         parser.error(str(error))
     seed_model = build_classifier(recipe_config("seed"), NUM_CLASSES).eval()

@@ -116,6 +116,7 @@ def _serve_seed_pipelines(connection: Connection, data_dir: str, device_type: st
     loaders = {workers: DataLoader(folder, batch_size=64, shuffle=True, num_workers=workers,
                                    pin_memory=device.type == "cuda", persistent_workers=workers > 0)
                for workers, _ in specs.values()}
+    connection.send("ready")
     while (name := connection.recv()) is not None:
         workers, amp_dtype = specs[name]
         if device.type == "cuda":
@@ -131,17 +132,25 @@ class SeedPipelines:
     def __init__(self, data_dir: str, device_type: str, specs: dict[str, tuple[int, str]], steps: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
+        # Not a daemon: daemonic processes cannot start the DataLoader's worker processes.
         self.process = context.Process(target=_serve_seed_pipelines,
-                                       args=(child, data_dir, device_type, specs, steps), daemon=False)
+                                       args=(child, data_dir, device_type, specs, steps))
         self.process.start()
+        child.close()  # the child's end lives in the child: a crash there ends recv() here with EOFError
+        # Wait for its imports and loaders, so that they do not run beside a timed project round.
+        if self.connection.recv() != "ready":
+            raise RuntimeError("the seed pipelines' process did not start")
 
     def measure(self, name: str) -> tuple[float, str]:
         self.connection.send(name)
         return self.connection.recv()
 
     def close(self) -> None:
-        self.connection.send(None)
-        self.process.join()
+        if self.process.is_alive():
+            self.connection.send(None)
+            self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
 
 
 def full_recipe(data_dir: str, cfg: TrainConfig) -> tuple[float, float, int]:
@@ -188,8 +197,8 @@ def main() -> None:
     if device.type == "cpu" and amp_dtype is None:
         seed_amp["-bf16"] = "bfloat16"  # no native bf16 here (--amp: fp32); the seed's code would autocast
     seed_specs = {
-        ("seed-dataloader" if len(args.workers) == 1 else f"seed-dataloader-{workers}w") + suffix: (workers, dtype)
-        for workers in args.workers for suffix, dtype in seed_amp.items()
+        ("seed-dataloader" if len(set(args.workers)) == 1 else f"seed-dataloader-{workers}w") + suffix: (workers, dtype)
+        for workers in dict.fromkeys(args.workers) for suffix, dtype in seed_amp.items()
     }
     # The seed pipelines run in a process of their own, as the report's code ran: with the C
     # library's default allocator settings, which the project's CPU training changes for its process.
@@ -207,16 +216,20 @@ def main() -> None:
     for name in seed_specs:
         pipelines[name] = lambda name=name: seed_process.measure(name)
     results: dict[str, list[float]] = {name: [] for name in pipelines}
-    for round_index in range(args.rounds):
-        for name, measure in pipelines.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            if name in seed_specs:
-                images_per_second, peak = measure()
-            else:
-                images_per_second, peak = measure(), peak_memory(device)
-            results[name].append(images_per_second)
-            print(f"round {round_index + 1} {name:<22} {results[name][-1]:8.0f} images/s  (peak {peak})", flush=True)
+    try:
+        for round_index in range(args.rounds):
+            for name, measure in pipelines.items():
+                if name in seed_specs:
+                    images_per_second, peak = measure()  # the child reports its own peak
+                else:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    images_per_second, peak = measure(), peak_memory(device)
+                results[name].append(images_per_second)
+                print(f"round {round_index + 1} {name:<22} {images_per_second:8.0f} images/s  (peak {peak})",
+                      flush=True)
+    finally:
+        seed_process.close()  # also when a pipeline failed: the child would otherwise wait forever
     # The ratio is taken against the fastest seed-style pipeline measured.
     baseline_name = max((name for name in results if name.startswith("seed-dataloader")),
                         key=lambda name: statistics.median(results[name]))
@@ -225,7 +238,6 @@ def main() -> None:
         median = statistics.median(values)
         print(f"{name:<22} median {median:8.0f} images/s  spread {min(values):.0f}-{max(values):.0f}  "
               f"ratio vs {baseline_name} {median / baseline:.2f}x")
-    seed_process.close()
     if args.full_recipe:
         recipes = {"default": TrainConfig(device=device.type)}  # on CUDA: replayed as CUDA graphs
         if device.type == "cuda":

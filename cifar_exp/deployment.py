@@ -21,7 +21,7 @@ from torch import nn
 from cifar_exp import tracking
 from cifar_exp.config import BACKENDS, BenchmarkConfig, DataConfig, ExportConfig, TrackingConfig, TrainConfig
 from cifar_exp.data import ImageSet, load_dataset
-from cifar_exp.errors import DataError, TrackingError
+from cifar_exp.errors import ConfigError, DataError, TrackingError
 from cifar_exp.inference import (
     BenchmarkReport,
     ExportResult,
@@ -80,6 +80,9 @@ def benchmark_and_track(
     Test accuracy per backend is measured only for a logged model (untrained weights have none
     worth reporting); int8 is calibrated on training images when the dataset can be loaded.
     """
+    if bench.model_uri and (train_cfg.widths.strip() or train_cfg.hidden):
+        raise ConfigError("--widths/--hidden shape an architecture built by name (--model); "
+                          f"the model at --model-uri {bench.model_uri} has its own")
     tracking.check_tracking_store()
     json_path = Path(bench.output).expanduser()
     check_writable_folder(json_path.parent)
@@ -112,8 +115,10 @@ def benchmark_and_track(
     }
     with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
         tracking.log_params({**{f"benchmark.{k}": v for k, v in asdict(bench).items()},
-                             "train.model": train_cfg.model, "train.widths": train_cfg.widths,
-                             "train.hidden": train_cfg.hidden, "data.data_dir": data_cfg.data_dir})
+                             **({} if bench.model_uri else {"train.model": train_cfg.model,
+                                                            "train.widths": train_cfg.widths,
+                                                            "train.hidden": train_cfg.hidden}),
+                             "data.data_dir": data_cfg.data_dir})
         tracking.log_metrics(benchmark_metrics(report))
         tracking.log_dict(document, "benchmark.json")
         tracking.log_text(report.table() + "\n", "benchmark.txt")

@@ -98,14 +98,15 @@ _LARGEST_HEAP_BLOCK = 32 * 2**20  # glibc's upper limit for M_MMAP_THRESHOLD on 
 
 @functools.cache
 def keep_freed_memory_in_process() -> bool:
-    """Have glibc keep freed blocks of up to 32 MiB for reuse instead of returning them to the OS.
+    """Have glibc keep freed blocks below 32 MiB for reuse instead of returning them to the OS.
 
     A CPU training step frees and allocates the same large buffers every step (the seed model's first
     max-pool alone allocates a zeroed 16 MiB input gradient at batch 64). By default glibc serves
     blocks that large from fresh ``mmap`` pages, and the page faults of touching them cost as much as
     the convolutions: the seed model's CPU step ran 1.9x faster with this set (2 cores, 2026-11-26).
-    Process-wide, once; the price is that the process keeps its peak heap. False where the C library
-    is not glibc (nothing changed there).
+    Process-wide, once, and it stays: the process keeps its peak heap, and whatever else runs in it
+    afterwards (e.g. a tuning study's latency timing) runs with it too. False where the C library is
+    not glibc; under an LD_PRELOADed allocator (tcmalloc, jemalloc) glibc's setting has no effect.
     """
     if platform.libc_ver()[0] != "glibc":
         return False
@@ -125,7 +126,7 @@ def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
     if device.type == "cuda":
         # bf16 needs no GradScaler, whose step reads the GPU's inf check on the host every step (and
         # cannot be graph-captured); fp16, what the seed's RTX 3060 ran, only where bf16 is missing.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if cpu_supports_bf16():
         return torch.bfloat16
     return None  # no native bf16 here: emulated bf16 is slower than fp32
@@ -215,6 +216,7 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(stats)
 
+    optimizer.zero_grad(set_to_none=True)  # frees the gradients (a CUDA graph's pool included)
     model.eval()
     return FitResult(
         model=model,
@@ -233,10 +235,11 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = [{"params": weights, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}]
     # On CUDA one fused kernel does the whole update, reading the lr (a tensor under --cuda-graphs) on
     # the device; None keeps PyTorch's default (foreach) elsewhere.
-    fused = True if next(model.parameters()).is_cuda else None
+    device = next(model.parameters()).device
+    fused = True if device.type == "cuda" else None
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum or 0.9, 0.999), fused=fused,
-                                 capturable=bool(fused and cfg.cuda_graphs))
+                                 capturable=uses_cuda_graphs(cfg, device))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov",
                            fused=fused)
 
@@ -336,25 +339,34 @@ class GraphedTrainStep(TrainStep):
         if self.scaler.is_enabled():
             raise ValueError("a CUDA graph cannot capture GradScaler's host-side inf check: use bf16 or fp32")
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_failed = False
         self.batch_size: int | None = None
         self.eager_steps = 0
+        self.side_stream = torch.cuda.Stream(self.device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if self.batch_size is None:
             self.batch_size = len(labels)
-        if len(labels) != self.batch_size:
+        if len(labels) != self.batch_size or self.capture_failed:
             super().__call__(images, labels)  # the epoch's last, smaller batch
         elif self.graph is None and self.eager_steps < self.WARMUP_STEPS:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side_stream):
                 self._step(images, labels)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
             self.eager_steps += 1
             self.scheduler.step()
         else:
             if self.graph is None:
-                self._capture(images, labels)
+                try:
+                    self._capture(images, labels)
+                except RuntimeError as error:  # e.g. a model that reads the GPU from the host
+                    log.warning("cannot capture the training step as a CUDA graph (%s); training on with "
+                                "eager steps", str(error).splitlines()[0])
+                    self.capture_failed = True
+                    torch.cuda.synchronize(self.device)
+                    super().__call__(images, labels)
+                    return
             self._refresh_lr()
             self.static_images.copy_(images)
             self.static_labels.copy_(labels)
@@ -371,13 +383,14 @@ class GraphedTrainStep(TrainStep):
         for group, lr in zip(groups, self.lr_tensors):
             group["lr"] = lr  # the fused optimizer reads a tensor lr from device memory at replay
         torch.cuda.synchronize(self.device)
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(graph):
                 self._step(self.static_images, self.static_labels)  # recorded, not run
         finally:
             for group, lr in zip(groups, float_lrs):
                 group["lr"] = lr  # the scheduler and eager steps go on with plain floats
+        self.graph = graph
         log.info("captured the training step as a CUDA graph (batch %d)", self.batch_size)
 
     def _refresh_lr(self) -> None:
@@ -385,6 +398,13 @@ class GraphedTrainStep(TrainStep):
             if group["lr"] != self.graph_lrs[index]:
                 self.lr_tensors[index].fill_(group["lr"])
                 self.graph_lrs[index] = group["lr"]
+
+
+def uses_cuda_graphs(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training steps on ``device`` are replayed as CUDA graphs: on CUDA unless turned off, or
+    --compile, or fp16 autocast (whose GradScaler reads the GPU from the host every step)."""
+    return (cfg.cuda_graphs and device.type == "cuda" and not cfg.compile
+            and resolve_amp_dtype(cfg, device) != torch.float16)
 
 
 def build_train_step(
@@ -398,11 +418,12 @@ def build_train_step(
 
     On CPU it also makes the allocator keep freed memory (``keep_freed_memory_in_process``).
     """
-    if not next(model.parameters()).is_cuda:
+    device = next(model.parameters()).device
+    if device.type == "cpu":
         keep_freed_memory_in_process()
-    if cfg.cuda_graphs and next(model.parameters()).is_cuda:
-        if not cfg.compile and amp_dtype != torch.float16:
-            return GraphedTrainStep(model, optimizer, scheduler, amp_dtype, cfg.label_smoothing)
+    if uses_cuda_graphs(cfg, device):
+        return GraphedTrainStep(model, optimizer, scheduler, amp_dtype, cfg.label_smoothing)
+    if cfg.cuda_graphs and device.type == "cuda":
         log.info("eager training steps: CUDA graphs do not combine with %s",
                  "--compile" if cfg.compile else "fp16 autocast")
     step_model = torch.compile(model) if cfg.compile else model

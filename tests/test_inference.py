@@ -450,6 +450,8 @@ def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_pa
     (["--threads", "-1"], "threads must be >= 0 (0: all cores), got -1"),
     (["--repeats", "0"], "repeats must be >= 1, got 0"),
     (["--backends", "tpu"], "unknown backend 'tpu'"),
+    (["--model-uri", "runs:/0123456789abcdef/model", "--widths", "8,8,8"],
+     "--widths/--hidden shape an architecture built by name (--model); the model at --model-uri"),
 ])
 def test_bad_benchmark_options_are_one_line_and_touch_nothing(tracking_store, tmp_path, args, message):
     result = run_cli("benchmark", "--output", tmp_path / "b.json", *args)

@@ -1,13 +1,17 @@
 import dataclasses
 import math
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from cifar_exp.config import DataConfig, TrainConfig
-from cifar_exp.data import load_splits
+from cifar_exp.data import DeviceBatches, load_splits
 from cifar_exp.errors import ConfigError, TrainingDivergedError
 from cifar_exp.train import (
+    GraphedTrainStep,
     TrainStep,
     build_classifier,
     build_optimizer,
@@ -16,6 +20,7 @@ from cifar_exp.train import (
     evaluate,
     fit,
     resolve_device,
+    train_epoch,
 )
 
 TINY = dict(epochs=4, batch_size=32, lr=0.05, eval_batch_size=64)
@@ -115,6 +120,19 @@ def test_cuda_graphs_train_like_eager_steps(splits, optimizer):
 
 
 @needs_cuda
+def test_default_cuda_training_replays_a_captured_graph(splits):
+    cfg = TrainConfig(**TINY, device="cuda")
+    model = build_classifier(cfg, 10).cuda().to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    batches = DeviceBatches(splits.train, cfg.batch_size, device=torch.device("cuda"), shuffle=True,
+                            channels_last=True)
+    step = build_train_step(cfg, model, optimizer, build_scheduler(cfg, optimizer, len(batches)), torch.bfloat16)
+    assert type(step) is GraphedTrainStep
+    train_epoch(step, batches)
+    assert step.graph is not None and not step.capture_failed
+
+
+@needs_cuda
 def test_cuda_graphs_step_aside_for_fp16_and_compile():
     for cfg, amp_dtype in ((TrainConfig(device="cuda", amp_dtype="float16"), torch.float16),
                            (TrainConfig(device="cuda", compile=True), torch.bfloat16)):
@@ -134,11 +152,34 @@ def test_cuda_bf16_autocast_learns(splits, cuda_graphs):
     assert result.peak_memory_bytes > 0
 
 
-def test_cpu_training_keeps_freed_memory_for_reuse():
-    import platform
+MMAPPED_BYTES_AFTER_A_16_MIB_TENSOR = """
+import ctypes, sys, torch
+from cifar_exp.train import keep_freed_memory_in_process
 
+class MallInfo2(ctypes.Structure):  # glibc >= 2.33
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert keep_freed_memory_in_process()
+before = libc.mallinfo2().hblkhd
+gradient = torch.zeros(64, 64, 32, 32)  # the seed's first max-pool input gradient at batch 64: 16 MiB
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_cpu_training_keeps_large_blocks_off_fresh_mmap_pages():
     from cifar_exp.train import keep_freed_memory_in_process
 
-    on_glibc = platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory_in_process() is on_glibc
-    assert keep_freed_memory_in_process() is on_glibc  # once per process; a second call changes nothing
+    def mmapped_bytes(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", MMAPPED_BYTES_AFTER_A_16_MIB_TENSOR, mode],
+                             capture_output=True, text=True, check=True)
+        return int(run.stdout.split()[-1])
+
+    assert mmapped_bytes("default") >= 16 * 2**20  # glibc's default: its own mmap, page-faulted in
+    assert mmapped_bytes("keep") == 0  # from the heap, whose freed pages stay mapped for the next step
+    assert keep_freed_memory_in_process() and keep_freed_memory_in_process()  # once per process
