@@ -50,8 +50,10 @@ from cifar_exp.train import (
 )
 
 
-def project_pipeline(cfg: TrainConfig, train: ImageSet, steps: int, device: torch.device) -> float:
-    """Images/s of the project's training epoch over ``steps`` batches."""
+def project_pipeline(cfg: TrainConfig, train: ImageSet, steps: int, device: torch.device) -> tuple[float, str]:
+    """(images/s, peak memory) of the project's training epoch over ``steps`` batches."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     subset = ImageSet("train", train.images[: steps * cfg.batch_size], train.labels[: steps * cfg.batch_size])
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_classifier(cfg, 10).to(device, memory_format=memory_format)
@@ -65,11 +67,14 @@ def project_pipeline(cfg: TrainConfig, train: ImageSet, steps: int, device: torc
     start = time.perf_counter()
     train_epoch(step, batches)
     _sync(device)
-    return len(subset) / (time.perf_counter() - start)
+    return len(subset) / (time.perf_counter() - start), peak_memory(device)
 
 
-def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torch.device) -> float:
-    """Images/s of the seed report's loop over ``steps`` batches, DataLoader workers already running."""
+def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torch.device) -> tuple[float, str]:
+    """(images/s, peak memory) of the seed report's loop over ``steps`` batches, DataLoader workers
+    already running."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model = seed_as_reported().to(device)  # Normalize happens in the transform instead
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     amp_dtype = resolve_amp_dtype(cfg, device)
@@ -96,7 +101,7 @@ def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torc
     start = time.perf_counter()
     seen = run(steps)
     _sync(device)
-    return seen / (time.perf_counter() - start)
+    return seen / (time.perf_counter() - start), peak_memory(device)
 
 
 def peak_memory(device: torch.device) -> str:
@@ -119,11 +124,8 @@ def _serve_seed_pipelines(connection: Connection, data_dir: str, device_type: st
     connection.send("ready")
     while (name := connection.recv()) is not None:
         workers, amp_dtype = specs[name]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        images_per_second = seed_pipeline(TrainConfig(device=device_type, amp_dtype=amp_dtype), loaders[workers],
-                                          steps, device)
-        connection.send((images_per_second, peak_memory(device)))
+        connection.send(seed_pipeline(TrainConfig(device=device_type, amp_dtype=amp_dtype), loaders[workers],
+                                      steps, device))
 
 
 class SeedPipelines:
@@ -219,12 +221,7 @@ def main() -> None:
     try:
         for round_index in range(args.rounds):
             for name, measure in pipelines.items():
-                if name in seed_specs:
-                    images_per_second, peak = measure()  # the child reports its own peak
-                else:
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    images_per_second, peak = measure(), peak_memory(device)
+                images_per_second, peak = measure()  # a seed pipeline's peak is its own process's
                 results[name].append(images_per_second)
                 print(f"round {round_index + 1} {name:<22} {images_per_second:8.0f} images/s  (peak {peak})",
                       flush=True)

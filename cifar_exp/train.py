@@ -324,9 +324,8 @@ class GraphedTrainStep(TrainStep):
 
     A small model's step is dozens of kernels of a few microseconds each, so eager training is bound by
     the host launching them (3.3 vs 0.41 ms per seed-model step on an H100); a graph launches them all
-    at once. The first ``WARMUP_STEPS`` steps run
-    eagerly on a side stream (cuDNN picks its algorithms, the optimizer creates its state), then the
-    step is captured reading from static input buffers and writing the parameters, optimizer state and
+    at once. The first ``WARMUP_STEPS`` steps run eagerly on a side stream (cuDNN picks its
+    algorithms, the optimizer creates its state), then the step is captured reading from static input buffers and writing the parameters, optimizer state and
     accumulators in place. The learning rate lives in device tensors that the graph reads, refreshed
     from the scheduler's value when it changes; a last, smaller batch runs eagerly.
     """
@@ -377,9 +376,8 @@ class GraphedTrainStep(TrainStep):
         self.static_images = images.clone()  # keeps channels_last
         self.static_labels = labels.clone()
         groups = self.optimizer.param_groups
-        self.lr_tensors = [torch.tensor(float(group["lr"]), device=self.device) for group in groups]
-        self.graph_lrs = [float(group["lr"]) for group in groups]
-        float_lrs = [group["lr"] for group in groups]
+        self.graph_lrs = [group["lr"] for group in groups]  # the scheduler's floats the tensors hold
+        self.lr_tensors = [torch.tensor(float(lr), device=self.device) for lr in self.graph_lrs]
         for group, lr in zip(groups, self.lr_tensors):
             group["lr"] = lr  # the fused optimizer reads a tensor lr from device memory at replay
         torch.cuda.synchronize(self.device)
@@ -388,7 +386,7 @@ class GraphedTrainStep(TrainStep):
             with torch.cuda.graph(graph):
                 self._step(self.static_images, self.static_labels)  # recorded, not run
         finally:
-            for group, lr in zip(groups, float_lrs):
+            for group, lr in zip(groups, self.graph_lrs):
                 group["lr"] = lr  # the scheduler and eager steps go on with plain floats
         self.graph = graph
         log.info("captured the training step as a CUDA graph (batch %d)", self.batch_size)
