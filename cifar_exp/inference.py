@@ -375,8 +375,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
 
     QDQ format, uint8 activations and per-channel int8 weights without range reduction (this CPU
     has VNNI); activation ranges come from running ``calibration`` (float (N, 3, 32, 32)) through
-    the model (MinMax). Convolutions get their input channels padded to a multiple of
-    ``INT8_CHANNEL_GROUP`` first (an exact rewrite: the added channels and weights are zero).
+    the model (MinMax). Three exact rewrites cut the operators a batch-1 call pays for: convolutions
+    get their input channels padded to a multiple of ``INT8_CHANNEL_GROUP`` (the added channels and
+    weights are zero), a linear head on a 1x1 feature map becomes 1x1 convolutions, and the input
+    normalisation is folded into the input's quantisation.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -405,6 +407,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
             model = onnx.load(str(prepared))
             padded = _pad_conv_input_channels(model)
+            heads = _linear_head_as_pointwise_convs(model)
             onnx.save(onnx.shape_inference.infer_shapes(model), str(prepared))
             quantize_static(
                 str(prepared), str(int8_path), Batches(),
@@ -415,10 +418,16 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
                 reduce_range=False,
                 op_types_to_quantize=list(INT8_OP_TYPES),
             )
+            quantized = onnx.load(str(int8_path))
+            folded = _fold_normalisation_into_input_quantisation(quantized)
+            if folded:
+                onnx.save(quantized, str(int8_path))
         except OSError as error:
             raise ExportError(f"cannot write {int8_path}: {error.strerror or error}") from None
-    log.info("quantised %s to int8 (%d calibration images; input channels padded to a multiple of %d: %s)",
-             Path(fp32_path).name, len(calibration), INT8_CHANNEL_GROUP, ", ".join(padded) or "none")
+    log.info("quantised %s to int8 (%d calibration images; input channels padded to a multiple of %d: %s; "
+             "linear layers run as 1x1 convs: %d; normalisation folded into the input quantisation: %s)",
+             Path(fp32_path).name, len(calibration), INT8_CHANNEL_GROUP, ", ".join(padded) or "none", heads,
+             "yes" if folded else "no")
     return int8_path
 
 
@@ -433,15 +442,12 @@ def _pad_conv_input_channels(model: Any) -> list[str]:
 
     graph = model.graph
     weights = {tensor.name: tensor for tensor in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    users = _consumers(graph)
     padded, nodes = [], []
     for node in graph.node:
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
         weight = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        if weight is not None and groups == 1 and uses[node.input[1]] == 1 and len(weight.dims) == 4:
+        if weight is not None and groups == 1 and len(users[node.input[1]]) == 1 and len(weight.dims) == 4:
             values = numpy_helper.to_array(weight)  # (out, in, kh, kw)
             missing = -values.shape[1] % INT8_CHANNEL_GROUP
             if missing:
@@ -461,6 +467,164 @@ def _pad_conv_input_channels(model: Any) -> list[str]:
     del graph.node[:]
     graph.node.extend(nodes)
     return padded
+
+
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _initializer_value(graph: Any, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    tensor = next((t for t in graph.initializer if t.name == name), None)
+    return None if tensor is None else numpy_helper.to_array(tensor)
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
+def _linear_head_as_pointwise_convs(model: Any) -> int:
+    """Run a linear head on a 1x1 feature map as 1x1 convolutions; returns how many Gemms moved.
+
+    ``x (B, C, 1, 1) -> Flatten -> Gemm [-> Relu -> Gemm ...]`` becomes ``x -> Conv1x1 [-> Relu ->
+    Conv1x1 ...] -> Transpose to NHWC -> Flatten``, the same values: a (B, N, 1, 1) map holds its N
+    features in the same order in NCHW and NHWC. ONNX Runtime runs int8 convolutions in NHWC and
+    puts a Transpose back to NCHW before a Flatten; the explicit one to NHWC cancels it. At batch 1
+    the 1x1 QLinearConvs also beat QGemm (a matrix-vector product either way).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {info.name: [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+              for info in [*inferred.value_info, *inferred.input]}
+    users = _consumers(graph)
+    graph_outputs = {output.name for output in graph.output}
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+
+    def attribute(node: Any, name: str, default: float) -> float:
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+    def plain_linear(node: Any) -> bool:  # y = x @ W.T + b with W (N, C) and b (N,) constants
+        return (node.op_type == "Gemm" and node.input[1] in weights and len(users[node.input[1]]) == 1
+                and attribute(node, "transA", 0) == 0 and attribute(node, "transB", 0) == 1
+                and attribute(node, "alpha", 1.0) == 1.0 and attribute(node, "beta", 1.0) == 1.0
+                and (len(node.input) < 3 or len(weights.get(node.input[2], onnx.TensorProto()).dims) == 1))
+
+    replaced: dict[str, list[Any]] = {}  # output of an original node -> the nodes that take its place
+    moved = 0
+    for flatten in list(graph.node):
+        shape = shapes.get(flatten.input[0])
+        if flatten.op_type not in ("Flatten", "Reshape") or not shape or len(shape) != 4 or shape[2:] != [1, 1]:
+            continue
+        if len(shapes.get(flatten.output[0]) or []) != 2:
+            continue
+        chain, name = [], flatten.output[0]
+        while name not in graph_outputs and len(users.get(name, [])) == 1:
+            node = users[name][0]
+            if not (plain_linear(node) or node.op_type == "Relu"):
+                break
+            chain.append(node)
+            name = node.output[0]
+        while chain and chain[-1].op_type == "Relu":  # end on a Gemm: a trailing ReLU stays 2-D
+            chain.pop()
+        if not chain:
+            continue
+        feature_map = flatten.input[0]  # (B, C, 1, 1)
+        replaced[flatten.output[0]] = []
+        for node in chain:
+            output = f"{node.output[0]}_1x1"
+            if node.op_type == "Gemm":
+                weight = weights[node.input[1]]
+                weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight)[:, :, None, None], weight.name))
+                for info in [info for info in graph.value_info if info.name == weight.name]:
+                    graph.value_info.remove(info)  # its recorded shape is the 2-D one
+                conv = helper.make_node("Conv", [feature_map, *node.input[1:]], [output], kernel_shape=[1, 1],
+                                        name=f"{node.name}_1x1")
+                replaced[node.output[0]] = [conv]
+                moved += 1
+            else:
+                replaced[node.output[0]] = [helper.make_node("Relu", [feature_map], [output], name=f"{node.name}_1x1")]
+            feature_map = output
+        nhwc = f"{feature_map}_nhwc"
+        replaced[chain[-1].output[0]] += [
+            helper.make_node("Transpose", [feature_map], [nhwc], perm=[0, 2, 3, 1], name=f"{chain[-1].name}_nhwc"),
+            helper.make_node("Flatten", [nhwc], [chain[-1].output[0]], axis=1, name=f"{chain[-1].name}_flatten"),
+        ]
+    if moved:
+        nodes = [new for node in graph.node for new in replaced.get(node.output[0], [node])]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_unused_initializers(graph)  # the Reshapes' target shapes
+        onnx.checker.check_model(model)
+    return moved
+
+
+def _fold_normalisation_into_input_quantisation(model: Any) -> bool:
+    """Quantise the raw image instead of the normalised one; returns whether the graph changed.
+
+    A quantised graph starts ``x -> Sub(mean) -> Div(std) [-> Pad] -> QuantizeLinear(s, z) ->
+    DequantizeLinear(s, z) -> Conv``: two float operators before the first int8 one. With the
+    normalised image's scale chosen as ``s = mean / (std * n)`` for a whole number ``n``,
+    ``round((x - mean) / std / s) + z`` equals ``round(x / (s * std)) + z - n``: the QuantizeLinear
+    can read ``x`` itself (scale ``s * std``, zero point ``z - n``) and the DequantizeLinear
+    (scale ``s``, zero point ``n``) hands the conv the same normalised values as before. Taking
+    ``z - n = 0`` and the largest ``n`` that keeps ``x`` in [0, 1] within uint8 gives ``s`` within 1%
+    of the calibrated 2/255 for mean = std = 0.5. A padded channel (zero weights) reads any value.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    users = _consumers(graph)
+    image = graph.input[0].name
+
+    def only_user(name: str, op_type: str) -> Any | None:
+        found = users.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+
+    def uniform_constant(name: str) -> float | None:
+        value = _initializer_value(graph, name)
+        return float(value.flat[0]) if value is not None and value.size and np.all(value == value.flat[0]) else None
+
+    sub = only_user(image, "Sub")
+    div = sub and sub.input[0] == image and only_user(sub.output[0], "Div")
+    if not div or div.input[0] != sub.output[0]:
+        return False
+    mean, std = uniform_constant(sub.input[1]), uniform_constant(div.input[1])
+    pad = only_user(div.output[0], "Pad")
+    quantize = only_user((pad or div).output[0], "QuantizeLinear")
+    dequantize = quantize and only_user(quantize.output[0], "DequantizeLinear")
+    if mean is None or std is None or not dequantize or std <= 0 or not 0 <= mean < 1:
+        return False
+    zero_point = _initializer_value(graph, quantize.input[2]) if len(quantize.input) > 2 else None
+    if zero_point is None or zero_point.dtype != np.uint8:
+        return False
+    steps = int(np.floor(255 * mean))  # n: x in [0, 1] -> x / (s * std) = x * n / mean in [0, 255]
+    if mean > 0 and steps < 1:
+        return False
+    raw_scale = mean / steps if steps else 1 / 255  # s * std
+    stem = f"{image}_raw"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(raw_scale, np.float32), f"{stem}_scale"),
+        numpy_helper.from_array(np.array(0, np.uint8), f"{stem}_zero_point"),
+        numpy_helper.from_array(np.array(raw_scale / std, np.float32), f"{stem}_normalised_scale"),
+        numpy_helper.from_array(np.array(steps, np.uint8), f"{stem}_normalised_zero_point"),
+    ])
+    quantize.input[1], quantize.input[2] = f"{stem}_scale", f"{stem}_zero_point"
+    dequantize.input[1], dequantize.input[2] = f"{stem}_normalised_scale", f"{stem}_normalised_zero_point"
+    (pad or quantize).input[0] = image
+    graph.node.remove(sub)
+    graph.node.remove(div)
+    _drop_unused_initializers(graph)
+    return True
 
 
 def onnx_session(path: Path, threads: int) -> Any:

@@ -202,6 +202,66 @@ def test_int8_preparation_pads_the_first_conv_exactly(seed_onnx, tmp_path):
     assert np.abs(after - before).max() < 1e-5
 
 
+def test_int8_preparation_runs_the_linear_head_as_1x1_convs_exactly(seed_onnx, tmp_path):
+    # (B, 64, 1, 1) -> Flatten -> Gemm -> Relu -> Gemm becomes Conv1x1 -> Relu -> Conv1x1 -> Transpose -> Flatten.
+    model, path = seed_onnx
+    graph = onnx.load(str(path))
+    assert inference._linear_head_as_pointwise_convs(graph) == 2
+    ops = [n.op_type for n in graph.graph.node]
+    assert "Gemm" not in ops and "Reshape" not in ops
+    assert ops[-5:] == ["Conv", "Relu", "Conv", "Transpose", "Flatten"]
+    onnx.save(graph, str(tmp_path / "head.onnx"))
+    for batch_size in (1, 5):
+        images = np.random.default_rng(batch_size).random((batch_size, 3, 32, 32), dtype=np.float32)
+        before = inference.onnx_session(path, 1).run(None, {"images": images})[0]
+        after = inference.onnx_session(tmp_path / "head.onnx", 1).run(None, {"images": images})[0]
+        assert after.shape == (batch_size, 10)
+        assert np.abs(after - before).max() < 1e-5
+
+
+def test_int8_seed_runs_nhwc_from_the_first_conv_to_the_logits(seed_onnx, tmp_path):
+    # After ONNX Runtime's layout pass the int8 seed has one Transpose (the image to NHWC) and no
+    # QGemm: the head's explicit NHWC Transpose cancelled the one the runtime would add.
+    import onnxruntime as ort
+
+    _, path = seed_onnx
+    calibration = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
+    int8 = inference.quantize_int8(path, tmp_path / "model.int8.onnx", calibration)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    assert ops.count("Transpose") == 1 and ops.count("QLinearConv") == 5 and "QGemm" not in ops
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.5, 0.5), (0.25, 0.2)])
+def test_int8_model_quantises_the_raw_image_into_the_normalised_one(mean, std, tmp_path):
+    # No Sub/Div left: the first QuantizeLinear reads the image, and what its DequantizeLinear hands
+    # the first conv is (image - mean) / std to within half a quantisation step.
+    torch.manual_seed(0)
+    model = build_classifier(TrainConfig(model="seed", norm_mean=mean, norm_std=std), 10).eval()
+    fp32 = inference.export_onnx(model, tmp_path / "model.onnx")
+    calibration = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
+    int8 = onnx.load(str(inference.quantize_int8(fp32, tmp_path / "model.int8.onnx", calibration)))
+    ops = [n.op_type for n in int8.graph.node]
+    assert "Sub" not in ops and "Div" not in ops
+    pad = int8.graph.node[ops.index("Pad")]
+    assert pad.input[0] == "images"
+    quantize = next(n for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == pad.output[0])
+    dequantize = next(n for n in int8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantize.output[0])
+    step = float(inference._initializer_value(int8.graph, dequantize.input[1]))
+    assert step == pytest.approx(1 / std / 255, rel=0.02)  # as fine as a calibrated 8-bit range of [0, 1]
+    del int8.graph.output[:]
+    int8.graph.output.append(onnx.helper.make_tensor_value_info(dequantize.output[0], onnx.TensorProto.FLOAT, None))
+    onnx.save(int8, str(tmp_path / "input.onnx"))
+    images = np.random.default_rng(1).random((8, 3, 32, 32), dtype=np.float32)
+    images[0, 0, 0, :2] = [0.0, 1.0]  # both ends of the pixel range
+    seen = inference.onnx_session(tmp_path / "input.onnx", 1).run(None, {"images": images})[0]
+    assert seen.shape == (8, 4, 32, 32)  # the zero-weight 4th channel added for VNNI
+    assert np.abs(seen[:, :3] - (images - mean) / std).max() <= step / 2 + 1e-6
+
+
 def test_relu_runs_before_max_pool_in_the_onnx_file(seed_onnx):
     # PyTorch's seed pools first; the ONNX file applies ReLU first (same values, fuses with the conv).
     _, path = seed_onnx
