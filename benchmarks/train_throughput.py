@@ -14,7 +14,8 @@ report's did, and the project's runs bf16, replayed as CUDA graphs (the default 
     python benchmarks/train_throughput.py --data-dir ../shared/data/cifar10-jpeg-dev
     python benchmarks/train_throughput.py --device cuda --workers 2 8 --full-recipe   # + 50-epoch recipe
 
-Prints images/s for each pipeline per round, the median ratio, peak memory and the hardware.
+Prints images/s for each pipeline per round, the median ratio and each round's, peak memory and
+the hardware.
 """
 
 from __future__ import annotations
@@ -233,8 +234,11 @@ def main() -> None:
     baseline = statistics.median(results[baseline_name])
     for name, values in results.items():
         median = statistics.median(values)
+        # This machine's speed wanders from minute to minute: the ratio within each round compares
+        # measurements seconds apart.
+        per_round = ", ".join(f"{value / base:.2f}" for value, base in zip(values, results[baseline_name]))
         print(f"{name:<22} median {median:8.0f} images/s  spread {min(values):.0f}-{max(values):.0f}  "
-              f"ratio vs {baseline_name} {median / baseline:.2f}x")
+              f"ratio vs {baseline_name} {median / baseline:.2f}x (per round: {per_round})")
     if args.full_recipe:
         recipes = {"default": TrainConfig(device=device.type)}  # on CUDA: replayed as CUDA graphs
         if device.type == "cuda":

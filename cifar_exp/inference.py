@@ -375,10 +375,11 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
 
     QDQ format, uint8 activations and per-channel int8 weights without range reduction (this CPU
     has VNNI); activation ranges come from running ``calibration`` (float (N, 3, 32, 32)) through
-    the model (MinMax). Three exact rewrites cut the operators a batch-1 call pays for: convolutions
-    get their input channels padded to a multiple of ``INT8_CHANNEL_GROUP`` (the added channels and
-    weights are zero), a linear head on a 1x1 feature map becomes 1x1 convolutions, and the input
-    normalisation is folded into the input's quantisation.
+    the model (MinMax). Three rewrites cut the operators a batch-1 call pays for: convolutions get
+    their input channels padded to a multiple of ``INT8_CHANNEL_GROUP`` (exact: the added channels
+    and weights are zero), a linear head on a 1x1 feature map becomes 1x1 convolutions (exact), and
+    the input normalisation is folded into the input's quantisation (on a grid of its own, as fine
+    as the calibrated one).
     """
     import onnx
     from onnxruntime.quantization import (
@@ -407,7 +408,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
             model = onnx.load(str(prepared))
             padded = _pad_conv_input_channels(model)
-            heads = _linear_head_as_pointwise_convs(model)
+            pointwise = _linear_head_as_pointwise_convs(model)
             onnx.save(onnx.shape_inference.infer_shapes(model), str(prepared))
             quantize_static(
                 str(prepared), str(int8_path), Batches(),
@@ -426,7 +427,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
             raise ExportError(f"cannot write {int8_path}: {error.strerror or error}") from None
     log.info("quantised %s to int8 (%d calibration images; input channels padded to a multiple of %d: %s; "
              "linear layers run as 1x1 convs: %d; normalisation folded into the input quantisation: %s)",
-             Path(fp32_path).name, len(calibration), INT8_CHANNEL_GROUP, ", ".join(padded) or "none", heads,
+             Path(fp32_path).name, len(calibration), INT8_CHANNEL_GROUP, ", ".join(padded) or "none", pointwise,
              "yes" if folded else "no")
     return int8_path
 
@@ -457,10 +458,7 @@ def _pad_conv_input_channels(model: Any) -> list[str]:
                 padded_input = f"{node.input[0]}_{channels}_channels"
                 nodes.append(helper.make_node("Pad", [node.input[0], pads], [padded_input], mode="constant",
                                               name=f"{node.name}_pad_channels"))
-                weight.CopyFrom(numpy_helper.from_array(np.pad(values, ((0, 0), (0, missing), (0, 0), (0, 0))),
-                                                        weight.name))
-                for info in [info for info in graph.value_info if info.name == weight.name]:
-                    graph.value_info.remove(info)  # its recorded shape is the unpadded one
+                _replace_initializer(graph, weight, np.pad(values, ((0, 0), (0, missing), (0, 0), (0, 0))))
                 node.input[0] = padded_input
                 padded.append(node.name)
         nodes.append(node)
@@ -470,6 +468,7 @@ def _pad_conv_input_channels(model: Any) -> list[str]:
 
 
 def _consumers(graph: Any) -> dict[str, list[Any]]:
+    """Tensor name -> the nodes of ``graph`` that read it."""
     users: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
@@ -482,6 +481,14 @@ def _initializer_value(graph: Any, name: str) -> np.ndarray | None:
 
     tensor = next((t for t in graph.initializer if t.name == name), None)
     return None if tensor is None else numpy_helper.to_array(tensor)
+
+
+def _replace_initializer(graph: Any, tensor: Any, value: np.ndarray) -> None:
+    from onnx import numpy_helper
+
+    tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    for info in [info for info in graph.value_info if info.name == tensor.name]:
+        graph.value_info.remove(info)  # it records the old shape
 
 
 def _drop_unused_initializers(graph: Any) -> None:
@@ -500,7 +507,7 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
     the 1x1 QLinearConvs also beat QGemm (a matrix-vector product either way).
     """
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model).graph
@@ -510,22 +517,26 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
     graph_outputs = {output.name for output in graph.output}
     weights = {tensor.name: tensor for tensor in graph.initializer}
 
-    def attribute(node: Any, name: str, default: float) -> float:
+    def attribute(node: Any, name: str, default: Any) -> Any:
         return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
-    def plain_linear(node: Any) -> bool:  # y = x @ W.T + b with W (N, C) and b (N,) constants
-        return (node.op_type == "Gemm" and node.input[1] in weights and len(users[node.input[1]]) == 1
-                and attribute(node, "transA", 0) == 0 and attribute(node, "transB", 0) == 1
-                and attribute(node, "alpha", 1.0) == 1.0 and attribute(node, "beta", 1.0) == 1.0
-                and (len(node.input) < 3 or len(weights.get(node.input[2], onnx.TensorProto()).dims) == 1))
+    def plain_linear(node: Any) -> bool:  # y = x @ W.T + b with constants W (N, C), b (N,), W used once
+        weight = weights.get(node.input[1]) if node.op_type == "Gemm" else None
+        if weight is None or len(weight.dims) != 2 or len(users[weight.name]) != 1:
+            return False
+        bias = weights.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and (bias is None or list(bias.dims) != [weight.dims[0]]):
+            return False
+        return (attribute(node, "transA", 0) == 0 and attribute(node, "transB", 0) == 1
+                and attribute(node, "alpha", 1.0) == 1.0 and attribute(node, "beta", 1.0) == 1.0)
 
     replaced: dict[str, list[Any]] = {}  # output of an original node -> the nodes that take its place
     moved = 0
     for flatten in list(graph.node):
-        shape = shapes.get(flatten.input[0])
+        shape, flat = shapes.get(flatten.input[0]), shapes.get(flatten.output[0])
         if flatten.op_type not in ("Flatten", "Reshape") or not shape or len(shape) != 4 or shape[2:] != [1, 1]:
             continue
-        if len(shapes.get(flatten.output[0]) or []) != 2:
+        if not flat or len(flat) != 2 or flat[1] is None or flat[1] != shape[1]:  # (B, C), nothing else
             continue
         chain, name = [], flatten.output[0]
         while name not in graph_outputs and len(users.get(name, [])) == 1:
@@ -534,36 +545,31 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
                 break
             chain.append(node)
             name = node.output[0]
-        while chain and chain[-1].op_type == "Relu":  # end on a Gemm: a trailing ReLU stays 2-D
-            chain.pop()
-        if not chain:
+        if not any(node.op_type == "Gemm" for node in chain):
             continue
         feature_map = flatten.input[0]  # (B, C, 1, 1)
         replaced[flatten.output[0]] = []
         for node in chain:
-            output = f"{node.output[0]}_1x1"
+            output = f"{node.output[0]}_1x1"  # node names derive from (unique) tensor names
             if node.op_type == "Gemm":
                 weight = weights[node.input[1]]
-                weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight)[:, :, None, None], weight.name))
-                for info in [info for info in graph.value_info if info.name == weight.name]:
-                    graph.value_info.remove(info)  # its recorded shape is the 2-D one
-                conv = helper.make_node("Conv", [feature_map, *node.input[1:]], [output], kernel_shape=[1, 1],
-                                        name=f"{node.name}_1x1")
-                replaced[node.output[0]] = [conv]
+                _replace_initializer(graph, weight, _initializer_value(graph, weight.name)[:, :, None, None])
+                new = helper.make_node("Conv", [feature_map, *node.input[1:]], [output], kernel_shape=[1, 1], name=output)
                 moved += 1
             else:
-                replaced[node.output[0]] = [helper.make_node("Relu", [feature_map], [output], name=f"{node.name}_1x1")]
+                new = helper.make_node("Relu", [feature_map], [output], name=output)
+            replaced[node.output[0]] = [new]
             feature_map = output
-        nhwc = f"{feature_map}_nhwc"
-        replaced[chain[-1].output[0]] += [
-            helper.make_node("Transpose", [feature_map], [nhwc], perm=[0, 2, 3, 1], name=f"{chain[-1].name}_nhwc"),
-            helper.make_node("Flatten", [nhwc], [chain[-1].output[0]], axis=1, name=f"{chain[-1].name}_flatten"),
+        nhwc, last = f"{feature_map}_nhwc", chain[-1].output[0]
+        replaced[last] += [
+            helper.make_node("Transpose", [feature_map], [nhwc], perm=[0, 2, 3, 1], name=nhwc),
+            helper.make_node("Flatten", [nhwc], [last], axis=1, name=f"{last}_flatten"),
         ]
     if moved:
         nodes = [new for node in graph.node for new in replaced.get(node.output[0], [node])]
         del graph.node[:]
         graph.node.extend(nodes)
-        _drop_unused_initializers(graph)  # the Reshapes' target shapes
+        _drop_unused_initializers(graph)  # e.g. the Reshapes' target shapes
         onnx.checker.check_model(model)
     return moved
 
@@ -574,29 +580,35 @@ def _fold_normalisation_into_input_quantisation(model: Any) -> bool:
     A quantised graph starts ``x -> Sub(mean) -> Div(std) [-> Pad] -> QuantizeLinear(s, z) ->
     DequantizeLinear(s, z) -> Conv``: two float operators before the first int8 one. With the
     normalised image's scale chosen as ``s = mean / (std * n)`` for a whole number ``n``,
-    ``round((x - mean) / std / s) + z`` equals ``round(x / (s * std)) + z - n``: the QuantizeLinear
-    can read ``x`` itself (scale ``s * std``, zero point ``z - n``) and the DequantizeLinear
-    (scale ``s``, zero point ``n``) hands the conv the same normalised values as before. Taking
-    ``z - n = 0`` and the largest ``n`` that keeps ``x`` in [0, 1] within uint8 gives ``s`` within 1%
-    of the calibrated 2/255 for mean = std = 0.5. A padded channel (zero weights) reads any value.
+    ``round((x - mean) / std / s) + z`` equals ``round(x / (s * std)) + z - n`` (up to ties): the
+    QuantizeLinear can read ``x`` itself (scale ``s * std``, zero point ``z - n``) and the
+    DequantizeLinear (scale ``s``, zero point ``n``) hands the conv the normalised values on that
+    grid. Taking ``z - n = 0`` and the largest ``n`` that keeps ``x`` in [0, 1] within uint8 gives,
+    for mean = std = 0.5, ``s = 1/127`` where calibration gave 2/255. A constant Pad now pads the raw
+    image, so its value ``c`` becomes ``mean + std * c``.
     """
     from onnx import numpy_helper
 
     graph = model.graph
     users = _consumers(graph)
+    graph_outputs = {output.name for output in graph.output}
     image = graph.input[0].name
 
     def only_user(name: str, op_type: str) -> Any | None:
         found = users.get(name, [])
-        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+        if name in graph_outputs or len(found) != 1 or found[0].op_type != op_type:
+            return None
+        return found[0]
 
     def uniform_constant(name: str) -> float | None:
         value = _initializer_value(graph, name)
         return float(value.flat[0]) if value is not None and value.size and np.all(value == value.flat[0]) else None
 
     sub = only_user(image, "Sub")
-    div = sub and sub.input[0] == image and only_user(sub.output[0], "Div")
-    if not div or div.input[0] != sub.output[0]:
+    if sub is None or sub.input[0] != image:
+        return False
+    div = only_user(sub.output[0], "Div")
+    if div is None or div.input[0] != sub.output[0]:
         return False
     mean, std = uniform_constant(sub.input[1]), uniform_constant(div.input[1])
     pad = only_user(div.output[0], "Pad")
@@ -610,6 +622,18 @@ def _fold_normalisation_into_input_quantisation(model: Any) -> bool:
     steps = int(np.floor(255 * mean))  # n: x in [0, 1] -> x / (s * std) = x * n / mean in [0, 255]
     if mean > 0 and steps < 1:
         return False
+    if pad is not None:
+        mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+        padded_with = _initializer_value(graph, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0.0
+        if padded_with is None:
+            return False
+        if mode == "constant":
+            value = f"{pad.output[0]}_raw_value"
+            graph.initializer.append(numpy_helper.from_array(np.array(mean + std * float(padded_with), np.float32), value))
+            if len(pad.input) > 2:
+                pad.input[2] = value  # an axes input, if any, stays 4th
+            else:
+                pad.input.append(value)
     raw_scale = mean / steps if steps else 1 / 255  # s * std
     stem = f"{image}_raw"
     graph.initializer.extend([

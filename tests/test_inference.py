@@ -232,7 +232,7 @@ def test_int8_seed_runs_nhwc_from_the_first_conv_to_the_logits(seed_onnx, tmp_pa
     options.log_severity_level = 3
     ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
-    assert ops.count("Transpose") == 1 and ops.count("QLinearConv") == 5 and "QGemm" not in ops
+    assert ops.count("Transpose") == 1 and "QGemm" not in ops
 
 
 @pytest.mark.parametrize(("mean", "std"), [(0.5, 0.5), (0.25, 0.2)])
@@ -260,6 +260,52 @@ def test_int8_model_quantises_the_raw_image_into_the_normalised_one(mean, std, t
     seen = inference.onnx_session(tmp_path / "input.onnx", 1).run(None, {"images": images})[0]
     assert seen.shape == (8, 4, 32, 32)  # the zero-weight 4th channel added for VNNI
     assert np.abs(seen[:, :3] - (images - mean) / std).max() <= step / 2 + 1e-6
+    assert np.abs(seen[:, 3]).max() <= step / 2 + 1e-6  # padded with 0 in normalised units, as before
+
+
+def test_int8_keeps_a_normalisation_it_cannot_fold(tmp_path):
+    # A mean of 1.5 puts normalised pixels below the range a uint8 zero point of 0 can hold.
+    torch.manual_seed(0)
+    model = build_classifier(TrainConfig(model="seed", norm_mean=1.5, norm_std=0.5), 10).eval()
+    fp32 = inference.export_onnx(model, tmp_path / "model.onnx")
+    calibration = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
+    int8 = inference.quantize_int8(fp32, tmp_path / "model.int8.onnx", calibration)
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert "Sub" in ops and "Div" in ops
+    images = calibration[:16]
+    check = inference.compare_logits(inference.onnx_session(fp32, 1).run(None, {"images": images})[0],
+                                     inference.onnx_session(int8, 1).run(None, {"images": images})[0])
+    assert check.top1_agreement >= 0.9
+
+
+def _linear_head(trans_b=1, bias_shape=(4,), shared_weight=False):
+    """(B, 8, 1, 1) -> Flatten -> Gemm(W, b) [+ the same W in a second Gemm] as an ONNX model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 8) if trans_b else (8, 4)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "w", "b"], ["y"], transB=trans_b)]
+    if shared_weight:
+        nodes += [helper.make_node("Gemm", ["flat", "w", "b"], ["y2"], transB=trans_b),
+                  helper.make_node("Add", ["y", "y2"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 1, 1])],
+        [helper.make_tensor_value_info("out" if shared_weight else "y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.ones(bias_shape, np.float32), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize(("head", "moved"), [
+    (dict(), 1),
+    (dict(trans_b=0), 0),  # W stored (C, N): not the layout a conv weight takes as it is
+    (dict(bias_shape=(1,)), 0),  # a broadcast bias: Conv needs one per output channel
+    (dict(shared_weight=True), 0),  # the weight is read by another node too
+])
+def test_linear_head_rewrite_takes_only_plain_linear_layers(head, moved):
+    model = _linear_head(**head)
+    assert inference._linear_head_as_pointwise_convs(model) == moved
+    assert ("Gemm" in [n.op_type for n in model.graph.node]) == (moved == 0)
 
 
 def test_relu_runs_before_max_pool_in_the_onnx_file(seed_onnx):
