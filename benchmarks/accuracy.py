@@ -54,23 +54,22 @@ def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """``"cutout=8"`` -> ("cutout", 8), typed by the TrainConfig field it names."""
+    """``"cutout=8"`` -> ("cutout", 8), converted as `cifar-exp train`'s option for that setting would."""
+    import click
+
+    from cifar_exp.cli import train
+
     name, separator, value = text.partition("=")
     name = name.strip().replace("-", "_")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if name not in fields or not separator:
+    if name not in {f.name for f in dataclasses.fields(TrainConfig)} or not separator:
         raise ConfigError(f"--set needs FIELD=VALUE with a train setting as FIELD, got {text!r}")
     if name in ("recipe", "seed"):
         raise ConfigError(f"--set {name}: use --{name}{'s' if name == 'seed' else ''} instead")
-    kind = type(fields[name].default)
+    option = next(param for param in train.params if param.name == name)
     try:
-        if kind is bool:
-            if value.lower() not in ("true", "false"):
-                raise ValueError(value)
-            return name, value.lower() == "true"
-        return name, kind(value) if kind in (int, float) else value
-    except ValueError:
-        raise ConfigError(f"--set {name}: {value!r} is not {'an' if kind is int else 'a'} {kind.__name__}") from None
+        return name, option.type_cast_value(click.Context(train), value)
+    except click.BadParameter as error:
+        raise ConfigError(f"--set {name}: {error.format_message()}") from None
 
 
 def train_untracked(cfg: ExperimentConfig, splits: Splits) -> tuple[float, float, float, str]:
