@@ -554,7 +554,8 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
             if node.op_type == "Gemm":
                 weight = weights[node.input[1]]
                 _replace_initializer(graph, weight, _initializer_value(graph, weight.name)[:, :, None, None])
-                new = helper.make_node("Conv", [feature_map, *node.input[1:]], [output], kernel_shape=[1, 1], name=output)
+                new = helper.make_node("Conv", [feature_map, *node.input[1:]], [output], kernel_shape=[1, 1],
+                                       name=output)
                 moved += 1
             else:
                 new = helper.make_node("Relu", [feature_map], [output], name=output)
@@ -629,7 +630,8 @@ def _fold_normalisation_into_input_quantisation(model: Any) -> bool:
             return False
         if mode == "constant":
             value = f"{pad.output[0]}_raw_value"
-            graph.initializer.append(numpy_helper.from_array(np.array(mean + std * float(padded_with), np.float32), value))
+            raw_value = np.array(mean + std * float(padded_with), np.float32)
+            graph.initializer.append(numpy_helper.from_array(raw_value, value))
             if len(pad.input) > 2:
                 pad.input[2] = value  # an axes input, if any, stays 4th
             else:
