@@ -100,9 +100,10 @@ class TrainConfig:
     )
     lr_decay: float = option(0.95, "Learning-rate decay factor applied after every epoch (schedule exp).")
     warmup_epochs: float = option(
-        0.0, "Linear learning-rate warm-up from 0, in epochs (exp and cosine; onecycle has its own)."
+        0.0, "Learning-rate warm-up, in epochs: linear up to lr for exp and cosine; the rising phase of "
+        "onecycle (0 there: 30% of the steps, PyTorch's default)."
     )
-    momentum: float = option(0.0, "SGD momentum (the seed report names none); beta1 for adamw.")
+    momentum: float = option(0.0, "SGD momentum (the seed report names none); beta1 for adamw (0 there: 0.9).")
     weight_decay: float = option(0.0, "Weight decay, applied to weights only (not to biases or BatchNorm).")
     label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy targets.")
     norm_mean: float = option(0.5, "Mean subtracted from every channel of [0, 1] pixels.")
@@ -123,7 +124,10 @@ class TrainConfig:
         "and with fp16 autocast (its GradScaler reads the GPU every step).",
     )
     device: str = option("auto", "Training device.", DEVICES)
-    seed: int = option(0, "Seed of weights, shuffling and augmentation; equal seeds give equal runs.")
+    seed: int = option(
+        0, "Seed of weights, shuffling and augmentation; equal seeds give equal runs (on CUDA, up to "
+        "cuDNN's choice of algorithms).",
+    )
     eval_batch_size: int = option(1000, "Batch size for validation and test evaluation.")
 
     def __post_init__(self) -> None:

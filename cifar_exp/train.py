@@ -245,28 +245,39 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based) for the exp and cosine schedules."""
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based)."""
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return one_cycle_factor(step, total_steps, cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     if cfg.schedule == "exp":
         return warmup * cfg.lr_decay ** (step // steps_per_epoch)  # constant within an epoch, as the seed
-    total_steps = cfg.epochs * steps_per_epoch
     progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
     return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def one_cycle_factor(step: int, total_steps: int, rising_fraction: float) -> float:
+    """PyTorch's ``OneCycleLR`` (defaults, cosine annealing) as a multiplier of the peak lr.
+
+    Written out because ``OneCycleLR`` divides by zero when a phase is empty: a warm-up of all the
+    epochs, or of exactly one step. Here such a phase is simply at its end.
+    """
+    start, peak, end = 1 / 25, 1.0, 1 / 25 / 1e4  # div_factor 25, final_div_factor 1e4
+    rise_end = rising_fraction * total_steps - 1  # the step at which the peak is reached
+    if step <= rise_end:
+        first_step, last_step, begin, finish = 0.0, rise_end, start, peak
+    else:
+        first_step, last_step, begin, finish = rise_end, total_steps - 1.0, peak, end
+    span = last_step - first_step
+    progress = min(1.0, (step - first_step) / span) if span > 0 else 1.0
+    return finish + (begin - finish) / 2 * (math.cos(math.pi * progress) + 1)  # cosine from begin to finish
 
 
 def build_scheduler(
     cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A scheduler stepped after every optimizer step."""
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=cfg.lr,
-            total_steps=cfg.epochs * steps_per_epoch,
-            pct_start=cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3,
-            cycle_momentum=False,  # keep --momentum as given
-        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
 
 

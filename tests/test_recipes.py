@@ -12,7 +12,7 @@ from cifar_exp.config import RECIPES, TrainConfig, recipe_config
 from cifar_exp.data import cutout
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import Shortcut, build_model, count_parameters
-from cifar_exp.train import build_classifier, build_optimizer, build_scheduler, lr_factor
+from cifar_exp.train import build_classifier, build_optimizer, build_scheduler, build_train_step, lr_factor
 
 
 @pytest.mark.parametrize(("name", "parameters"), [
@@ -45,12 +45,20 @@ def test_weight_decay_skips_biases_and_batchnorm():
     assert optimizer.param_groups[0]["nesterov"]
 
 
-def test_label_smoothing_changes_the_loss_as_defined():
-    logits, labels, eps = torch.randn(8, 10), torch.randint(0, 10, (8,)), 0.1
-    smoothed = F.cross_entropy(logits, labels, label_smoothing=eps)
-    log_probs = logits.log_softmax(1)
+def test_training_step_uses_label_smoothing_as_defined():
+    images, labels, eps = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)), 0.1
+    cfg = TrainConfig(label_smoothing=eps, amp=False, channels_last=False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(20)  # confident logits, where smoothing changes the loss a lot
+    log_probs = model(images).log_softmax(1)  # the step measures its loss before it updates the weights
     expected = ((1 - eps) * -log_probs.gather(1, labels[:, None]).squeeze(1) - eps * log_probs.mean(1)).mean()
-    torch.testing.assert_close(smoothed, expected)
+    optimizer = build_optimizer(cfg, model)
+    step = build_train_step(cfg, model, optimizer, build_scheduler(cfg, optimizer, 1), None)
+    step(images, labels)
+    loss, _ = step.read(len(labels))
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss - F.cross_entropy(log_probs, labels).item()) > 1e-3  # smoothing changed it
 
 
 def _lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
@@ -81,11 +89,35 @@ def test_cosine_schedule_with_warmup():
 
 
 def test_onecycle_schedule_peaks_after_warmup():
-    lrs = _lrs(TrainConfig(epochs=10, lr=0.4, schedule="onecycle", warmup_epochs=3, momentum=0.9,
+    lrs = _lrs(TrainConfig(epochs=10, lr=0.4, schedule="onecycle", warmup_epochs=2, momentum=0.9,
                            optimizer="nesterov"), steps_per_epoch=10)
     assert lrs[0] == pytest.approx(0.4 / 25)  # OneCycleLR starts at max_lr / div_factor
-    assert max(lrs) == pytest.approx(0.4) and lrs.index(max(lrs)) == 29  # peak at 30% of 100 steps
+    assert max(lrs) == pytest.approx(0.4) and lrs.index(max(lrs)) == 19  # peak after 2 of 10 epochs
     assert lrs[-1] < 1e-4
+
+
+@pytest.mark.parametrize(("epochs", "steps_per_epoch", "warmup_epochs"), [(10, 7, 2.0), (5, 9, 0.0), (50, 3, 10.0)])
+def test_onecycle_schedule_is_pytorchs(epochs, steps_per_epoch, warmup_epochs):
+    cfg = TrainConfig(epochs=epochs, lr=0.4, schedule="onecycle", warmup_epochs=warmup_epochs)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch,
+        pct_start=warmup_epochs / epochs if warmup_epochs else 0.3, cycle_momentum=False)
+    expected = []
+    for _ in range(epochs * steps_per_epoch):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    assert _lrs(cfg, steps_per_epoch) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(("warmup_epochs", "steps_per_epoch"), [(2.0, 4), (0.25, 4)])  # all steps; one step
+def test_onecycle_schedule_takes_every_warmup_the_config_allows(warmup_epochs, steps_per_epoch):
+    # PyTorch's OneCycleLR divides by zero on these (an empty falling or rising phase).
+    cfg = TrainConfig(epochs=2, lr=0.4, schedule="onecycle", warmup_epochs=warmup_epochs)
+    lrs = _lrs(cfg, steps_per_epoch)
+    assert max(lrs) == pytest.approx(0.4) and all(0 < lr <= 0.4 for lr in lrs)
+    assert lr_factor(cfg, 2 * steps_per_epoch, steps_per_epoch) > 0  # the step after the last one
 
 
 def test_recipe_seed_is_exactly_the_default():
@@ -127,6 +159,10 @@ def test_cutout_blanks_one_square_per_image():
     assert bool((blanked <= 64).all()) and bool((blanked > 0).all())
     assert int((blanked == 64).sum()) > 20  # most squares lie fully inside the image
     assert torch.equal(out[:, 0], out[:, 2])  # the same square on every channel
+    for mask in out[:, 0] == 0.5:  # (32, 32): one axis-aligned block, at most 8 by 8
+        rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
+        assert len(rows) <= 8 and len(cols) <= 8
+        assert int(mask.sum()) == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
 
 
 def test_pico_res_is_pico_plus_identity_shortcuts():
