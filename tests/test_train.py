@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cifar_exp.config import DataConfig, TrainConfig
-from cifar_exp.data import DeviceBatches, load_splits
+from cifar_exp.data import DeviceBatches, ImageSet, load_splits
 from cifar_exp.errors import ConfigError, TrainingDivergedError
 from cifar_exp.train import (
     GraphedTrainStep,
@@ -183,3 +183,15 @@ def test_cpu_training_keeps_large_blocks_off_fresh_mmap_pages():
     assert mmapped_bytes("default") >= 16 * 2**20  # glibc's default: its own mmap, page-faulted in
     assert mmapped_bytes("keep") == 0  # from the heap, whose freed pages stay mapped for the next step
     assert keep_freed_memory_in_process() and keep_freed_memory_in_process()  # once per process
+
+
+def test_mirror_tta_averages_the_probabilities_of_each_image_and_its_mirror():
+    data = ImageSet("test", torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8), torch.arange(30) % 10)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))  # not mirror-symmetric
+    images = data.images.float() / 255
+    expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)).detach() / 2  # (30, 10)
+    result = evaluate(model, data, batch_size=8, tta=True)  # 4 batches, the last one uneven
+    torch.testing.assert_close(torch.from_numpy(result.probabilities), expected)
+    assert result.loss == pytest.approx(-expected.log()[torch.arange(30), data.labels].mean().item(), rel=1e-5)
+    plain = evaluate(model, data, batch_size=8)
+    assert not torch.allclose(torch.from_numpy(plain.probabilities), expected)
