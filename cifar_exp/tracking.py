@@ -107,10 +107,10 @@ def start_run(
     mlflow.end_run(status="FINISHED")
 
 
-def kill_stale_run(run_id: str) -> list[str]:
+def kill_stale_run(run_id: str, tags: dict[str, str] | None = None) -> list[str]:
     """Close a run whose process died (and its parent run) as KILLED; returns the ids closed.
 
-    Runs that are no longer RUNNING are left as they are.
+    ``tags`` are set on ``run_id`` when it is closed. Runs that are no longer RUNNING are left as they are.
     """
     client = MlflowClient()
     closed = []
@@ -120,6 +120,8 @@ def kill_stale_run(run_id: str) -> list[str]:
         except MlflowException:
             break
         if run.info.status == "RUNNING":
+            for key, value in (tags if not closed else {}).items():
+                client.set_tag(run_id, key, value)
             client.set_terminated(run_id, status="KILLED")
             closed.append(run_id)
         run_id = run.data.tags.get("mlflow.parentRunId")

@@ -23,11 +23,13 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import hashlib
 import logging
 import math
 import os
 import random
 import re
+import socket
 import tempfile
 import time
 import warnings
@@ -303,20 +305,10 @@ class _Objective:
             with tracking.start_run(cfg.tracking.experiment_name, f"trial-{trial.number}", tags=tags,
                                     nested=True) as run_id:
                 trial.set_user_attr("mlflow_run_id", run_id)
-                tracking.log_params(cfg.flat())
                 try:
+                    tracking.log_params(cfg.flat())
                     result = fit(cfg.train, self.splits, progress=self.progress,
                                  on_epoch_end=lambda stats: self._epoch_end(trial, stats))
-                except optuna.TrialPruned as error:
-                    pruned = error  # raised below, once the run is closed as FINISHED
-                    self._finish(trial, "PRUNED", str(error))
-                except TrainingDivergedError as error:
-                    self._finish(trial, "FAIL", str(error))
-                    raise
-                except KeyboardInterrupt:
-                    self._finish(trial, "FAIL", "interrupted")
-                    raise
-                else:
                     value = result.history[-1].val_accuracy
                     metrics = {
                         "train_seconds": result.train_seconds,
@@ -329,6 +321,17 @@ class _Objective:
                         trial.set_user_attr("parameter_count", parameter_count)  # for the Pareto reports
                         metrics.update({LATENCY_OBJECTIVE: latency_ms, "parameter_count": parameter_count})
                     tracking.log_metrics(metrics)
+                except optuna.TrialPruned as error:
+                    pruned = error  # raised below, once the run is closed as FINISHED
+                    self._finish(trial, "PRUNED", str(error))
+                except TrainingDivergedError as error:
+                    self._finish(trial, "FAIL", str(error))
+                    raise
+                except BaseException as error:  # Ctrl-C, SIGTERM or a bug: Optuna marks the trial FAIL
+                    self._finish(trial, "FAIL", "interrupted" if isinstance(error, KeyboardInterrupt)
+                                 else f"{type(error).__name__}: {_first_line(error)}")
+                    raise
+                else:
                     self._finish(trial, "COMPLETE", None)
         except TrainingDivergedError:
             # NaN values make Optuna mark the trial FAIL (reason in its user attrs); the study goes on.
@@ -400,7 +403,6 @@ def hide_password(url: str) -> str:
 def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str) -> optuna.Study:
     """Create the study or load it; a storage that cannot be used fails here, before any training."""
     shown = hide_password(storage_url)
-    seed = sampler_seed(cfg.train.seed, storage_url)
     wanted = study_directions(tune_cfg)
     for attempt in range(3):
         try:
@@ -408,8 +410,9 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
                 storage = _storage(storage_url, tune_cfg.heartbeat_interval)
                 study = optuna.create_study(
                     storage=storage, study_name=study_name, directions=wanted, load_if_exists=True,
-                    sampler=_sampler(tune_cfg, seed), pruner=_pruner(tune_cfg, cfg.train.epochs),
+                    pruner=_pruner(tune_cfg, cfg.train.epochs),
                 )
+                trials_so_far = len(study.get_trials(deepcopy=False))
             break
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
                 sqlalchemy.exc.InternalError) as error:
@@ -419,6 +422,7 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
             time.sleep(0.5 + random.random())
         except Exception as error:
             raise StorageError(f"Optuna storage {shown} cannot be used: {_first_line(error)}") from None
+    study.sampler = _sampler(tune_cfg, sampler_seed(cfg.train.seed, storage_url, trials_so_far))
     directions = [d.name.lower() for d in study.directions]
     if directions != wanted:
         aims = (f"--objectives accuracy,latency maximises {OBJECTIVE} and minimises {LATENCY_OBJECTIVE}"
@@ -473,14 +477,24 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
         )
 
 
-def sampler_seed(seed: int, storage_url: str) -> int:
-    """``--seed``, mixed with the process id on a database server shared by several workers.
+def sampler_seed(seed: int, storage_url: str, trials_so_far: int) -> int:
+    """The sampler's seed: ``--seed`` itself for a new study in a local database.
 
-    Workers that share a study and a seed would otherwise propose the same random trials.
+    A sampler seeded alike would propose the same random trials again, so the seed is mixed with the
+    number of trials the study already holds (a resumed study) and, on a storage that several workers
+    share (a database server, a journal file), with the host name and process id.
     """
-    if _is_database_server(storage_url):
-        return (seed * 1_000_003 + os.getpid()) % 2**32
-    return seed
+    parts: list[object] = [seed, trials_so_far]
+    if _is_shared_storage(storage_url):
+        parts += [socket.gethostname(), os.getpid()]
+    if parts == [seed, 0]:
+        return seed
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def _is_shared_storage(storage_url: str) -> bool:
+    """A storage that several workers may use at once: a database server or a journal file."""
+    return "://" not in storage_url or _is_database_server(storage_url)
 
 
 def _is_database_server(storage_url: str) -> bool:
@@ -525,7 +539,9 @@ def _stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id:
         try:
-            closed = tracking.kill_stale_run(run_id)
+            closed = tracking.kill_stale_run(
+                run_id, tags={"optuna_state": "FAIL", "optuna_reason": "worker lost (no heartbeat)"}
+            )
         except Exception as error:  # the tracking store of a dead worker may be out of reach
             log.warning("could not close MLflow run %s of stale trial %d: %s", run_id, trial.number,
                         _first_line(error))

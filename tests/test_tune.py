@@ -22,7 +22,7 @@ from cifar_exp.cli import main
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import build_model, count_parameters
-from cifar_exp.tune import baseline_width_params, default_study_name, tune
+from cifar_exp.tune import baseline_width_params, default_study_name, open_study, tune
 from conftest import signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +166,23 @@ def test_nan_trial_fails_cleanly_and_the_study_goes_on(tiny_data, tracking_store
     assert optuna.load_study(study_name="nan", storage=storage).trials[0].user_attrs["reason"] == failed.reason
 
 
+def test_a_trial_that_crashes_is_failed_in_optuna_and_mlflow(tiny_data, tracking_store, cache_dir, tmp_path,
+                                                            monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr("cifar_exp.tune.fit", crash)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    with pytest.raises(RuntimeError, match="boom"):
+        tune(tiny_config(tiny_data, cache_dir, epochs=1), TuneConfig(n_trials=1, study_name="crash", storage=storage),
+             report=lambda line: None)
+    assert [t.state for t in optuna.load_study(study_name="crash", storage=storage).trials] == [TrialState.FAIL]
+    runs = {r.info.run_name: r for r in all_runs()}
+    assert {r.info.status for r in runs.values()} == {"FAILED"}
+    assert runs["trial-0"].data.tags["optuna_state"] == "FAIL"
+    assert runs["trial-0"].data.tags["optuna_reason"] == "RuntimeError: boom"
+
+
 def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, tracking_store, cache_dir):
     cfg = tiny_config(tiny_data, cache_dir, epochs=2)
     outcome = tune(cfg, TuneConfig(n_trials=1, pruner="none", retrain_best=True), report=lambda line: None)
@@ -232,6 +249,27 @@ def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tr
     assert result.exit_code == 1
     assert "holds trials trained with other settings (epochs 5 -> 2" in result.output
     assert all_runs() == []
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask and tell, without optimize
+def test_a_resumed_study_samples_new_trials(tmp_path):
+    lr = optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)
+
+    def sample(storage: str, name: str, count: int) -> list[float]:
+        study = open_study(ExperimentConfig(), TuneConfig(sampler="random"), name, storage)
+        values = []
+        for _ in range(count):
+            trial = study.ask({"lr": lr})
+            study.tell(trial, 0.5)
+            values.append(trial.params["lr"])
+        return values
+
+    local = f"sqlite:///{tmp_path}/optuna.db"
+    first = sample(local, "resumed", 2)
+    assert sample(local, "fresh", 2) == first  # a new study follows --seed
+    assert set(sample(local, "resumed", 2)).isdisjoint(first)  # a resumed one does not repeat it
+    # A journal file may be shared by several workers: each samples its own trials.
+    assert set(sample(str(tmp_path / "studies.log"), "journal", 2)).isdisjoint(first)
 
 
 def test_single_objective_study_is_not_reopened_with_two_objectives(tiny_data, tracking_store, cache_dir,
@@ -423,6 +461,9 @@ def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_s
     assert "RUNNING" not in {r.info.status for r in all_runs()}
     dead = [r for r in all_runs() if r.info.status == "KILLED"]
     assert sorted(r.info.run_name for r in dead) == ["trial-0", "tune-killed"]
+    trial_run = next(r for r in dead if r.info.run_name == "trial-0")
+    assert trial_run.data.tags["optuna_state"] == "FAIL"
+    assert trial_run.data.tags["optuna_reason"] == "worker lost (no heartbeat)"
 
 
 @pytest.mark.slow
