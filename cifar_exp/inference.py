@@ -345,7 +345,7 @@ def _move_relu_before_max_pool(path: Path) -> int:
         if len(users) != 1 or nodes[users[0]].op_type != "Relu":
             continue
         relu = nodes[users[0]]
-        pooled, activated = pool.output[0], f"{pool.input[0]}_relu"
+        pooled, activated = pool.output[0], f"{relu.output[0]}_before_pool"  # unique: relu's output is
         relu.input[0], relu.output[0], pool.input[0], pool.output[0] = pool.input[0], activated, activated, relu.output[0]
         nodes[index], nodes[users[0]] = relu, pool  # relu now reads what the pool read: it goes first
         stale = [info for info in graph.value_info if info.name == pooled]
@@ -425,6 +425,9 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
                 onnx.save(quantized, str(int8_path))
         except OSError as error:
             raise ExportError(f"cannot write {int8_path}: {error.strerror or error}") from None
+        except Exception as error:  # ONNX Runtime's tools refuse a graph: say so in one line
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportError(f"cannot quantise {Path(fp32_path).name} to int8: {message}") from None
     log.info("quantised %s to int8 (%d calibration images; input channels padded to a multiple of %d: %s; "
              "linear layers run as 1x1 convs: %d; normalisation folded into the input quantisation: %s)",
              Path(fp32_path).name, len(calibration), INT8_CHANNEL_GROUP, ", ".join(padded) or "none", pointwise,
@@ -445,6 +448,7 @@ def _pad_conv_input_channels(model: Any) -> list[str]:
     weights = {tensor.name: tensor for tensor in graph.initializer}
     users = _consumers(graph)
     padded, nodes = [], []
+    padded_inputs: dict[tuple[str, int], str] = {}  # one Pad per tensor, however many convs read it
     for node in graph.node:
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
         weight = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
@@ -453,11 +457,13 @@ def _pad_conv_input_channels(model: Any) -> list[str]:
             missing = -values.shape[1] % INT8_CHANNEL_GROUP
             if missing:
                 channels = values.shape[1] + missing
-                pads = f"{node.name}_channel_pads"  # ONNX Pad: begins of all 4 axes, then ends
-                graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, missing, 0, 0]), pads))
-                padded_input = f"{node.input[0]}_{channels}_channels"
-                nodes.append(helper.make_node("Pad", [node.input[0], pads], [padded_input], mode="constant",
-                                              name=f"{node.name}_pad_channels"))
+                padded_input = padded_inputs.get((node.input[0], channels))
+                if padded_input is None:
+                    padded_input = padded_inputs[node.input[0], channels] = f"{node.input[0]}_{channels}_channels"
+                    pads = f"{node.name}_channel_pads"  # ONNX Pad: begins of all 4 axes, then ends
+                    graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, missing, 0, 0]), pads))
+                    nodes.append(helper.make_node("Pad", [node.input[0], pads], [padded_input], mode="constant",
+                                                  name=f"{node.name}_pad_channels"))
                 _replace_initializer(graph, weight, np.pad(values, ((0, 0), (0, missing), (0, 0), (0, 0))))
                 node.input[0] = padded_input
                 padded.append(node.name)

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -314,6 +315,43 @@ def test_relu_runs_before_max_pool_in_the_onnx_file(seed_onnx):
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("Conv") == 3 and "MaxPool" in ops
     assert [ops[i + 1] for i, op in enumerate(ops) if op == "Conv"] == ["Relu"] * 3
+
+
+class _TwoPooledBranches(torch.nn.Module):
+    """conv -> (MaxPool -> ReLU, MaxPool -> ReLU) -> concat: two pools read one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(2 * 8 * 16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = torch.relu(F.max_pool2d(y, 2))
+        b = torch.relu(F.max_pool2d(y, 2, padding=1)[..., 1:, 1:])
+        return self.head(torch.cat([a, b], 1).flatten(1))
+
+
+def test_relu_moves_before_each_of_two_pools_that_read_one_tensor(tmp_path):
+    model = _TwoPooledBranches().eval()
+    path = inference.export_onnx(model, tmp_path / "branches.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Relu") == 2 and ops.index("Relu") < ops.index("MaxPool")
+    images = torch.rand(3, 3, 32, 32)
+    logits = inference.onnx_session(path, 1).run(None, {"images": images.numpy()})[0]
+    np.testing.assert_allclose(logits, model(images).detach().numpy(), atol=1e-5)
+
+
+def test_int8_pads_a_tensor_read_by_two_convs_once(tmp_path):
+    # resnet8's second block reads one tensor twice (3x3 body and 1x1 shortcut): 10 channels, padded to 12.
+    model = build_classifier(TrainConfig(model="resnet8", widths="10,20,40"), 10).eval()
+    fp32 = inference.export_onnx(model, tmp_path / "resnet8.onnx")
+    calibration = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    int8 = inference.quantize_int8(fp32, tmp_path / "resnet8.int8.onnx", calibration)
+    pads = [n for n in onnx.load(str(int8)).graph.node if n.op_type == "Pad"]
+    assert len({n.output[0] for n in pads}) == len(pads)  # each padded tensor is produced once
+    logits = inference.onnx_session(int8, 1).run(None, {"images": calibration[:4]})[0]
+    assert logits.shape == (4, 10) and np.isfinite(logits).all()
 
 
 def test_export_to_an_unwritable_folder(tmp_path):
