@@ -342,6 +342,9 @@ class BenchmarkConfig:
     output: str = option("benchmark.json", "Where the JSON report is written.")
 
     def __post_init__(self) -> None:
+        if self.model_uri is not None and not self.model_uri.strip():
+            # An empty --model-uri (the MLproject's default) means none: an untrained --model.
+            object.__setattr__(self, "model_uri", None)
         self.batch_size_list()
         self.backend_names()
         _require_at_least(self, 0, "threads", note=" (0: all cores)")

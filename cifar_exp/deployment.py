@@ -21,7 +21,7 @@ from torch import nn
 from cifar_exp import tracking
 from cifar_exp.config import BACKENDS, BenchmarkConfig, DataConfig, ExportConfig, TrackingConfig, TrainConfig
 from cifar_exp.data import ImageSet, load_dataset
-from cifar_exp.errors import ConfigError, DataError, TrackingError
+from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError
 from cifar_exp.inference import (
     BenchmarkReport,
     ExportResult,
@@ -86,6 +86,8 @@ def benchmark_and_track(
     tracking.check_tracking_store()
     json_path = Path(bench.output).expanduser()
     check_writable_folder(json_path.parent)
+    if json_path.is_dir():
+        raise ExportError(f"--output {json_path} is a folder; name the JSON file to write")
     source_run_id = None
     if bench.model_uri:
         model, classes = load_classifier(bench.model_uri)

@@ -33,7 +33,7 @@ from cifar_exp.config import BenchmarkConfig
 from cifar_exp.data import IMAGE_SHAPE, ImageSet
 from cifar_exp.errors import ConfigError, ExportError, TrackingError
 from cifar_exp.models import count_parameters
-from cifar_exp.train import cpu_name, cpu_supports_bf16
+from cifar_exp.train import cpu_name, cpu_supports_bf16, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def check_classifier(model: nn.Module, name: str, device: torch.device | str = "
     """Reject models that do not map (B, 3, 32, 32) images to (B, classes) scores; returns classes."""
     probe = torch.rand(2, *IMAGE_SHAPE, device=device)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(model):
             output = model(probe)
     except Exception as error:
         raise TrackingError(
@@ -261,7 +261,8 @@ def count_macs(model: nn.Module) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(iter(model.parameters()), torch.empty(0)).device
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    # Eval mode: a training-mode BatchNorm would fold the zero image into its running statistics.
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), eval_mode(model):
         model(torch.zeros(1, *IMAGE_SHAPE, device=device))
     return counter.get_total_flops() // 2
 
@@ -291,15 +292,21 @@ def check_writable_folder(folder: Path) -> Path:
     return folder
 
 
+def shipped_copy(model: nn.Module) -> nn.Module:
+    """An fp32 CPU copy of ``model`` in eval mode: the model as it ships, whatever mode it was in."""
+    shipped = copy.deepcopy(model).float().cpu()
+    if not isinstance(shipped, torch.fx.GraphModule):  # torch.export'ed modules are frozen in eval
+        shipped.eval()
+    return shipped
+
+
 def export_onnx(model: nn.Module, path: Path) -> Path:
     """Write ``model`` as an ONNX file whose batch dimension is dynamic (input ``images``).
 
     Works for eager modules and for the ``torch.export`` programs MLflow loads (``GraphModule``).
     """
     path = Path(path)
-    exported = copy.deepcopy(model).float().cpu()
-    if not isinstance(exported, torch.fx.GraphModule):  # torch.export'ed modules are frozen in eval
-        exported.eval()
+    exported = shipped_copy(model)
     example = torch.rand(2, *IMAGE_SHAPE)  # batch >= 2, or torch.export specialises it to 1
     batch = torch.export.Dim("batch")
     chatter = io.StringIO()  # the exporter prints its progress to stdout; only the CLI prints
@@ -956,7 +963,7 @@ def run_benchmark(
     threads = cfg.threads or available_cores()
     wanted = cfg.backend_names()
     batch_sizes = cfg.batch_size_list()
-    model = copy.deepcopy(model).float().cpu()
+    model = shipped_copy(model)
     fp32_path = export_onnx(model, work_dir / "model.onnx")
     int8_path = None
     if calibration is not None and "onnxruntime-int8" in wanted:
@@ -1104,7 +1111,7 @@ def export_and_verify(
     float rounding (``FP32_LOGIT_TOLERANCE``).
     """
     threads = threads or available_cores()
-    model = copy.deepcopy(model).float().cpu()
+    model = shipped_copy(model)
     out_dir = check_writable_folder(out_dir)
     images, labels = images_as_float(test), test.labels.numpy()
     reference = _TorchBackend("pytorch-fp32", model, torch.device("cpu"), threads).predict(images)

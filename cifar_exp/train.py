@@ -470,7 +470,7 @@ def evaluate(
     device = next(model.parameters()).device
     batches = DeviceBatches(data, batch_size, device=device, channels_last=channels_last)
     probabilities = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for images, _ in batches:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 batch_probabilities = model(images).float().softmax(1)  # (B, classes)
@@ -492,7 +492,7 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the block, then the previous mode again."""
     if isinstance(model, torch.fx.GraphModule):  # torch.export'ed: frozen in the mode it was exported in
         yield

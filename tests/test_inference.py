@@ -124,6 +124,12 @@ def test_benchmark_config_rejects_unknown_backends():
         "onnxruntime-int8", "pytorch-fp32")
 
 
+
+def test_an_empty_model_uri_is_none():
+    # The MLproject's benchmark entry point passes --model-uri "" for "the untrained --model".
+    assert BenchmarkConfig(model_uri="").model_uri is None and BenchmarkConfig(model_uri=" ").model_uri is None
+    assert BenchmarkConfig(model_uri="runs:/abc/model").model_uri == "runs:/abc/model"
+
 # --------------------------------------------------------------------------------------------------
 # ONNX and int8
 
@@ -178,6 +184,25 @@ def test_int8_export_keeps_the_accuracy(tiny_trained, tmp_path):
     metrics = result.metrics()
     assert metrics["onnxruntime-int8/test_accuracy"] == int8.accuracy
     assert metrics["onnxruntime-fp32/top1_agreement"] == 1.0
+
+
+def test_a_model_in_training_mode_is_measured_as_it_ships(tiny_trained, tmp_path):
+    # BatchNorm in training mode would use batch statistics (and update its running ones): the
+    # reference logits, MAC count and shape check must all use eval mode, and leave the model as it was.
+    _, splits = tiny_trained
+    model = build_classifier(TrainConfig(model="seed-bn"), 10)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert model.training
+    inference.check_classifier(model, "seed-bn")
+    inference.count_macs(model)
+    result = inference.export_and_verify(model, tmp_path / "out", test=splits.test, threads=1)
+    assert result.onnx_check.top1_agreement == 1.0 and result.onnx_check.max_abs_logit_diff < 1e-4
+    assert model.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
 
 
 def test_calibration_takes_at_most_the_training_set(tiny_trained):
@@ -634,6 +659,9 @@ def test_benchmark_output_that_cannot_be_written(in_store, tmp_path):
     before = len(all_runs())
     result = run_cli("benchmark", "--output", blocker / "b.json")
     assert result.exit_code == 1 and f"Error: cannot write to {blocker}" in result.output
+    assert len(all_runs()) == before
+    result = run_cli("benchmark", "--output", tmp_path)  # a folder, not a file
+    assert result.exit_code == 1 and f"Error: --output {tmp_path} is a folder; name the JSON file" in result.output
     assert len(all_runs()) == before
 
 
