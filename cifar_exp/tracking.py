@@ -246,6 +246,8 @@ def model_source_run(model_uri: str) -> str | None:
             if "@" in name_ref:
                 name, alias = name_ref.split("@", 1)
                 return client.get_model_version_by_alias(name, alias).run_id
+            if "/" not in name_ref:  # models:/m-<id>: a logged model (what log_model returns)
+                return client.get_logged_model(name_ref).source_run_id
             name, version = name_ref.split("/", 1)
             return client.get_model_version(name, version).run_id
     except MlflowException:

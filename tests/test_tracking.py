@@ -116,6 +116,16 @@ def test_registered_model_loads_by_alias_and_predicts_the_same(trained):
     assert loaded(images[:1]).shape == (1, 10)
 
 
+def test_every_form_of_model_uri_names_its_source_run(trained):
+    outcome, _, _ = trained
+    assert outcome.model_uri.startswith("models:/m-")  # MLflow 3's logged-model URI, as train prints it
+    for uri in (outcome.model_uri, f"runs:/{outcome.run_id}/model", "models:/cifar10-seed/1",
+                "models:/cifar10-seed@champion"):
+        assert tracking.model_source_run(uri) == outcome.run_id, uri
+    for unknown in ("models:/m-0000", "models:/no-such-model/1", "models:/cifar10-seed@nobody"):
+        assert tracking.model_source_run(unknown) is None, unknown
+
+
 def test_champion_moves_only_to_a_better_version(trained):
     outcome, _, client = trained
     name = "cifar10-seed"
