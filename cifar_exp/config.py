@@ -131,6 +131,7 @@ class TrainConfig:
     eval_batch_size: int = option(1000, "Batch size for validation and test evaluation.")
 
     def __post_init__(self) -> None:
+        _require_finite(self)
         _require_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
@@ -146,7 +147,11 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ConfigError(f"warmup-epochs must be in [0, epochs], got {self.warmup_epochs}")
+            from_recipe = RECIPES.get(self.recipe, {}).get("warmup_epochs") == self.warmup_epochs
+            raise ConfigError(
+                f"warmup-epochs must be in [0, epochs {self.epochs}], got {self.warmup_epochs}"
+                + (f" (set by --recipe {self.recipe}: pass --warmup-epochs too)" if from_recipe else "")
+            )
         if not 0 <= self.cutout <= 32:
             raise ConfigError(f"cutout must be in [0, 32] pixels, got {self.cutout}")
         self.conv_widths()
@@ -173,6 +178,14 @@ class TrackingConfig:
     registered_model_name: str | None = option(
         None, "Registered model name (default: cifar10-<model>)."
     )
+
+    def __post_init__(self) -> None:
+        if not self.experiment_name.strip():
+            raise ConfigError("experiment-name must not be empty")
+        name = self.registered_model_name
+        if name is not None and (not name.strip() or "/" in name or ":" in name):
+            # The Model Registry's rule; checked here, not after the training it would waste.
+            raise ConfigError(f"registered-model-name must be non-empty without '/' or ':', got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -237,6 +250,7 @@ class TuneConfig:
     )
 
     def __post_init__(self) -> None:
+        _require_finite(self)
         _require_at_least(self, 1, "n_trials")
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
@@ -342,6 +356,7 @@ class BenchmarkConfig:
     output: str = option("benchmark.json", "Where the JSON report is written.")
 
     def __post_init__(self) -> None:
+        _require_finite(self)
         if self.model_uri is not None and not self.model_uri.strip():
             # An empty --model-uri (the MLproject's default) means none: an untrained --model.
             object.__setattr__(self, "model_uri", None)
@@ -432,6 +447,14 @@ def _positive_ints(text: str, option_name: str) -> tuple[int, ...]:
     if min(values) < 1:
         raise ConfigError(f"{option_name} must be comma-separated positive integers, got {text!r}")
     return values
+
+
+def _require_finite(config: Any) -> None:
+    """Every float field must be a finite number: NaN passes every comparison check unnoticed."""
+    for field_ in dataclasses.fields(config):
+        value = getattr(config, field_.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{field_.name.replace('_', '-')} must be a finite number, got {value}")
 
 
 def _require_at_least(config: Any, minimum: int, *names: str, note: str = "") -> None:

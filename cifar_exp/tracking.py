@@ -93,9 +93,14 @@ def start_run(
         # started later (tune's trials) are new runs, not that run resumed.
         run = mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"), tags=tags)
     else:
-        if mlflow.active_run() is None:
-            mlflow.set_experiment(experiment_name)
-        run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+        try:
+            if mlflow.active_run() is None:
+                mlflow.set_experiment(experiment_name)
+            run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+        except MlflowException as error:  # e.g. an experiment of that name was deleted
+            message = str(error.message).strip().splitlines()
+            raise TrackingError(f"cannot start a run in experiment {experiment_name!r}: "
+                                f"{message[0] if message else type(error).__name__}") from None
     try:
         yield run.info.run_id
     except KeyboardInterrupt:

@@ -1,8 +1,9 @@
 import dataclasses
+import math
 
 import pytest
 
-from cifar_exp.config import DataConfig, ExperimentConfig, TrainConfig
+from cifar_exp.config import BenchmarkConfig, DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig, recipe_config
 from cifar_exp.errors import ConfigError
 
 
@@ -26,6 +27,12 @@ def test_defaults_are_the_seed_recipe():
     ("widths", "32,0,64", "widths must be comma-separated positive integers, got '32,0,64'"),
     ("widths", "wide", "widths must be comma-separated positive integers, got 'wide'"),
     ("hidden", -1, r"hidden must be >= 0 \(0: the architecture's own\), got -1"),
+    ("lr", math.nan, "lr must be a finite number, got nan"),  # NaN fails no comparison
+    ("momentum", math.nan, "momentum must be a finite number, got nan"),
+    ("weight_decay", math.inf, "weight-decay must be a finite number, got inf"),
+    ("norm_std", math.nan, "norm-std must be a finite number, got nan"),
+    ("warmup_epochs", math.nan, "warmup-epochs must be a finite number, got nan"),
+    ("warmup_epochs", 60.0, r"warmup-epochs must be in \[0, epochs 50\], got 60.0$"),
 ])
 def test_bad_training_values_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -49,3 +56,25 @@ def test_config_is_frozen_and_flattens_every_field():
 def test_width_knobs_default_to_the_architectures_own():
     assert TrainConfig().conv_widths() is None and TrainConfig().hidden == 0
     assert TrainConfig(widths=" 32, 48,64").conv_widths() == (32, 48, 64)
+
+
+def test_a_recipes_warmup_longer_than_the_epochs_asked_for_names_the_recipe():
+    with pytest.raises(ConfigError, match=r"got 10 \(set by --recipe pico: pass --warmup-epochs too\)"):
+        dataclasses.replace(recipe_config("pico"), epochs=5)
+
+
+def test_other_configs_refuse_nan_too():
+    with pytest.raises(ConfigError, match="lr-min must be a finite number, got nan"):
+        TuneConfig(lr_min=math.nan)
+    with pytest.raises(ConfigError, match="seconds-per-repeat must be a finite number, got inf"):
+        BenchmarkConfig(seconds_per_repeat=math.inf)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"experiment_name": " "}, "experiment-name must not be empty"),
+    ({"registered_model_name": "a/b"}, "registered-model-name must be non-empty without '/' or ':', got 'a/b'"),
+    ({"registered_model_name": ""}, "registered-model-name must be non-empty"),
+])
+def test_tracking_names_mlflow_would_refuse_are_refused_before_training(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        TrackingConfig(**fields)

@@ -13,7 +13,7 @@ from sklearn.metrics import precision_score, recall_score
 from cifar_exp import tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
 from cifar_exp.data import load_splits
-from cifar_exp.errors import TrainingDivergedError
+from cifar_exp.errors import TrackingError, TrainingDivergedError
 from cifar_exp.experiment import train_and_track
 
 EPOCHS = 3
@@ -145,3 +145,13 @@ def test_diverged_training_leaves_a_failed_run(tiny_data, tracking_store, cache_
         train_and_track(cfg)
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_a_deleted_experiment_is_a_one_line_error_and_no_run(tracking_store):
+    client = MlflowClient()
+    client.delete_experiment(client.create_experiment("gone"))
+    with pytest.raises(TrackingError, match="cannot start a run in experiment 'gone': .*deleted") as raised:
+        with tracking.start_run("gone"):
+            pass
+    assert "\n" not in str(raised.value)
+    assert mlflow.active_run() is None
