@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import platform
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import sqlalchemy.engine
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -60,19 +62,32 @@ def local_store_folder() -> Path:
 def check_tracking_store() -> str:
     """Fail fast, before any training, when the tracking store cannot be reached."""
     uri = tracking_uri()
+    shown = hide_password(uri)
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
                 pass
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
+            raise TrackingError(f"MLflow tracking server {shown} is unreachable: {reason}") from None
     else:
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except Exception as error:
-            raise TrackingError(f"MLflow tracking store {uri} cannot be used: {error}") from None
+            lines = str(error).strip().splitlines()  # SQLAlchemy appends a "Background on this error" line
+            raise TrackingError(f"MLflow tracking store {shown} cannot be used: "
+                                f"{lines[0] if lines else type(error).__name__}") from None
     return uri
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password, if any, as ``***``: for messages and logs."""
+    if "://" not in url:
+        return url
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: hide whatever sits between user: and @
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 @contextlib.contextmanager

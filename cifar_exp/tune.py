@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import random
-import re
 import socket
 import tempfile
 import time
@@ -179,7 +178,7 @@ def tune(
     amp_dtype = resolve_amp_dtype(cfg.train, device)
     study_name = tune_cfg.study_name or default_study_name(cfg, tune_cfg)
     storage_url = tune_cfg.storage or default_storage()
-    shown_url = hide_password(storage_url)
+    shown_url = tracking.hide_password(storage_url)
     study = open_study(cfg, tune_cfg, study_name, storage_url)
     splits = load_splits(cfg.data)  # once: every trial trains on the same tensors
 
@@ -391,18 +390,9 @@ def default_storage() -> str:
     return f"sqlite:///{path}"
 
 
-def hide_password(url: str) -> str:
-    if "://" not in url:
-        return url
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: hide whatever sits between user: and @
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
 def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str) -> optuna.Study:
     """Create the study or load it; a storage that cannot be used fails here, before any training."""
-    shown = hide_password(storage_url)
+    shown = tracking.hide_password(storage_url)
     wanted = study_directions(tune_cfg)
     for attempt in range(3):
         try:

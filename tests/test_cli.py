@@ -42,21 +42,26 @@ def test_every_train_option_has_help():
 
 
 
-@pytest.mark.parametrize("entry_point", ["main", "recipe", "evaluate", "tune", "benchmark", "export", "pareto"])
-def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, tmp_path):
-    # What `mlflow run . -e NAME` would execute, with the defaults, parsed (not run) by the CLI.
+@pytest.mark.parametrize(("entry_point", "parameters"), [
+    ("main", {}), ("recipe", {}), ("evaluate", {}), ("tune", {}), ("benchmark", {}), ("export", {}),
+    ("export", {"int8": "--no-int8"}), ("pareto", {}),
+])
+def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, parameters, tmp_path):
+    # What `mlflow run . -e NAME [-P ...]` would execute, parsed (not run) by the CLI.
     import shlex
 
     from mlflow.projects import _project_spec
 
     project = _project_spec.load_project(str(Path(__file__).resolve().parents[1]))
-    command = shlex.split(project.get_entry_point(entry_point).compute_command({}, str(tmp_path)))
+    command = shlex.split(project.get_entry_point(entry_point).compute_command(parameters, str(tmp_path)))
     assert command[0] == "cifar-exp"
     subcommand = main.get_command(main.make_context("cifar-exp", command[1:2]), command[1])
     with subcommand.make_context(command[1], command[2:]) as context:
         assert context.params  # every option name and value converted by click
     if entry_point == "recipe":
         assert context.params["recipe"] == "pico" and "lr" not in command and "--lr" not in command
+    if entry_point == "export":
+        assert context.params["int8"] == (parameters != {"int8": "--no-int8"})
 
 def test_module_entry_point_works():
     out = subprocess.run([sys.executable, "-m", "cifar_exp", "models"], capture_output=True, text=True,

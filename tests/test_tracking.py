@@ -155,3 +155,11 @@ def test_a_deleted_experiment_is_a_one_line_error_and_no_run(tracking_store):
             pass
     assert "\n" not in str(raised.value)
     assert mlflow.active_run() is None
+
+
+def test_an_unusable_store_is_one_line_without_its_password(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://who:secret@127.0.0.1:9/db")
+    with pytest.raises(TrackingError, match=r"MLflow tracking store postgresql://who:\*\*\*@127.0.0.1:9/db cannot be used"
+                       ) as raised:
+        tracking.check_tracking_store()
+    assert "secret" not in str(raised.value) and "\n" not in str(raised.value)
