@@ -312,5 +312,9 @@ def ui(host: str, port: int) -> None:
     """Start the MLflow UI on the store cifar-exp logs to (MLFLOW_TRACKING_URI or ./mlflow.db)."""
     from cifar_exp import tracking
 
-    click.echo(f"MLflow UI for {tracking.tracking_uri()} at http://{host}:{port}")
+    uri = tracking.tracking_uri()
+    if uri.startswith(("http://", "https://")):  # a tracking server already serves its own UI
+        click.echo(f"MLFLOW_TRACKING_URI is a tracking server: open {tracking.hide_password(uri)} in a browser")
+        return
+    click.echo(f"MLflow UI for {tracking.hide_password(uri)} at http://{host}:{port}")
     sys.exit(tracking.launch_ui(host, port))

@@ -237,19 +237,28 @@ def measure_matmul_rate(
 
 
 def check_classifier(model: nn.Module, name: str, device: torch.device | str = "cpu") -> int:
-    """Reject models that do not map (B, 3, 32, 32) images to (B, classes) scores; returns classes."""
-    probe = torch.rand(2, *IMAGE_SHAPE, device=device)
-    try:
-        with torch.inference_mode(), eval_mode(model):
-            output = model(probe)
-    except Exception as error:
-        raise TrackingError(
-            f"model {name} does not accept (B, 3, 32, 32) images: {str(error).splitlines()[0]}"
-        ) from None
-    if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != 2 or output.shape[1] < 2:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise TrackingError(f"model {name} is not an image classifier: output {shape} for 2 images")
-    return int(output.shape[1])
+    """Reject models that do not map (B, 3, 32, 32) images to (B, classes) scores; returns classes.
+
+    Probed at batch 2 and at batch 1 (what latency is timed at): a model exported with a fixed batch
+    size fails here, not halfway through a benchmark.
+    """
+    classes = None
+    for batch_size in (2, 1):
+        probe = torch.rand(batch_size, *IMAGE_SHAPE, device=device)
+        try:
+            with torch.inference_mode(), eval_mode(model):
+                output = model(probe)
+        except Exception as error:
+            raise TrackingError(
+                f"model {name} does not accept (B, 3, 32, 32) images: {str(error).splitlines()[0]}"
+            ) from None
+        if (not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != batch_size
+                or output.shape[1] < 2 or output.shape[1] != (classes or output.shape[1])):
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise TrackingError(f"model {name} is not an image classifier: output {shape} for {batch_size} "
+                                f"image{'s' if batch_size > 1 else ''}")
+        classes = int(output.shape[1])
+    return classes
 
 
 def count_macs(model: nn.Module) -> int:

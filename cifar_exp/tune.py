@@ -58,7 +58,7 @@ from cifar_exp.experiment import TrainingOutcome, train_and_track  # noqa: E402
 from cifar_exp.inference import measure_latency  # noqa: E402
 from cifar_exp.models import architecture, count_parameters  # noqa: E402
 from cifar_exp.reports import TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
-from cifar_exp.train import EpochStats, build_network, fit, resolve_amp_dtype, resolve_device  # noqa: E402
+from cifar_exp.train import EpochStats, build_network, cpu_name, fit, resolve_amp_dtype, resolve_device  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -439,11 +439,13 @@ def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig) -> dict[str, Any
     settings.update({f"data.{k}": getattr(cfg.data, k) for k in DATA_STUDY_SETTINGS})
     if tune_cfg.multi_objective:
         # What else its values depend on: the choices searched (Optuna refuses other categorical
-        # choices for a parameter within a study) and the threads latency is timed with.
+        # choices for a parameter within a study), the threads latency is timed with and the CPU it
+        # is timed on (latencies from two kinds of machine cannot share one Pareto front).
         settings.update({
             "tune.width_choices": ",".join(map(str, tune_cfg.width_choice_list())),
             "tune.hidden_choices": ",".join(map(str, tune_cfg.hidden_choice_list())),
             "tune.latency_threads": tune_cfg.latency_threads,
+            "tune.latency_cpu": cpu_name(),
         })
     return settings
 

@@ -172,3 +172,12 @@ def test_mlflow_run_of_the_project(tiny_data, tracking_store, cache_dir, tmp_pat
     assert run.data.params["train.epochs"] == "1"
     assert "test_accuracy" in run.data.metrics
     assert MlflowClient().get_model_version_by_alias("cifar10-seed", "champion").run_id == run.info.run_id
+
+
+def test_ui_on_a_tracking_server_points_at_the_servers_own_ui(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    launched = []
+    monkeypatch.setattr("cifar_exp.tracking.launch_ui", lambda host, port: launched.append(port) or 0)
+    result = run_cli("ui")
+    assert result.exit_code == 0 and "open http://tracking.example:5000 in a browser" in result.output
+    assert launched == []

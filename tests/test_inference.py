@@ -75,6 +75,17 @@ def test_check_classifier_rejects_other_input_sizes():
         inference.check_classifier(wrong_input, "big-images")
 
 
+def test_check_classifier_rejects_a_fixed_batch_size():
+    class BatchOfTwo(torch.nn.Module):  # as a model exported without a dynamic batch axis behaves
+        def forward(self, images):
+            if len(images) != 2:
+                raise RuntimeError(f"expected batch 2, got {len(images)}")
+            return images.flatten(1)[:, :10]
+
+    with pytest.raises(TrackingError, match="model fixed does not accept .* images: expected batch 2, got 1"):
+        inference.check_classifier(BatchOfTwo(), "fixed")
+
+
 # --------------------------------------------------------------------------------------------------
 # Timing
 

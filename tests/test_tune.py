@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from cifar_exp.cli import main
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig
-from cifar_exp.errors import ConfigError
+from cifar_exp.errors import ConfigError, StorageError
 from cifar_exp.models import build_model, count_parameters
 from cifar_exp.tune import baseline_width_params, default_study_name, open_study, tune
 from conftest import signal_cli_mid_training
@@ -270,6 +270,14 @@ def test_a_resumed_study_samples_new_trials(tmp_path):
     assert set(sample(local, "resumed", 2)).isdisjoint(first)  # a resumed one does not repeat it
     # A journal file may be shared by several workers: each samples its own trials.
     assert set(sample(str(tmp_path / "studies.log"), "journal", 2)).isdisjoint(first)
+
+
+def test_a_two_objective_study_refuses_a_worker_on_another_cpu(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="acc-lat", storage=storage, directions=["maximize", "minimize"])
+    study.set_user_attr("settings", {"tune.latency_cpu": "Some Other CPU @ 1.00GHz"})
+    with pytest.raises(StorageError, match=r"other settings \(latency-cpu Some Other CPU @ 1.00GHz -> "):
+        open_study(ExperimentConfig(), TuneConfig(objectives="accuracy,latency"), "acc-lat", storage)
 
 
 def test_single_objective_study_is_not_reopened_with_two_objectives(tiny_data, tracking_store, cache_dir,
