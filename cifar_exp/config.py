@@ -183,9 +183,12 @@ class TrackingConfig:
         if not self.experiment_name.strip():
             raise ConfigError("experiment-name must not be empty")
         name = self.registered_model_name
-        if name is not None and (not name.strip() or "/" in name or ":" in name):
+        if name is not None and not name.strip():
+            # An empty name (the MLproject's default) means none given: cifar10-<model>.
+            object.__setattr__(self, "registered_model_name", None)
+        elif name is not None and ("/" in name or ":" in name):
             # The Model Registry's rule; checked here, not after the training it would waste.
-            raise ConfigError(f"registered-model-name must be non-empty without '/' or ':', got {name!r}")
+            raise ConfigError(f"registered-model-name must not contain '/' or ':', got {name!r}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.cli import main
+from cifar_exp.cli import _section, build_config, main
+from cifar_exp.config import BenchmarkConfig, ExportConfig, TuneConfig
 from conftest import signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,11 @@ def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, par
     subcommand = main.get_command(main.make_context("cifar-exp", command[1:2]), command[1])
     with subcommand.make_context(command[1], command[2:]) as context:
         assert context.params  # every option name and value converted by click
+        # ... and make the configs the command builds (an empty name, say, must not be refused).
+        build_config(context.params)
+        for section, name in ((TuneConfig, "tune"), (BenchmarkConfig, "benchmark"), (ExportConfig, "export")):
+            if command[1] == name:
+                _section(section, context.params)
     if entry_point == "recipe":
         assert context.params["recipe"] == "pico" and "lr" not in command and "--lr" not in command
     if entry_point == "export":

@@ -72,9 +72,14 @@ def test_other_configs_refuse_nan_too():
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"experiment_name": " "}, "experiment-name must not be empty"),
-    ({"registered_model_name": "a/b"}, "registered-model-name must be non-empty without '/' or ':', got 'a/b'"),
-    ({"registered_model_name": ""}, "registered-model-name must be non-empty"),
+    ({"registered_model_name": "a/b"}, "registered-model-name must not contain '/' or ':', got 'a/b'"),
+    ({"registered_model_name": "a:b"}, "registered-model-name must not contain '/' or ':', got 'a:b'"),
 ])
 def test_tracking_names_mlflow_would_refuse_are_refused_before_training(fields, message):
     with pytest.raises(ConfigError, match=message):
         TrackingConfig(**fields)
+
+
+def test_an_empty_registered_model_name_means_the_default():
+    # The MLproject's train entry points pass --registered-model-name "" for "not given".
+    assert ExperimentConfig(tracking=TrackingConfig(registered_model_name=" ")).registered_model_name == "cifar10-seed"
