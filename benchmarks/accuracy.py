@@ -28,7 +28,7 @@ import torch
 
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, recipe_config
 from cifar_exp.data import Splits, load_splits
-from cifar_exp.errors import ConfigError
+from cifar_exp.errors import CifarExpError, ConfigError
 from cifar_exp.inference import count_macs, measure_latency
 from cifar_exp.models import NUM_CLASSES, count_parameters
 from cifar_exp.train import build_classifier, build_network, evaluate, fit
@@ -72,20 +72,29 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ConfigError(f"--set {name}: {error.format_message()}") from None
 
 
-def train_untracked(cfg: ExperimentConfig, splits: Splits) -> tuple[float, float, float, str]:
-    """(final val accuracy, test accuracy, train seconds, "untracked"): ``fit`` and the test evaluation
-    of ``train_and_track`` without MLflow, for machines that train but do not track."""
+Outcome = tuple[float, float, float | None, float, str]  # val, test, test in one pass (with TTA), seconds, run
+
+
+def train_untracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
+    """``fit`` and the test evaluation of ``train_and_track`` without MLflow, for machines that train
+    but do not track: (final val accuracy, test accuracy, one-pass test accuracy with TTA, train
+    seconds, "untracked")."""
     result = fit(cfg.train, splits)
     test = evaluate(result.model, splits.test, batch_size=cfg.train.eval_batch_size, amp_dtype=result.amp_dtype,
-                    channels_last=cfg.train.channels_last)
-    return result.history[-1].val_accuracy, test.accuracy, result.train_seconds, "untracked"
+                    channels_last=cfg.train.channels_last, tta=cfg.train.tta)
+    one_pass = None
+    if cfg.train.tta:
+        one_pass = evaluate(result.model, splits.test, batch_size=cfg.train.eval_batch_size,
+                            amp_dtype=result.amp_dtype, channels_last=cfg.train.channels_last).accuracy
+    return result.history[-1].val_accuracy, test.accuracy, one_pass, result.train_seconds, "untracked"
 
 
-def train_tracked(cfg: ExperimentConfig, splits: Splits) -> tuple[float, float, float, str]:
+def train_tracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
     from cifar_exp.experiment import train_and_track  # MLflow only where runs are tracked
 
     outcome = train_and_track(cfg, splits=splits, tags={"benchmark": "accuracy"})
-    return outcome.fit.history[-1].val_accuracy, outcome.test.accuracy, outcome.fit.train_seconds, outcome.run_id
+    return (outcome.fit.history[-1].val_accuracy, outcome.test.accuracy, outcome.test_accuracy_without_tta,
+            outcome.fit.train_seconds, outcome.run_id)
 
 
 def main() -> None:
@@ -99,8 +108,11 @@ def main() -> None:
                         help="Train and test without MLflow (no runs logged), e.g. where MLflow is not installed.")
     parser.add_argument("--skip-latency", action="store_true",
                         help="Skip the batch-1 CPU latency comparison (meaningless on a busy machine).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="Seeds to train (at least 3 give a spread; fewer are reported without one).")
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg-dev")
+    parser.add_argument("--val-size", type=int, default=DataConfig().val_size,
+                        help="Training images carved off for validation.")
     parser.add_argument("--experiment", default="accuracy")
     parser.add_argument("--latency-only", action="store_true",
                         help="Skip training: compare the batch-1 latency of the architecture with the seed model's.")
@@ -110,10 +122,12 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     try:
+        if len(set(args.seeds)) != len(args.seeds):
+            raise ConfigError(f"--seeds must differ, got {' '.join(map(str, args.seeds))}")
         overrides = dict(parse_override(text) for text in args.overrides)
         overrides.update({k: v for k, v in (("model", args.model), ("epochs", args.epochs)) if v is not None})
         base = ExperimentConfig(
-            data=DataConfig(data_dir=args.data_dir),
+            data=DataConfig(data_dir=args.data_dir, val_size=args.val_size),
             train=recipe_config(args.recipe, **overrides),
             tracking=TrackingConfig(experiment_name=args.experiment, register=False),
         )
@@ -127,31 +141,42 @@ def main() -> None:
               f"{count_macs(model) / 1e6:.2f} M MACs per image")
         compare_latency(model, seed_model)
         return
-    splits = load_splits(base.data)
+    try:
+        splits = load_splits(base.data)
+    except CifarExpError as error:
+        parser.error(str(error))
     train = train_untracked if args.untracked else train_tracked
     rows = []
     for seed in args.seeds:
         cfg = replace(base, train=replace(base.train, seed=seed),
                       tracking=replace(base.tracking, run_name=f"{args.recipe}-{base.train.model}-seed{seed}"))
-        val_accuracy, test_accuracy, seconds, run = train(cfg, splits)
-        rows.append((seed, val_accuracy, test_accuracy, seconds))
-        print(f"seed {seed}: val {val_accuracy:.4f}  test {test_accuracy:.4f}  {seconds:.0f} s  run {run}", flush=True)
+        val_accuracy, test_accuracy, one_pass, seconds, run = train(cfg, splits)
+        rows.append((seed, val_accuracy, test_accuracy, one_pass, seconds))
+        print(f"seed {seed}: val {val_accuracy:.4f}  test {test_accuracy:.4f}"
+              + (f" (one pass {one_pass:.4f})" if one_pass is not None else "")
+              + f"  {seconds:.0f} s  run {run}", flush=True)
 
     model = build_classifier(base.train, len(splits.classes)).eval()
 
     def mean_std(values: list[float]) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}%"
+        if len(values) == 1:
+            return f"{100 * values[0]:.2f}% (one seed: no spread)"
+        return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}% (sample std)"
 
+    tta = " (mirror TTA: two passes per image)" if base.train.tta else ""
     print(f"\nrecipe {args.recipe}, model {base.train.model}, {base.train.epochs} epochs, seeds {args.seeds}"
           + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""))
-    print(f"validation accuracy (final epoch): {mean_std([r[1] for r in rows])}")
-    print(f"test accuracy:                      {mean_std([r[2] for r in rows])}")
-    print(f"training time per run:              {statistics.mean(r[3] for r in rows):.0f} s")
+    print(f"validation accuracy (final epoch){tta}: {mean_std([r[1] for r in rows])}")
+    print(f"test accuracy{tta}: {mean_std([r[2] for r in rows])}")
+    if base.train.tta:
+        print(f"test accuracy in one pass (as exported): {mean_std([r[3] for r in rows])}")
+    print(f"training time per run:              {statistics.mean(r[4] for r in rows):.0f} s")
     print(f"parameters:                         {count_parameters(model):,}")
     print(f"MACs per image:                     {count_macs(model) / 1e6:.2f} M")
     if not args.skip_latency:
         compare_latency(model, seed_model)
+        if base.train.tta:
+            print("(latency of one pass: mirror TTA's accuracy costs two per image)")
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def train(**options: Any) -> None:
 @main.command()
 @click.option("--model-uri", required=True,
               help="Model to evaluate, e.g. models:/cifar10-seed@champion or runs:/<id>/model.")
-@config_options(only=("data_dir", "download", "cache_dir", "device", "eval_batch_size",
+@config_options(only=("data_dir", "download", "cache_dir", "device", "eval_batch_size", "tta",
                       "experiment_name", "run_name"))
 @reports_errors
 def evaluate(model_uri: str, **options: Any) -> None:
@@ -163,7 +163,7 @@ def evaluate(model_uri: str, **options: Any) -> None:
 
     cfg = build_config(options)
     outcome = evaluate_and_track(model_uri, cfg.data, cfg.tracking, device_name=cfg.train.device,
-                                 batch_size=cfg.train.eval_batch_size)
+                                 batch_size=cfg.train.eval_batch_size, tta=cfg.train.tta)
     click.echo(f"run {outcome.run_id}: {model_uri} test accuracy {outcome.test.accuracy:.4f} "
                f"(macro F1 {outcome.test_metrics.macro()['macro_f1']:.4f}, {len(outcome.test.labels)} images)")
 

@@ -42,6 +42,7 @@ class TrainingOutcome:
     model_uri: str
     model_version: str | None  # None when not registered
     champion: bool
+    test_accuracy_without_tta: float | None = None  # with --tta: one forward pass per image, as exported
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ def train_and_track(
             on_epoch_end=lambda stats: tracking.log_metrics(stats.metrics(), step=stats.epoch),
             progress=progress,
         )
-        test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size,
-                                                  amp_dtype, cfg.train.channels_last, result)
+        test, test_metrics, one_pass = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size, amp_dtype,
+                                                            cfg.train.channels_last, result, tta=cfg.train.tta)
         tracking.log_metrics({
             "train_seconds": result.train_seconds,
             "peak_memory_bytes": result.peak_memory_bytes,
@@ -96,8 +97,11 @@ def train_and_track(
         })
         registered_name = cfg.registered_model_name if cfg.tracking.register else None
         model_uri, version = tracking.log_model(result.model, registered_name)
-        champion = bool(version) and tracking.promote_if_champion(registered_name, version, test.accuracy)
-    return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion)
+        # Chosen on validation, never on test: the champion is a selection among versions.
+        champion = bool(version) and tracking.promote_if_champion(
+            registered_name, version, val_accuracy=result.history[-1].val_accuracy, test_accuracy=test.accuracy
+        )
+    return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion, one_pass)
 
 
 def evaluate_and_track(
@@ -107,8 +111,13 @@ def evaluate_and_track(
     *,
     device_name: str = "auto",
     batch_size: int = 1000,
+    tta: bool = False,
 ) -> EvaluationOutcome:
-    """Evaluate a logged model on the test split and log the report into a new run."""
+    """Evaluate a logged model on the test split and log the report into a new run.
+
+    With ``tta`` the reported accuracy is that of mirror test-time augmentation (two forward passes
+    per image); the one-pass accuracy is logged too.
+    """
     tracking.check_tracking_store()
     device = resolve_device(device_name)
     model = tracking.load_model(model_uri).to(device)
@@ -119,9 +128,9 @@ def evaluate_and_track(
             **tracking.environment_tags(device, None)}
     with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
         tracking.log_params({"model_uri": model_uri, "data.data_dir": data_cfg.data_dir,
-                             "eval_batch_size": batch_size})
+                             "eval_batch_size": batch_size, "tta": tta})
         tracking.log_datasets({"test": test_set}, source)
-        test, test_metrics = _evaluate_and_report(model, splits, batch_size, None, False, None)
+        test, test_metrics, _ = _evaluate_and_report(model, splits, batch_size, None, False, None, tta=tta)
     return EvaluationOutcome(run_id, test, test_metrics)
 
 
@@ -132,12 +141,23 @@ def _evaluate_and_report(
     amp_dtype: torch.dtype | None,
     channels_last: bool,
     result: FitResult | None,
-) -> tuple[EvalResult, ClassMetrics]:
-    """Test-split metrics and report files, logged into the active run."""
+    *,
+    tta: bool,
+) -> tuple[EvalResult, ClassMetrics, float | None]:
+    """Test-split metrics and report files, logged into the active run.
+
+    Evaluated as validation was (``tta``: mirror test-time augmentation); with ``tta`` the accuracy of
+    one forward pass per image, what the exported model computes, is logged and returned as well.
+    """
     test = evaluate(model, splits.test, batch_size=batch_size, amp_dtype=amp_dtype,
-                    channels_last=channels_last)
+                    channels_last=channels_last, tta=tta)
     metrics = class_metrics(test.labels, test.predictions, splits.classes)
     tracking.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy, **metrics.macro()})
+    one_pass = None
+    if tta:
+        one_pass = evaluate(model, splits.test, batch_size=batch_size, amp_dtype=amp_dtype,
+                            channels_last=channels_last).accuracy
+        tracking.log_metrics({"test_accuracy_without_tta": one_pass})
     log.info("test accuracy %.4f, test loss %.4f on %d images", test.accuracy, test.loss, len(test.labels))
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
@@ -146,7 +166,7 @@ def _evaluate_and_report(
         write_evaluation_report(out_dir, test, metrics, splits.test.images.numpy())
         tracking.log_artifacts(out_dir)
     tracking.log_table(metrics.per_class_rows(), "metrics/per_class.json")
-    return test, metrics
+    return test, metrics, one_pass
 
 
 def _distinct_sets(splits: Splits) -> dict[str, object]:

@@ -40,7 +40,7 @@ from cifar_exp.train import cpu_name
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-CHAMPION_METRIC = "test_accuracy"
+CHAMPION_METRIC = "val_accuracy"
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 
@@ -230,20 +230,22 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
     return info.model_uri, None if version is None else str(version)
 
 
-def promote_if_champion(name: str, version: str | int, test_accuracy: float) -> bool:
-    """Tag the version with its test accuracy; give it the ``champion`` alias if it beats the holder."""
+def promote_if_champion(name: str, version: str | int, *, val_accuracy: float, test_accuracy: float) -> bool:
+    """Tag the version with its accuracies; give it the ``champion`` alias if its validation
+    accuracy beats the holder's (the test split is for reporting, never for choosing)."""
     client = MlflowClient()
-    client.set_model_version_tag(name, str(version), CHAMPION_METRIC, f"{test_accuracy:.6f}")
+    client.set_model_version_tag(name, str(version), CHAMPION_METRIC, f"{val_accuracy:.6f}")
+    client.set_model_version_tag(name, str(version), "test_accuracy", f"{test_accuracy:.6f}")
     try:
         holder = client.get_model_version_by_alias(name, CHAMPION)
         best = float(holder.tags.get(CHAMPION_METRIC, "-inf"))
     except MlflowException:
         best = float("-inf")
-    if test_accuracy > best:
+    if val_accuracy > best:
         client.set_registered_model_alias(name, CHAMPION, str(version))
-        log.info("%s version %s (test accuracy %.4f) is the new champion", name, version, test_accuracy)
+        log.info("%s version %s (validation accuracy %.4f) is the new champion", name, version, val_accuracy)
         return True
-    log.info("%s champion stays (test accuracy %.4f >= %.4f)", name, best, test_accuracy)
+    log.info("%s champion stays (validation accuracy %.4f >= %.4f)", name, best, val_accuracy)
     return False
 
 

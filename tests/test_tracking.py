@@ -1,6 +1,7 @@
 """End to end: a tracked training run holds every deliverable, and the registry behaves."""
 
 import csv
+import dataclasses
 import math
 
 import mlflow
@@ -15,6 +16,7 @@ from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, Train
 from cifar_exp.data import load_splits
 from cifar_exp.errors import TrackingError, TrainingDivergedError
 from cifar_exp.experiment import train_and_track
+from cifar_exp.train import evaluate
 
 EPOCHS = 3
 
@@ -127,16 +129,20 @@ def test_every_form_of_model_uri_names_its_source_run(trained):
 
 
 def test_champion_moves_only_to_a_better_version(trained):
+    # Chosen by validation accuracy; the test accuracy is kept as a tag but decides nothing.
     outcome, _, client = trained
     name = "cifar10-seed"
-    base = float(client.get_model_version(name, "1").tags["test_accuracy"])
+    first = client.get_model_version(name, "1").tags
+    base = float(first["val_accuracy"])
+    assert base == pytest.approx(outcome.fit.history[-1].val_accuracy, abs=1e-6)
+    assert float(first["test_accuracy"]) == pytest.approx(outcome.test.accuracy, abs=1e-6)
     worse = client.create_model_version(name, outcome.model_uri, run_id=outcome.run_id)
-    assert not tracking.promote_if_champion(name, worse.version, base - 0.1)
+    assert not tracking.promote_if_champion(name, worse.version, val_accuracy=base - 0.1, test_accuracy=1.0)
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     better = client.create_model_version(name, outcome.model_uri, run_id=outcome.run_id)
-    assert tracking.promote_if_champion(name, better.version, base + 0.01)
+    assert tracking.promote_if_champion(name, better.version, val_accuracy=base + 0.01, test_accuracy=0.0)
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(better.version)
-    assert float(client.get_model_version(name, worse.version).tags["test_accuracy"]) == pytest.approx(base - 0.1)
+    assert float(client.get_model_version(name, worse.version).tags["val_accuracy"]) == pytest.approx(base - 0.1)
 
 
 def test_diverged_training_leaves_a_failed_run(tiny_data, tracking_store, cache_dir):
@@ -163,3 +169,18 @@ def test_an_unusable_store_is_one_line_without_its_password(monkeypatch):
                        ) as raised:
         tracking.check_tracking_store()
     assert "secret" not in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_test_accuracy_is_measured_as_validation_was(tiny_data, tracking_store, cache_dir):
+    # With --tta, validation used mirror TTA: so does the test accuracy; the one-pass accuracy (what
+    # the exported model computes) is logged beside it.
+    cfg = tiny_config(tiny_data, cache_dir, epochs=2, tta=True, amp=False)
+    splits = load_splits(cfg.data)
+    outcome = train_and_track(dataclasses.replace(cfg, tracking=TrackingConfig(experiment_name="tests", register=False)),
+                              splits=splits)
+    model = outcome.fit.model
+    with_tta = evaluate(model, splits.test, batch_size=64, tta=True).accuracy
+    one_pass = evaluate(model, splits.test, batch_size=64).accuracy
+    assert outcome.test.accuracy == with_tta and outcome.test_accuracy_without_tta == one_pass
+    metrics = MlflowClient().get_run(outcome.run_id).data.metrics
+    assert metrics["test_accuracy"] == with_tta and metrics["test_accuracy_without_tta"] == one_pass
