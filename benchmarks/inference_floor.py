@@ -36,29 +36,30 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"{cpu_name()}, {available_cores()} cores available")
-    rates: dict[str, float] = {}
+    thread_counts = sorted({1, args.threads, *(json.loads(p.read_text())["machine"]["threads"] for p in args.reports)})
+    rates: dict[tuple[str, int], float] = {}  # (precision, threads) -> best sustained MAC/s
     for precision in ("fp32", "int8"):
-        for threads in sorted({1, args.threads}):
+        for threads in thread_counts:
             for size in SIZES:
                 rate = measure_matmul_rate(precision, threads=threads, size=size, seconds=args.seconds)
                 if rate is None:
                     continue
                 print(f"{precision} {size}x{size} matmul, {threads} thread(s): {rate / 1e9:7.1f} G MAC/s")
-                if threads == args.threads:
-                    rates[precision] = max(rates.get(precision, 0.0), rate)
+                rates[precision, threads] = max(rates.get((precision, threads), 0.0), rate)
     print(f"\nfloor = MACs per image / best sustained rate at {args.threads} thread(s)")
     for name in model_names():
         macs = count_macs(build_classifier(TrainConfig(model=name), 10))
-        floors = ", ".join(f"{p} {macs / r * 1e6:6.1f} µs" for p, r in rates.items())
+        floors = ", ".join(f"{p} {macs / r * 1e6:6.1f} µs" for (p, t), r in rates.items() if t == args.threads)
         print(f"  {name:<10} {macs / 1e6:6.2f} M MACs/image: {floors}")
 
     for path in args.reports:
         report = json.loads(path.read_text())
         macs = report["model"]["macs_per_image"]
         print(f"\n{path} ({report['model']['name']}, {report['machine']['threads']} threads)")
+        threads = report["machine"]["threads"]  # each report against the floor at its own thread count
         for backend in report["backends"]:
-            precision = "int8" if backend["precision"] == "int8" else "fp32"
-            rate = rates.get(precision) or rates["fp32"]
+            precision = "int8" if backend["precision"] == "int8" and ("int8", threads) in rates else "fp32"
+            rate = rates[precision, threads]
             floor_ms = macs / rate * 1e3
             line = f"  {backend['name']:<18}"
             if "1" in backend["latency"]:

@@ -21,6 +21,7 @@ the hardware.
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import resource
 import statistics
@@ -35,7 +36,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from cifar_exp.config import DataConfig, TrainConfig
-from cifar_exp.data import DeviceBatches, ImageSet, load_splits
+from cifar_exp.data import DeviceBatches, ImageSet, load_dataset, load_splits
+from cifar_exp.errors import CifarExpError
 from cifar_exp.models import seed_as_reported
 from cifar_exp.train import (
     build_classifier,
@@ -82,11 +84,14 @@ def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torc
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model.train()
 
-    def run(count: int) -> int:
+    def run(count: int) -> tuple[int, float]:
+        """Train ``count`` batches; (images, seconds), timed from the first batch's arrival: a new
+        iterator first resets the persistent workers, which is not the pipeline's steady state."""
+        batches = iter(loader)
+        first = next(batches)
+        start = time.perf_counter()
         seen, running_loss = 0, 0.0
-        for step, (images, labels) in enumerate(loader):
-            if step == count:
-                break
+        for images, labels in itertools.chain([first], itertools.islice(batches, count - 1)):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             optimizer.zero_grad()
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -96,13 +101,12 @@ def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torc
             scaler.update()
             running_loss += loss.item()  # as the report's loop did: a host sync every step
             seen += len(labels)
-        return seen
+        _sync(device)
+        return seen, time.perf_counter() - start
 
     run(5)  # warm-up: workers started, first batches decoded
-    start = time.perf_counter()
-    seen = run(steps)
-    _sync(device)
-    return seen / (time.perf_counter() - start), peak_memory(device)
+    seen, seconds = run(steps)
+    return seen / seconds, peak_memory(device)
 
 
 def peak_memory(device: torch.device) -> str:
@@ -194,7 +198,12 @@ def main() -> None:
     device = resolve_device(args.device)
     cfg = TrainConfig(device=device.type)
     amp_dtype = resolve_amp_dtype(cfg, device)
-    train = load_splits(DataConfig(data_dir=args.data_dir)).train
+    if not (Path(args.data_dir) / "train").is_dir():
+        parser.error(f"the seed pipeline reads an ImageFolder tree: {Path(args.data_dir) / 'train'} is not a folder")
+    try:
+        train = load_dataset(DataConfig(data_dir=args.data_dir))[0]  # all of train/: no validation needed here
+    except CifarExpError as error:
+        parser.error(str(error))
     # The seed's AMP: fp16 with a GradScaler on its RTX 3060; on a CPU the autocast --amp resolves to.
     seed_amp = {"": "float16" if device.type == "cuda" else "auto"}
     if device.type == "cpu" and amp_dtype is None:

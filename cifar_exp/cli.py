@@ -290,8 +290,9 @@ def export(**options: Any) -> None:
 def pareto(**options: Any) -> None:
     """Accuracy vs. batch-1 latency and parameters of an experiment's benchmarked models.
 
-    Reads the experiment's benchmark runs that have a test accuracy, logs plots/pareto.png (Pareto
-    front highlighted) and pareto.csv into a new run there, and prints the front.
+    Reads the benchmark runs of --experiment-name (under `mlflow run` too) that have a test accuracy,
+    logs plots/pareto.png (Pareto front highlighted) and pareto.csv into a new run there, named
+    "pareto" unless --run-name says otherwise, and prints the front.
     """
     from cifar_exp.deployment import pareto_and_track
 
