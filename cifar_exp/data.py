@@ -8,6 +8,7 @@ Two sources, chosen by what the data folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -132,8 +133,7 @@ def _load_image_folder(root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet,
     if extra:
         raise DataError(f"{root / 'test'} has class folder {extra[0]!r} that train lacks")
 
-    listing = [(split, c, f.name, f.stat().st_size, f.stat().st_mtime_ns)
-               for split in files for c in classes for f in files[split][c]]
+    listing = [(split, c, f.name, *_size_and_mtime(f)) for split in files for c in classes for f in files[split][c]]
     digest = hashlib.sha256(repr((CACHE_FORMAT, str(root), listing)).encode()).hexdigest()[:20]
     cache_file = cache_dir / f"imagefolder-{digest}.pt"
     source = f"imagefolder:{root}"
@@ -153,6 +153,14 @@ def _load_image_folder(root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet,
     return sets["train"], sets["test"], classes, source
 
 
+def _size_and_mtime(entry: os.DirEntry) -> tuple[int, int]:
+    try:
+        info = entry.stat()
+    except OSError as error:  # e.g. a symlink to a file that is gone
+        raise DataError(f"cannot read image {entry.path}: {error.strerror or error}") from None
+    return info.st_size, info.st_mtime_ns
+
+
 def _cached_sets(cached: dict) -> tuple[ImageSet, ImageSet]:
     return tuple(ImageSet(s, cached[f"{s}_images"], cached[f"{s}_labels"]) for s in ("train", "test"))
 
@@ -161,13 +169,16 @@ def _list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"{folder} is missing: an image folder dataset needs both train/ and test/")
-    class_dirs = sorted((e for e in os.scandir(folder) if e.is_dir()), key=lambda e: e.name)
+    # Hidden entries (.ipynb_checkpoints/, macOS ._* files, ...) are no classes and no images.
+    class_dirs = sorted((e for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")),
+                        key=lambda e: e.name)
     if not class_dirs:
         raise DataError(f"{folder} holds no class folders")
     files = {}
     for class_dir in class_dirs:
         images = sorted(
-            (e for e in os.scandir(class_dir.path) if e.name.lower().endswith(IMAGE_SUFFIXES)),
+            (e for e in os.scandir(class_dir.path)
+             if e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith(".")),
             key=lambda e: e.name,
         )
         if not images:
@@ -214,13 +225,16 @@ def _cache_dir(cfg: DataConfig) -> Path:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except OSError as error:  # a read-only cache only costs speed
-        log.warning("cannot write cache %s: %s", path, error)
+    except (OSError, RuntimeError) as error:  # read-only or full: a cache only costs speed (torch.save
+        # reports a failed write as RuntimeError)
+        log.warning("cannot write cache %s: %s", path, str(error).splitlines()[0] if str(error) else error)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------

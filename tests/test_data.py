@@ -54,6 +54,37 @@ def test_cache_is_invalidated_when_a_file_changes(tmp_path, cache_dir):
     assert int(after[3].sum()) == 0  # cat is class 3, one test image per class
 
 
+def test_an_unwritable_cache_only_costs_speed(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    cache = tmp_path / "cache"
+
+    def disk_full(obj, path):  # what torch.save raises when a write fails part-way
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    splits = load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=str(cache)))
+    assert len(splits.train) == 20
+    assert list(cache.iterdir()) == []  # no half-written file left behind
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    (root / "train" / "cat" / "._0000.png").write_bytes(b"macOS resource fork")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "train" / ".ipynb_checkpoints" / "0000.png")
+    splits = load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+    assert splits.classes == CLASSES and len(splits.train) == 20
+
+
+def test_a_broken_symlink_is_named(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    link = root / "train" / "dog" / "0009.png"
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError, match=f"cannot read image {link}"):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
 def test_stratified_split_keeps_class_proportions_and_is_seeded():
     labels = torch.arange(10).repeat_interleave(100)  # 1000 images, 100 per class
     data = ImageSet("train", torch.arange(1000).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).to(torch.uint8), labels)
