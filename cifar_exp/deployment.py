@@ -26,6 +26,7 @@ from cifar_exp.inference import (
     BenchmarkReport,
     ExportResult,
     calibration_images,
+    check_class_count,
     check_classifier,
     check_writable_folder,
     export_and_verify,
@@ -141,7 +142,7 @@ def _benchmark_data(
         reason = f"no calibration images ({error})"
         log.warning("measuring without the dataset: %s", reason)
         return None, None, reason
-    _check_class_count(classes, names, data_cfg)
+    check_class_count(classes, names, data_cfg.data_dir)
     calibration = calibration_images(train, bench.calibration_images) if wants_int8 else None
     return calibration, test if trained else None, ""
 
@@ -221,7 +222,7 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
         need = "--int8 needs training images to calibrate on" if export.int8 else \
             "export verifies the model on the test split"
         raise DataError(f"{need}: {error}") from None
-    _check_class_count(classes, names, data_cfg)
+    check_class_count(classes, names, data_cfg.data_dir)
     calibration = calibration_images(train, export.calibration_images) if export.int8 else None
 
     result = export_and_verify(model, out_dir, test=test, calibration=calibration)
@@ -248,11 +249,6 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
         for path in files:
             tracking.log_artifact(path, "onnx")
     return ExportOutcome(run_id, result, logged_into_source_run=False)
-
-
-def _check_class_count(classes: int, names: tuple[str, ...], data_cfg: DataConfig) -> None:
-    if classes != len(names):
-        raise DataError(f"the model predicts {classes} classes but {data_cfg.data_dir} holds {len(names)}")
 
 
 # --------------------------------------------------------------------------------------------------

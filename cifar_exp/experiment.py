@@ -17,7 +17,8 @@ import torch
 from cifar_exp import tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig
 from cifar_exp.data import Splits, load_dataset, load_splits
-from cifar_exp.inference import check_classifier
+from cifar_exp.errors import DataError
+from cifar_exp.inference import check_class_count, check_classifier
 from cifar_exp.models import count_parameters
 from cifar_exp.reports import ClassMetrics, class_metrics, write_evaluation_report, write_training_report
 from cifar_exp.train import (
@@ -31,6 +32,8 @@ from cifar_exp.train import (
 )
 
 log = logging.getLogger(__name__)
+
+CLASSES_PARAM = "data.classes"  # the class names, in label order, a model was trained on
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,10 @@ def train_and_track(
     tracking.check_tracking_store()
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp_dtype(cfg.train, device)
-    parameter_count = count_parameters(build_network(cfg.train))  # also rejects unknown names and knobs
+    build_network(cfg.train)  # rejects unknown names and knobs before the data loads
     if splits is None:
         splits = load_splits(cfg.data)
+    parameter_count = count_parameters(build_network(cfg.train, len(splits.classes)))
 
     run_tags = {
         **tracking.environment_tags(device, amp_dtype),
@@ -80,7 +84,7 @@ def train_and_track(
     }
     with tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, tags=run_tags,
                             nested=nested) as run_id:
-        tracking.log_params(cfg.flat())
+        tracking.log_params({**cfg.flat(), CLASSES_PARAM: ",".join(splits.classes)})
         tracking.log_datasets(_distinct_sets(splits), splits.source)
         result = fit(
             cfg.train,
@@ -97,10 +101,15 @@ def train_and_track(
         })
         registered_name = cfg.registered_model_name if cfg.tracking.register else None
         model_uri, version = tracking.log_model(result.model, registered_name)
-        # Chosen on validation, never on test: the champion is a selection among versions.
-        champion = bool(version) and tracking.promote_if_champion(
-            registered_name, version, val_accuracy=result.history[-1].val_accuracy, test_accuracy=test.accuracy
-        )
+        try:
+            # Chosen on validation, never on test: the champion is a selection among versions.
+            champion = bool(version) and tracking.promote_if_champion(
+                registered_name, version, val_accuracy=result.history[-1].val_accuracy, test_accuracy=test.accuracy
+            )
+        except BaseException:
+            if version:  # the run fails: no registered version may point at its model
+                tracking.delete_model_version(registered_name, version)
+            raise
     return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion, one_pass)
 
 
@@ -121,10 +130,18 @@ def evaluate_and_track(
     tracking.check_tracking_store()
     device = resolve_device(device_name)
     model = tracking.load_model(model_uri).to(device)
-    check_classifier(model, model_uri, device)
+    class_count = check_classifier(model, model_uri, device)
     _, test_set, classes, source = load_dataset(data_cfg)
+    check_class_count(class_count, classes, data_cfg.data_dir)
+    source_run_id = tracking.model_source_run(model_uri)
+    source_run = tracking.get_run(source_run_id) if source_run_id else None
+    trained_on = source_run.params.get(CLASSES_PARAM) if source_run else None
+    if trained_on and trained_on != ",".join(classes):
+        # ImageFolder numbers classes by folder name: other names or another order mislabel every image.
+        raise DataError(f"{model_uri} was trained on classes {trained_on}; {data_cfg.data_dir} holds "
+                        f"{','.join(classes)}")
     splits = Splits(test_set, test_set, test_set, classes, source, val_is_test=True)
-    tags = {"model_uri": model_uri, "source_run_id": tracking.model_source_run(model_uri) or "unknown",
+    tags = {"model_uri": model_uri, "source_run_id": source_run_id or "unknown",
             **tracking.environment_tags(device, None)}
     with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
         tracking.log_params({"model_uri": model_uri, "data.data_dir": data_cfg.data_dir,

@@ -31,7 +31,7 @@ from torch import nn
 
 from cifar_exp.config import BenchmarkConfig
 from cifar_exp.data import IMAGE_SHAPE, ImageSet
-from cifar_exp.errors import ConfigError, ExportError, TrackingError
+from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError
 from cifar_exp.models import count_parameters
 from cifar_exp.train import cpu_name, cpu_supports_bf16, eval_mode
 
@@ -259,6 +259,12 @@ def check_classifier(model: nn.Module, name: str, device: torch.device | str = "
                                 f"image{'s' if batch_size > 1 else ''}")
         classes = int(output.shape[1])
     return classes
+
+
+def check_class_count(classes: int, names: tuple[str, ...], data_dir: str) -> None:
+    """A model scoring ``classes`` classes must meet a dataset of as many (``names``)."""
+    if classes != len(names):
+        raise DataError(f"the model predicts {classes} classes but {data_dir} holds {len(names)}")
 
 
 def count_macs(model: nn.Module) -> int:

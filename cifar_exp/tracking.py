@@ -238,7 +238,8 @@ def promote_if_champion(name: str, version: str | int, *, val_accuracy: float, t
     client.set_model_version_tag(name, str(version), "test_accuracy", f"{test_accuracy:.6f}")
     try:
         holder = client.get_model_version_by_alias(name, CHAMPION)
-        best = float(holder.tags.get(CHAMPION_METRIC, "-inf"))
+        # A champion crowned before validation decided carries only its test accuracy: that stands in.
+        best = float(holder.tags.get(CHAMPION_METRIC, holder.tags.get("test_accuracy", "-inf")))
     except MlflowException:
         best = float("-inf")
     if val_accuracy > best:
@@ -247,6 +248,15 @@ def promote_if_champion(name: str, version: str | int, *, val_accuracy: float, t
         return True
     log.info("%s champion stays (validation accuracy %.4f >= %.4f)", name, best, val_accuracy)
     return False
+
+
+def delete_model_version(name: str, version: str | int) -> None:
+    """Remove a registered version (of a run that failed after registering it); best effort."""
+    try:
+        MlflowClient().delete_model_version(name, str(version))
+        log.warning("deleted %s version %s: its run failed", name, version)
+    except MlflowException as error:
+        log.warning("could not delete %s version %s of a failed run: %s", name, version, error.message)
 
 
 def load_model(model_uri: str) -> nn.Module:

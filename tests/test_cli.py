@@ -1,6 +1,7 @@
 """The command line: help, one-line errors for bad input, and no run ever left RUNNING."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp.cli import _section, build_config, main
 from cifar_exp.config import BenchmarkConfig, ExportConfig, TuneConfig
-from conftest import signal_cli_mid_training
+from conftest import CLASSES, signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--val-size", "50", "--eval-batch-size", "100"]
@@ -148,6 +149,19 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     assert eval_run.data.tags["source_run_id"] == train_run.info.run_id
     names = {a.path for a in MlflowClient().list_artifacts(eval_run.info.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/sample_predictions.png"} <= names
+    assert train_run.data.params["data.classes"] == ",".join(CLASSES)
+
+    # A folder whose class names number the labels differently is refused before any run starts.
+    renamed = Path(tracking_store.split("///")[1]).parent / "renamed"
+    shutil.copytree(tiny_data, renamed)
+    for split in ("train", "test"):
+        (renamed / split / "airplane").rename(renamed / split / "plane")
+    refused = run_cli("evaluate", "--model-uri", "models:/cifar10-seed@champion", "--data-dir", renamed,
+                      "--cache-dir", cache_dir)
+    assert refused.exit_code == 1
+    assert (f"Error: models:/cifar10-seed@champion was trained on classes {','.join(CLASSES)}; {renamed} holds "
+            "automobile,bird,") in refused.output
+    assert len(all_runs()) == 2
 
 
 @pytest.mark.slow

@@ -184,3 +184,31 @@ def test_test_accuracy_is_measured_as_validation_was(tiny_data, tracking_store, 
     assert outcome.test.accuracy == with_tta and outcome.test_accuracy_without_tta == one_pass
     metrics = MlflowClient().get_run(outcome.run_id).data.metrics
     assert metrics["test_accuracy"] == with_tta and metrics["test_accuracy_without_tta"] == one_pass
+
+
+def test_a_run_failing_after_registration_leaves_no_registered_version(tiny_data, tracking_store, cache_dir,
+                                                                       monkeypatch):
+    def locked(*args, **kwargs):
+        raise TrackingError("database is locked")
+
+    monkeypatch.setattr(tracking, "promote_if_champion", locked)
+    with pytest.raises(TrackingError, match="database is locked"):
+        train_and_track(tiny_config(tiny_data, cache_dir, epochs=1))
+    client = MlflowClient()
+    assert [r.info.status for r in client.search_runs([client.get_experiment_by_name("tests").experiment_id])] == [
+        "FAILED"]
+    assert client.search_model_versions("name='cifar10-seed'") == []
+
+
+def test_a_champion_from_before_validation_decided_keeps_its_test_accuracy_as_score(tracking_store):
+    client = MlflowClient()
+    mlflow.set_experiment("old-rule")  # this store's, not one an earlier test left active
+    with mlflow.start_run() as run:
+        info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", input_example=np.zeros((2, 2), np.float32))
+    client.create_registered_model("old")
+    old = client.create_model_version("old", info.model_uri, run_id=run.info.run_id)
+    client.set_model_version_tag("old", old.version, "test_accuracy", "0.9")  # how the old rule tagged it
+    client.set_registered_model_alias("old", "champion", old.version)
+    new = client.create_model_version("old", info.model_uri, run_id=run.info.run_id)
+    assert not tracking.promote_if_champion("old", new.version, val_accuracy=0.5, test_accuracy=0.5)
+    assert tracking.promote_if_champion("old", new.version, val_accuracy=0.95, test_accuracy=0.5)
