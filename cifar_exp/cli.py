@@ -314,7 +314,7 @@ def ui(host: str, port: int) -> None:
     from cifar_exp import tracking
 
     uri = tracking.tracking_uri()
-    if uri.startswith(("http://", "https://")):  # a tracking server already serves its own UI
+    if tracking.is_tracking_server(uri):  # it already serves its own UI
         click.echo(f"MLFLOW_TRACKING_URI is a tracking server: open {tracking.hide_password(uri)} in a browser")
         return
     click.echo(f"MLflow UI for {tracking.hide_password(uri)} at http://{host}:{port}")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cifar_exp.config import DataConfig
-from cifar_exp.errors import ConfigError, DataError
+from cifar_exp.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _save_atomic(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # read-only or full: a cache only costs speed (torch.save
         # reports a failed write as RuntimeError)
-        log.warning("cannot write cache %s: %s", path, str(error).splitlines()[0] if str(error) else error)
+        log.warning("cannot write cache %s: %s", path, first_line(error))
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 

@@ -27,3 +27,9 @@ class StorageError(CifarExpError):
 
 class ExportError(CifarExpError):
     """A model cannot be exported, written, or its export disagrees with the original."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name if the message is empty): for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -45,7 +45,6 @@ class TrainingOutcome:
     model_uri: str
     model_version: str | None  # None when not registered
     champion: bool
-    test_accuracy_without_tta: float | None = None  # with --tta: one forward pass per image, as exported
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,8 @@ def train_and_track(
             on_epoch_end=lambda stats: tracking.log_metrics(stats.metrics(), step=stats.epoch),
             progress=progress,
         )
-        test, test_metrics, one_pass = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size, amp_dtype,
-                                                            cfg.train.channels_last, result, tta=cfg.train.tta)
+        test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size, amp_dtype,
+                                                  cfg.train.channels_last, result, tta=cfg.train.tta)
         tracking.log_metrics({
             "train_seconds": result.train_seconds,
             "peak_memory_bytes": result.peak_memory_bytes,
@@ -110,7 +109,7 @@ def train_and_track(
             if version:  # the run fails: no registered version may point at its model
                 tracking.delete_model_version(registered_name, version)
             raise
-    return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion, one_pass)
+    return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion)
 
 
 def evaluate_and_track(
@@ -147,7 +146,7 @@ def evaluate_and_track(
         tracking.log_params({"model_uri": model_uri, "data.data_dir": data_cfg.data_dir,
                              "eval_batch_size": batch_size, "tta": tta})
         tracking.log_datasets({"test": test_set}, source)
-        test, test_metrics, _ = _evaluate_and_report(model, splits, batch_size, None, False, None, tta=tta)
+        test, test_metrics = _evaluate_and_report(model, splits, batch_size, None, False, None, tta=tta)
     return EvaluationOutcome(run_id, test, test_metrics)
 
 
@@ -160,21 +159,18 @@ def _evaluate_and_report(
     result: FitResult | None,
     *,
     tta: bool,
-) -> tuple[EvalResult, ClassMetrics, float | None]:
+) -> tuple[EvalResult, ClassMetrics]:
     """Test-split metrics and report files, logged into the active run.
 
     Evaluated as validation was (``tta``: mirror test-time augmentation); with ``tta`` the accuracy of
-    one forward pass per image, what the exported model computes, is logged and returned as well.
+    one forward pass per image, what the exported model computes, is logged as well.
     """
     test = evaluate(model, splits.test, batch_size=batch_size, amp_dtype=amp_dtype,
                     channels_last=channels_last, tta=tta)
     metrics = class_metrics(test.labels, test.predictions, splits.classes)
     tracking.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy, **metrics.macro()})
-    one_pass = None
-    if tta:
-        one_pass = evaluate(model, splits.test, batch_size=batch_size, amp_dtype=amp_dtype,
-                            channels_last=channels_last).accuracy
-        tracking.log_metrics({"test_accuracy_without_tta": one_pass})
+    if test.one_pass_accuracy is not None:
+        tracking.log_metrics({"test_accuracy_without_tta": test.one_pass_accuracy})
     log.info("test accuracy %.4f, test loss %.4f on %d images", test.accuracy, test.loss, len(test.labels))
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
@@ -183,7 +179,7 @@ def _evaluate_and_report(
         write_evaluation_report(out_dir, test, metrics, splits.test.images.numpy())
         tracking.log_artifacts(out_dir)
     tracking.log_table(metrics.per_class_rows(), "metrics/per_class.json")
-    return test, metrics, one_pass
+    return test, metrics
 
 
 def _distinct_sets(splits: Splits) -> dict[str, object]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from cifar_exp.config import BenchmarkConfig
 from cifar_exp.data import IMAGE_SHAPE, ImageSet
-from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError
+from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError, first_line
 from cifar_exp.models import count_parameters
 from cifar_exp.train import cpu_name, cpu_supports_bf16, eval_mode
 
@@ -225,7 +225,7 @@ def measure_matmul_rate(
         try:
             product()
         except (RuntimeError, NotImplementedError) as error:
-            log.warning("no %s matrix product on this CPU: %s", precision, str(error).splitlines()[0])
+            log.warning("no %s matrix product on this CPU: %s", precision, first_line(error))
             return None
         stats = time_calls(product, batch_size=1, threads=threads, repeats=1, seconds_per_repeat=seconds,
                            warmup_seconds=seconds / 4)
@@ -250,7 +250,7 @@ def check_classifier(model: nn.Module, name: str, device: torch.device | str = "
                 output = model(probe)
         except Exception as error:
             raise TrackingError(
-                f"model {name} does not accept (B, 3, 32, 32) images: {str(error).splitlines()[0]}"
+                f"model {name} does not accept (B, 3, 32, 32) images: {first_line(error)}"
             ) from None
         if (not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != batch_size
                 or output.shape[1] < 2 or output.shape[1] != (classes or output.shape[1])):
@@ -336,8 +336,7 @@ def export_onnx(model: nn.Module, path: Path) -> Path:
     except OSError as error:
         raise ExportError(f"cannot write {path}: {error.strerror or error}") from None
     except Exception as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ExportError(f"cannot export the model to ONNX: {message}") from None
+        raise ExportError(f"cannot export the model to ONNX: {first_line(error)}") from None
     log.debug("torch.onnx: %s", chatter.getvalue().strip())
     _move_relu_before_max_pool(path)
     return path
@@ -448,8 +447,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
         except OSError as error:
             raise ExportError(f"cannot write {int8_path}: {error.strerror or error}") from None
         except Exception as error:  # ONNX Runtime's tools refuse a graph: say so in one line
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ExportError(f"cannot quantise {Path(fp32_path).name} to int8: {message}") from None
+            raise ExportError(f"cannot quantise {Path(fp32_path).name} to int8: {first_line(error)}") from None
     log.info("quantised %s to int8 (%d calibration images; input channels padded to a multiple of %d: %s; "
              "linear layers run as 1x1 convs: %d; normalisation folded into the input quantisation: %s)",
              Path(fp32_path).name, len(calibration), INT8_CHANNEL_GROUP, ", ".join(padded) or "none", pointwise,
@@ -694,7 +692,7 @@ def onnx_session(path: Path, threads: int) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
-        raise ExportError(f"ONNX Runtime cannot load {path}: {str(error).splitlines()[0]}") from None
+        raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(error)}") from None
 
 
 # --------------------------------------------------------------------------------------------------

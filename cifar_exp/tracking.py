@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from cifar_exp.data import ImageSet
-from cifar_exp.errors import TrackingError
+from cifar_exp.errors import TrackingError, first_line
 from cifar_exp.train import cpu_name
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def check_tracking_store() -> str:
     """Fail fast, before any training, when the tracking store cannot be reached."""
     uri = tracking_uri()
     shown = hide_password(uri)
-    if uri.startswith(("http://", "https://")):
+    if is_tracking_server(uri):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
                 pass
@@ -74,10 +74,14 @@ def check_tracking_store() -> str:
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except Exception as error:
-            lines = str(error).strip().splitlines()  # SQLAlchemy appends a "Background on this error" line
-            raise TrackingError(f"MLflow tracking store {shown} cannot be used: "
-                                f"{lines[0] if lines else type(error).__name__}") from None
+            # first line: SQLAlchemy appends a "Background on this error" line
+            raise TrackingError(f"MLflow tracking store {shown} cannot be used: {first_line(error)}") from None
     return uri
+
+
+def is_tracking_server(uri: str) -> bool:
+    """An MLflow tracking server (which serves its own UI), not a store this process opens itself."""
+    return uri.startswith(("http://", "https://"))
 
 
 def hide_password(url: str) -> str:
@@ -113,9 +117,9 @@ def start_run(
                 mlflow.set_experiment(experiment_name)
             run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
         except MlflowException as error:  # e.g. an experiment of that name was deleted
-            message = str(error.message).strip().splitlines()
-            raise TrackingError(f"cannot start a run in experiment {experiment_name!r}: "
-                                f"{message[0] if message else type(error).__name__}") from None
+            raise TrackingError(
+                f"cannot start a run in experiment {experiment_name!r}: {first_line(error)}"
+            ) from None
     try:
         yield run.info.run_id
     except KeyboardInterrupt:
@@ -263,8 +267,7 @@ def load_model(model_uri: str) -> nn.Module:
     try:
         return mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise TrackingError(f"cannot load model {model_uri}: {message}") from None
+        raise TrackingError(f"cannot load model {model_uri}: {first_line(error)}") from None
 
 
 def model_source_run(model_uri: str) -> str | None:
@@ -365,7 +368,7 @@ def add_to_run(
         for path, artifact_path in artifacts.items():
             client.log_artifact(run_id, str(path), artifact_path)
     except MlflowException as error:
-        raise TrackingError(f"cannot log into run {run_id}: {str(error).splitlines()[0]}") from None
+        raise TrackingError(f"cannot log into run {run_id}: {first_line(error)}") from None
 
 
 def _record(run: Any) -> RunRecord:

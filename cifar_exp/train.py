@@ -22,7 +22,7 @@ from torch import nn
 
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import DeviceBatches, ImageSet, Splits
-from cifar_exp.errors import ConfigError, TrainingDivergedError
+from cifar_exp.errors import ConfigError, TrainingDivergedError, first_line
 from cifar_exp.models import NUM_CLASSES, Classifier, build_model
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class EvalResult:
     labels: np.ndarray  # (N,) int64
     predictions: np.ndarray  # (N,) int64
     probabilities: np.ndarray  # (N, classes) float32
+    one_pass_accuracy: float | None = None  # with TTA: the accuracy of the unmirrored pass alone
 
 
 @dataclass(frozen=True)
@@ -372,7 +373,7 @@ class GraphedTrainStep(TrainStep):
                     self._capture(images, labels)
                 except RuntimeError as error:  # e.g. a model that reads the GPU from the host
                     log.warning("cannot capture the training step as a CUDA graph (%s); training on with "
-                                "eager steps", str(error).splitlines()[0])
+                                "eager steps", first_line(error))
                     self.capture_failed = True
                     torch.cuda.synchronize(self.device)
                     super().__call__(images, labels)
@@ -465,16 +466,18 @@ def evaluate(
 ) -> EvalResult:
     """Loss, accuracy, predictions and softmax probabilities of ``model`` on ``data``.
 
-    With ``tta`` the probabilities are the mean over each image and its mirror image.
+    With ``tta`` the probabilities are the mean over each image and its mirror image, and the result
+    also holds the accuracy of the first, unmirrored pass (what an exported model computes).
     """
     device = next(model.parameters()).device
     batches = DeviceBatches(data, batch_size, device=device, channels_last=channels_last)
-    probabilities = []
+    probabilities, one_pass_predictions = [], []
     with eval_mode(model):
         for images, _ in batches:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 batch_probabilities = model(images).float().softmax(1)  # (B, classes)
                 if tta:
+                    one_pass_predictions.append(batch_probabilities.argmax(1))
                     mirrored = model(images.flip(-1)).float().softmax(1)
                     batch_probabilities = (batch_probabilities + mirrored) / 2
             probabilities.append(batch_probabilities)
@@ -488,6 +491,7 @@ def evaluate(
         labels=labels.cpu().numpy(),
         predictions=predictions.cpu().numpy(),
         probabilities=probabilities.cpu().numpy(),
+        one_pass_accuracy=(torch.cat(one_pass_predictions) == labels).float().mean().item() if tta else None,
     )
 
 

@@ -53,7 +53,7 @@ from torch import nn  # noqa: E402
 from cifar_exp import tracking  # noqa: E402
 from cifar_exp.config import ExperimentConfig, TrainConfig, TuneConfig  # noqa: E402
 from cifar_exp.data import Splits, load_splits  # noqa: E402
-from cifar_exp.errors import ConfigError, StorageError, TrainingDivergedError  # noqa: E402
+from cifar_exp.errors import ConfigError, StorageError, TrainingDivergedError, first_line  # noqa: E402
 from cifar_exp.experiment import TrainingOutcome, train_and_track  # noqa: E402
 from cifar_exp.inference import measure_latency  # noqa: E402
 from cifar_exp.models import architecture, count_parameters  # noqa: E402
@@ -328,7 +328,7 @@ class _Objective:
                     raise
                 except BaseException as error:  # Ctrl-C, SIGTERM or a bug: Optuna marks the trial FAIL
                     self._finish(trial, "FAIL", "interrupted" if isinstance(error, KeyboardInterrupt)
-                                 else f"{type(error).__name__}: {_first_line(error)}")
+                                 else f"{type(error).__name__}: {first_line(error)}")
                     raise
                 else:
                     self._finish(trial, "COMPLETE", None)
@@ -408,10 +408,10 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
                 sqlalchemy.exc.InternalError) as error:
             # Workers that start at once race to create the tables or the study: look again.
             if attempt == 2:
-                raise StorageError(f"Optuna storage {shown} cannot be used: {_first_line(error)}") from None
+                raise StorageError(f"Optuna storage {shown} cannot be used: {first_line(error)}") from None
             time.sleep(0.5 + random.random())
         except Exception as error:
-            raise StorageError(f"Optuna storage {shown} cannot be used: {_first_line(error)}") from None
+            raise StorageError(f"Optuna storage {shown} cannot be used: {first_line(error)}") from None
     study.sampler = _sampler(tune_cfg, sampler_seed(cfg.train.seed, storage_url, trials_so_far))
     directions = [d.name.lower() for d in study.directions]
     if directions != wanted:
@@ -536,7 +536,7 @@ def _stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             )
         except Exception as error:  # the tracking store of a dead worker may be out of reach
             log.warning("could not close MLflow run %s of stale trial %d: %s", run_id, trial.number,
-                        _first_line(error))
+                        first_line(error))
     log.warning("trial %d of study %s lost its worker (no heartbeat): marked FAIL and queued again%s",
                 trial.number, study.study_name, f"; MLflow runs {', '.join(closed)} closed as KILLED"
                 if closed else "")
@@ -661,7 +661,7 @@ def write_pareto_report(study: optuna.Study, pareto: list[FrozenTrial], folder: 
     try:
         plot_pareto(points, folder / "plots" / "pareto.png", accuracy_label="validation accuracy")
     except Exception as error:  # a plot is a report, never a reason to lose the study's run
-        log.warning("plot pareto skipped: %s", _first_line(error))
+        log.warning("plot pareto skipped: %s", first_line(error))
         plt.close("all")
 
 
@@ -739,7 +739,7 @@ def write_study_plots(
                 plt.close(figure)
             written.append(path)
         except Exception as error:  # a plot is a report, never a reason to lose the study's run
-            log.warning("plot %s skipped: %s", name, _first_line(error))
+            log.warning("plot %s skipped: %s", name, first_line(error))
             plt.close("all")
     return written
 
@@ -792,8 +792,3 @@ def _quiet_optuna() -> Iterator[None]:
             yield
     finally:
         optuna.logging.set_verbosity(verbosity)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

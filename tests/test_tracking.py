@@ -181,7 +181,7 @@ def test_test_accuracy_is_measured_as_validation_was(tiny_data, tracking_store, 
     model = outcome.fit.model
     with_tta = evaluate(model, splits.test, batch_size=64, tta=True).accuracy
     one_pass = evaluate(model, splits.test, batch_size=64).accuracy
-    assert outcome.test.accuracy == with_tta and outcome.test_accuracy_without_tta == one_pass
+    assert outcome.test.accuracy == with_tta and outcome.test.one_pass_accuracy == one_pass
     metrics = MlflowClient().get_run(outcome.run_id).data.metrics
     assert metrics["test_accuracy"] == with_tta and metrics["test_accuracy_without_tta"] == one_pass
 

@@ -195,3 +195,4 @@ def test_mirror_tta_averages_the_probabilities_of_each_image_and_its_mirror():
     assert result.loss == pytest.approx(-expected.log()[torch.arange(30), data.labels].mean().item(), rel=1e-5)
     plain = evaluate(model, data, batch_size=8)
     assert not torch.allclose(torch.from_numpy(plain.probabilities), expected)
+    assert result.one_pass_accuracy == plain.accuracy and plain.one_pass_accuracy is None
