@@ -111,6 +111,16 @@ class TrainConfig:
     augment: str = option("none", "Batched training augmentation.", AUGMENTATIONS)
     cutout: int = option(0, "Side of a random square cut out of every training image (0: off).")
     tta: bool = option(False, "Evaluate on each image and its mirror image, averaging probabilities.")
+    teacher: str = option(
+        "", "Knowledge distillation: logged models (comma-separated URIs, e.g. runs:/ID/model; several: "
+        "their logits are averaged) whose softened predictions on each training batch the model learns too "
+        "(empty: off).",
+    )
+    distill_weight: float = option(
+        0.9, "With --teacher, the distillation term's share of the loss; the rest is the cross-entropy "
+        "on the labels.",
+    )
+    distill_temperature: float = option(4.0, "With --teacher, the temperature of both softmaxes compared.")
     amp: bool = option(True, "Automatic mixed precision (bf16 on capable CPUs, fp16/bf16 on CUDA).")
     amp_dtype: str = option(
         "auto", "Autocast dtype; auto: bf16 on CUDA GPUs that have it (else fp16) and on CPUs with native "
@@ -154,6 +164,11 @@ class TrainConfig:
             )
         if not 0 <= self.cutout <= 32:
             raise ConfigError(f"cutout must be in [0, 32] pixels, got {self.cutout}")
+        if not 0 < self.distill_weight <= 1:
+            raise ConfigError(f"distill-weight must be in (0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"distill-temperature must be > 0, got {self.distill_temperature}")
+        self.teacher_uris()
         self.conv_widths()
         _require_at_least(self, 0, "hidden", note=" (0: the architecture's own)")
         _require_choice(self, "recipe", "optimizer", "schedule", "augment", "amp_dtype", "device")
@@ -166,6 +181,15 @@ class TrainConfig:
         if len(widths) != 3:
             raise ConfigError(f"widths must be three positive integers, e.g. 32,48,64; got {self.widths!r}")
         return widths[0], widths[1], widths[2]
+
+    def teacher_uris(self) -> tuple[str, ...]:
+        """``--teacher`` as model URIs; empty: no distillation."""
+        if not self.teacher.strip():
+            return ()
+        uris = tuple(part.strip() for part in self.teacher.split(","))
+        if not all(uris):
+            raise ConfigError(f"teacher must be comma-separated model URIs, got {self.teacher!r}")
+        return uris
 
 
 @dataclass(frozen=True)

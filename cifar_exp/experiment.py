@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from cifar_exp import tracking
-from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig
+from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
 from cifar_exp.data import Splits, load_dataset, load_splits
 from cifar_exp.errors import DataError
 from cifar_exp.inference import check_class_count, check_classifier
-from cifar_exp.models import count_parameters
+from cifar_exp.models import Ensemble, count_parameters
 from cifar_exp.reports import ClassMetrics, class_metrics, write_evaluation_report, write_training_report
 from cifar_exp.train import (
     EvalResult,
@@ -73,6 +73,7 @@ def train_and_track(
     if splits is None:
         splits = load_splits(cfg.data)
     parameter_count = count_parameters(build_network(cfg.train, len(splits.classes)))
+    teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)
 
     run_tags = {
         **tracking.environment_tags(device, amp_dtype),
@@ -90,6 +91,7 @@ def train_and_track(
             splits,
             on_epoch_end=lambda stats: tracking.log_metrics(stats.metrics(), step=stats.epoch),
             progress=progress,
+            teacher=teacher,
         )
         test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size, amp_dtype,
                                                   cfg.train.channels_last, result, tta=cfg.train.tta)
@@ -132,13 +134,7 @@ def evaluate_and_track(
     class_count = check_classifier(model, model_uri, device)
     _, test_set, classes, source = load_dataset(data_cfg)
     check_class_count(class_count, classes, data_cfg.data_dir)
-    source_run_id = tracking.model_source_run(model_uri)
-    source_run = tracking.get_run(source_run_id) if source_run_id else None
-    trained_on = source_run.params.get(CLASSES_PARAM) if source_run else None
-    if trained_on and trained_on != ",".join(classes):
-        # ImageFolder numbers classes by folder name: other names or another order mislabel every image.
-        raise DataError(f"{model_uri} was trained on classes {trained_on}; {data_cfg.data_dir} holds "
-                        f"{','.join(classes)}")
+    source_run_id = _check_trained_classes(model_uri, classes, data_cfg.data_dir)
     splits = Splits(test_set, test_set, test_set, classes, source, val_is_test=True)
     tags = {"model_uri": model_uri, "source_run_id": source_run_id or "unknown",
             **tracking.environment_tags(device, None)}
@@ -148,6 +144,35 @@ def evaluate_and_track(
         tracking.log_datasets({"test": test_set}, source)
         test, test_metrics = _evaluate_and_report(model, splits, batch_size, None, False, None, tta=tta)
     return EvaluationOutcome(run_id, test, test_metrics)
+
+
+def load_teacher(
+    cfg: TrainConfig, classes: tuple[str, ...], data_dir: str, device: torch.device
+) -> torch.nn.Module | None:
+    """The models ``--teacher`` names, loaded onto ``device`` and checked against the dataset
+    (several become one ``Ensemble``); None without distillation."""
+    members = []
+    for model_uri in cfg.teacher_uris():
+        model = tracking.load_model(model_uri).to(device)
+        class_count = check_classifier(model, model_uri, device)
+        check_class_count(class_count, classes, data_dir, model=f"teacher {model_uri}")
+        _check_trained_classes(model_uri, classes, data_dir)
+        members.append(model)
+    if len(members) > 1:
+        log.info("distilling from an ensemble of %d models", len(members))
+        return Ensemble(members)
+    return members[0] if members else None
+
+
+def _check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str) -> str | None:
+    """Refuse a model trained on other class names or another order; returns its source run id."""
+    source_run_id = tracking.model_source_run(model_uri)
+    source_run = tracking.get_run(source_run_id) if source_run_id else None
+    trained_on = source_run.params.get(CLASSES_PARAM) if source_run else None
+    if trained_on and trained_on != ",".join(classes):
+        # ImageFolder numbers classes by folder name: other names or another order mislabel every image.
+        raise DataError(f"{model_uri} was trained on classes {trained_on}; {data_dir} holds {','.join(classes)}")
+    return source_run_id
 
 
 def _evaluate_and_report(

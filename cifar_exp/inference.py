@@ -261,10 +261,10 @@ def check_classifier(model: nn.Module, name: str, device: torch.device | str = "
     return classes
 
 
-def check_class_count(classes: int, names: tuple[str, ...], data_dir: str) -> None:
+def check_class_count(classes: int, names: tuple[str, ...], data_dir: str, model: str = "the model") -> None:
     """A model scoring ``classes`` classes must meet a dataset of as many (``names``)."""
     if classes != len(names):
-        raise DataError(f"the model predicts {classes} classes but {data_dir} holds {len(names)}")
+        raise DataError(f"{model} predicts {classes} classes but {data_dir} holds {len(names)}")
 
 
 def count_macs(model: nn.Module) -> int:

@@ -254,3 +254,14 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network((images - self.mean) / self.std)
+
+
+class Ensemble(nn.Module):
+    """Several classifiers as one: the mean of their logits (a distillation teacher of many models)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(images) for member in self.members]).mean(0)  # (B, classes)

@@ -148,12 +148,17 @@ def fit(
     *,
     on_epoch_end: EpochCallback | None = None,
     progress: bool = False,
+    teacher: nn.Module | None = None,
 ) -> FitResult:
     """Train ``cfg.model`` on ``splits.train``, validating on ``splits.val`` after every epoch.
 
     ``on_epoch_end`` sees each epoch's statistics (for tracking, pruning) and may raise to stop.
+    ``teacher``: the loaded models of ``cfg.teacher`` (``experiment.load_teacher``), which the model
+    is distilled from; it is moved to the training device and frozen in eval mode.
     Raises ``TrainingDivergedError`` when the training loss turns NaN or infinite.
     """
+    if bool(cfg.teacher_uris()) != (teacher is not None):
+        raise ValueError("fit needs the loaded teacher exactly when cfg.teacher names one")
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
@@ -174,7 +179,11 @@ def fit(
         channels_last=cfg.channels_last,
     )
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(batches))
-    train_step = build_train_step(cfg, model, optimizer, scheduler, amp_dtype)
+    distillation = None
+    if teacher is not None:
+        distillation = Distillation(frozen_teacher(teacher, device, memory_format), cfg.distill_weight,
+                                    cfg.distill_temperature)
+    train_step = build_train_step(cfg, model, optimizer, scheduler, amp_dtype, distillation)
     log.info(
         "training %s on %d images (%s, %s), validating on %d %s images",
         cfg.model, len(splits.train), device, f"autocast {amp_dtype}" if amp_dtype else "fp32",
@@ -282,6 +291,42 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Knowledge distillation (Hinton et al., 2015): the loss also pulls the model's predictions,
+    softened by ``temperature``, toward the teacher's on the same augmented batch."""
+
+    teacher: nn.Module
+    weight: float  # share of the distillation term; 1 - weight stays on the labels' cross-entropy
+    temperature: float
+
+    def loss(self, logits: torch.Tensor, images: torch.Tensor, label_loss: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)  # (B, classes)
+        soft_loss = distillation_loss(logits, teacher_logits, self.temperature)
+        return (1 - self.weight) * label_loss + self.weight * soft_loss
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || model) between the temperature-T softmaxes, averaged over the batch.
+
+    The T^2 keeps the term's gradients on the scale of the cross-entropy's whatever T is.
+    """
+    log_p_model = (logits.float() / temperature).log_softmax(1)  # (B, classes)
+    log_p_teacher = (teacher_logits.float() / temperature).log_softmax(1)
+    kl = F.kl_div(log_p_model, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def frozen_teacher(teacher: nn.Module, device: torch.device, memory_format: torch.memory_format) -> nn.Module:
+    """``teacher`` on ``device``, in eval mode, its parameters out of autograd."""
+    teacher = teacher.to(device, memory_format=memory_format).requires_grad_(False)
+    for module in teacher.modules():
+        # Not .eval(): torch.export'ed modules (as MLflow loads them) refuse it, being frozen in eval mode.
+        module.training = False
+    return teacher
+
+
 class TrainStep:
     """One optimizer step per call; the epoch's loss sum and correct count accumulate on the device."""
 
@@ -294,12 +339,14 @@ class TrainStep:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         amp_dtype: torch.dtype | None,
         label_smoothing: float,
+        distillation: Distillation | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.amp_dtype = amp_dtype
         self.label_smoothing = label_smoothing
+        self.distillation = distillation
         self.device = next(model.parameters()).device
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         # Accumulated on the device: reading them per step would synchronise host and device.
@@ -323,6 +370,8 @@ class TrainStep:
                             cache_enabled=self.autocast_cache):
             logits = self.model(images)  # (B, classes)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            if self.distillation is not None:
+                loss = self.distillation.loss(logits, images, loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -423,6 +472,7 @@ def build_train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     amp_dtype: torch.dtype | None,
+    distillation: Distillation | None = None,
 ) -> TrainStep:
     """The step ``cfg`` asks for: replayed as a CUDA graph, on a ``torch.compile``d model, or eager.
 
@@ -432,12 +482,12 @@ def build_train_step(
     if device.type == "cpu":
         keep_freed_memory_in_process()
     if uses_cuda_graphs(cfg, device):
-        return GraphedTrainStep(model, optimizer, scheduler, amp_dtype, cfg.label_smoothing)
+        return GraphedTrainStep(model, optimizer, scheduler, amp_dtype, cfg.label_smoothing, distillation)
     if cfg.cuda_graphs and device.type == "cuda":
         log.info("eager training steps: CUDA graphs do not combine with %s",
                  "--compile" if cfg.compile else "fp16 autocast")
     step_model = torch.compile(model) if cfg.compile else model
-    return TrainStep(step_model, optimizer, scheduler, amp_dtype, cfg.label_smoothing)
+    return TrainStep(step_model, optimizer, scheduler, amp_dtype, cfg.label_smoothing, distillation)
 
 
 def train_epoch(step: TrainStep, batches: DeviceBatches, progress_label: str | None = None) -> tuple[float, float]:

@@ -54,7 +54,7 @@ from cifar_exp import tracking  # noqa: E402
 from cifar_exp.config import ExperimentConfig, TrainConfig, TuneConfig  # noqa: E402
 from cifar_exp.data import Splits, load_splits  # noqa: E402
 from cifar_exp.errors import ConfigError, StorageError, TrainingDivergedError, first_line  # noqa: E402
-from cifar_exp.experiment import TrainingOutcome, train_and_track  # noqa: E402
+from cifar_exp.experiment import TrainingOutcome, load_teacher, train_and_track  # noqa: E402
 from cifar_exp.inference import measure_latency  # noqa: E402
 from cifar_exp.models import architecture, count_parameters  # noqa: E402
 from cifar_exp.reports import TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
@@ -181,6 +181,7 @@ def tune(
     shown_url = tracking.hide_password(storage_url)
     study = open_study(cfg, tune_cfg, study_name, storage_url)
     splits = load_splits(cfg.data)  # once: every trial trains on the same tensors
+    teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)  # once, for every trial
 
     before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     if tune_cfg.baseline:
@@ -227,7 +228,7 @@ def tune(
             if best is not None:  # the final best_val_accuracy is logged once the study is done
                 tracking.log_metrics({f"best_so_far_{OBJECTIVE}": best.value}, step=trial.number)
 
-        objective = _Objective(cfg, tune_cfg, splits, study_name, progress)
+        objective = _Objective(cfg, tune_cfg, splits, study_name, progress, teacher)
         with _quiet_optuna():
             study.optimize(objective, n_trials=tune_cfg.n_trials, timeout=tune_cfg.timeout,
                            callbacks=[after_trial], gc_after_trial=True)
@@ -272,9 +273,9 @@ class _Objective:
     """
 
     def __init__(self, cfg: ExperimentConfig, tune_cfg: TuneConfig, splits: Splits, study_name: str,
-                 progress: bool) -> None:
+                 progress: bool, teacher: nn.Module | None) -> None:
         self.cfg, self.tune_cfg, self.splits = cfg, tune_cfg, splits
-        self.study_name, self.progress = study_name, progress
+        self.study_name, self.progress, self.teacher = study_name, progress, teacher
         self.multi_objective = tune_cfg.multi_objective
         self.has_hidden = architecture(cfg.train.model).hidden is not None
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
@@ -306,7 +307,7 @@ class _Objective:
                 trial.set_user_attr("mlflow_run_id", run_id)
                 try:
                     tracking.log_params(cfg.flat())
-                    result = fit(cfg.train, self.splits, progress=self.progress,
+                    result = fit(cfg.train, self.splits, progress=self.progress, teacher=self.teacher,
                                  on_epoch_end=lambda stats: self._epoch_end(trial, stats))
                     value = result.history[-1].val_accuracy
                     metrics = {

@@ -67,6 +67,8 @@ def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, par
                 _section(section, context.params)
     if entry_point == "recipe":
         assert context.params["recipe"] == "pico" and "lr" not in command and "--lr" not in command
+    if entry_point in ("main", "recipe"):
+        assert build_config(context.params).train.teacher_uris() == ()  # no distillation unless asked
     if entry_point == "export":
         assert context.params["int8"] == (parameters != {"int8": "--no-int8"})
 

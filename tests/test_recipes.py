@@ -11,8 +11,16 @@ from cifar_exp.cli import build_config, main
 from cifar_exp.config import RECIPES, TrainConfig, recipe_config
 from cifar_exp.data import cutout
 from cifar_exp.errors import ConfigError
-from cifar_exp.models import Shortcut, build_model, count_parameters
-from cifar_exp.train import build_classifier, build_optimizer, build_scheduler, build_train_step, lr_factor
+from cifar_exp.models import Ensemble, Shortcut, build_model, count_parameters
+from cifar_exp.train import (
+    Distillation,
+    build_classifier,
+    build_optimizer,
+    build_scheduler,
+    build_train_step,
+    distillation_loss,
+    lr_factor,
+)
 
 
 @pytest.mark.parametrize(("name", "parameters"), [
@@ -59,6 +67,58 @@ def test_training_step_uses_label_smoothing_as_defined():
     loss, _ = step.read(len(labels))
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     assert abs(loss - F.cross_entropy(log_probs, labels).item()) > 1e-3  # smoothing changed it
+
+
+def test_distillation_loss_is_t_squared_kl_and_pulls_toward_the_teacher():
+    logits = torch.randn(6, 10, requires_grad=True)
+    teacher_logits, temperature = 3 * torch.randn(6, 10), 4.0
+    p_model = (logits / temperature).softmax(1)
+    p_teacher = (teacher_logits / temperature).softmax(1)
+    kl = (p_teacher * (p_teacher.log() - p_model.log())).sum(1).mean()  # KL(teacher || model), per image
+    loss = distillation_loss(logits, teacher_logits, temperature)
+    assert loss.item() == pytest.approx(temperature**2 * kl.item(), rel=1e-5)
+    loss.backward()
+    # d/dz of T^2 KL at temperature T is T (p_model - p_teacher) per image: the T^2 keeps it O(1).
+    torch.testing.assert_close(logits.grad, temperature * (p_model - p_teacher).detach() / 6)
+    assert distillation_loss(teacher_logits, teacher_logits, temperature).item() == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_training_step_mixes_label_and_distillation_losses(weight):
+    images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    cfg = TrainConfig(amp=False, channels_last=False)
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with torch.no_grad():  # the step measures its loss before it updates the weights
+        logits, teacher_logits = student(images), teacher(images)
+    expected = ((1 - weight) * F.cross_entropy(logits, labels)
+                + weight * distillation_loss(logits, teacher_logits, 2.0))
+    optimizer = build_optimizer(cfg, student)
+    step = build_train_step(cfg, student, optimizer, build_scheduler(cfg, optimizer, 1), None,
+                            Distillation(teacher, weight, 2.0))
+    step(images, labels)
+    loss, _ = step.read(len(labels))
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher only predicts
+
+
+def test_ensemble_averages_its_members_logits():
+    members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)) for _ in range(3)]
+    images = torch.rand(4, 3, 32, 32)
+    expected = sum(member(images) for member in members) / 3
+    torch.testing.assert_close(Ensemble(members)(images), expected)
+
+
+def test_distillation_settings_are_checked():
+    assert TrainConfig().teacher_uris() == ()
+    assert TrainConfig(teacher=" runs:/a/model, models:/b@champion").teacher_uris() == (
+        "runs:/a/model", "models:/b@champion")
+    with pytest.raises(ConfigError, match="teacher must be comma-separated model URIs, got 'runs:/a/model,'"):
+        TrainConfig(teacher="runs:/a/model,")
+    with pytest.raises(ConfigError, match=r"distill-weight must be in \(0, 1\], got 0.0"):
+        TrainConfig(distill_weight=0.0)
+    with pytest.raises(ConfigError, match="distill-temperature must be > 0, got -1.0"):
+        TrainConfig(distill_temperature=-1.0)
 
 
 def _lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:

@@ -11,10 +11,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import precision_score, recall_score
 
-from cifar_exp import tracking
+from cifar_exp import experiment, tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
 from cifar_exp.data import load_splits
 from cifar_exp.errors import TrackingError, TrainingDivergedError
+from cifar_exp.models import Ensemble
 from cifar_exp.experiment import train_and_track
 from cifar_exp.train import evaluate
 
@@ -143,6 +144,36 @@ def test_champion_moves_only_to_a_better_version(trained):
     assert tracking.promote_if_champion(name, better.version, val_accuracy=base + 0.01, test_accuracy=0.0)
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(better.version)
     assert float(client.get_model_version(name, worse.version).tags["val_accuracy"]) == pytest.approx(base - 0.1)
+
+
+def test_a_distilled_run_learns_from_the_logged_teachers_it_records(trained, tiny_data, cache_dir, monkeypatch):
+    outcome, splits, client = trained
+    teachers = f"{outcome.model_uri},runs:/{outcome.run_id}/model"  # one model twice: an ensemble of 2
+    seen = {}
+
+    def spying_fit(*args, teacher, **kwargs):
+        seen["teacher"] = teacher
+        return fit(*args, teacher=teacher, **kwargs)
+
+    fit = experiment.fit
+    monkeypatch.setattr(experiment, "fit", spying_fit)
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1, teacher=teachers)
+    cfg = dataclasses.replace(cfg, tracking=TrackingConfig(experiment_name="tests", register=False))
+    distilled = train_and_track(cfg, splits=splits)
+    assert client.get_run(distilled.run_id).data.params["train.teacher"] == teachers
+    teacher = seen["teacher"]
+    assert isinstance(teacher, Ensemble) and len(teacher.members) == 2
+    images = splits.test.images[:8].float() / 255
+    with torch.inference_mode():
+        torch.testing.assert_close(teacher(images), outcome.fit.model.cpu()(images), rtol=1e-4, atol=1e-4)
+
+
+def test_an_unloadable_teacher_is_a_one_line_error_before_any_run(tiny_data, tracking_store, cache_dir):
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1, teacher="runs:/0123456789abcdef/model")
+    with pytest.raises(TrackingError, match="cannot load model runs:/0123456789abcdef/model") as raised:
+        train_and_track(cfg)
+    assert "\n" not in str(raised.value)
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
 
 
 def test_diverged_training_leaves_a_failed_run(tiny_data, tracking_store, cache_dir):

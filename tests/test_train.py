@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import PALETTE
 
 from cifar_exp.config import DataConfig, TrainConfig
 from cifar_exp.data import DeviceBatches, ImageSet, load_splits
@@ -45,6 +46,37 @@ def test_training_lowers_the_loss_and_beats_chance(splits, amp):
     assert test.accuracy > 0.5
     assert test.probabilities.shape == (100, 10)
     torch.testing.assert_close(torch.from_numpy(test.probabilities.sum(1)), torch.ones(100))
+
+
+class PaletteTeacher(torch.nn.Module):
+    """Knows the tiny dataset's rule (mean colour -> class), but names each class ``shift`` places on."""
+
+    def __init__(self, shift: int) -> None:
+        super().__init__()
+        palette = torch.from_numpy(PALETTE) / 255  # (10, 3)
+        self.register_buffer("palette", palette.roll(shift, 0))  # class c gets colour c - shift
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        colours = images.mean((2, 3))  # (B, 3)
+        return -20 * torch.cdist(colours, self.palette)  # (B, 10)
+
+
+def test_distillation_learns_what_the_teacher_says_not_the_labels(splits):
+    # A teacher that calls class c "c + 1": trained on its predictions alone (weight 1), the student
+    # predicts c + 1 for images labelled c; the labels' cross-entropy would teach c.
+    teacher = PaletteTeacher(shift=1)
+    val = splits.val
+    shifted = (val.labels + 1) % 10
+    with torch.inference_mode():
+        assert (teacher(val.images.float() / 255).argmax(1) == shifted).float().mean() > 0.9
+    cfg = TrainConfig(**{**TINY, "epochs": 6}, amp=False, teacher="a teacher", distill_weight=1.0,
+                      distill_temperature=2.0)
+    model = fit(cfg, splits, teacher=teacher).model
+    predictions = torch.from_numpy(evaluate(model, val).predictions)
+    assert (predictions == shifted).float().mean() > 0.8
+    assert (predictions == val.labels).float().mean() < 0.1
+    with pytest.raises(ValueError, match="loaded teacher"):
+        fit(cfg, splits)  # cfg names a teacher that was never loaded
 
 
 def test_learning_rate_decays_per_epoch(splits):

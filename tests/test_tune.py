@@ -183,6 +183,29 @@ def test_a_trial_that_crashes_is_failed_in_optuna_and_mlflow(tiny_data, tracking
     assert runs["trial-0"].data.tags["optuna_reason"] == "RuntimeError: boom"
 
 
+def test_every_trial_learns_from_the_teacher_loaded_once(tiny_data, tracking_store, cache_dir, tmp_path,
+                                                        monkeypatch):
+    import torch
+
+    from cifar_exp import tune as tune_module
+
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    loads, teachers_seen, fit = [], [], tune_module.fit
+
+    def spying_fit(*args, teacher, **kwargs):
+        teachers_seen.append(teacher)
+        return fit(*args, teacher=teacher, **kwargs)
+
+    monkeypatch.setattr(tune_module, "load_teacher",
+                        lambda train_cfg, *args: loads.append(train_cfg.teacher) or teacher)
+    monkeypatch.setattr(tune_module, "fit", spying_fit)
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1, teacher="runs:/abc/model")
+    outcome = tune(cfg, TuneConfig(n_trials=2, study_name="kd", storage=f"sqlite:///{tmp_path / 'study.db'}"),
+                   report=lambda line: None)
+    assert [trial.state for trial in outcome.trials] == ["COMPLETE", "COMPLETE"]
+    assert loads == ["runs:/abc/model"] and teachers_seen == [teacher, teacher]
+
+
 def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, tracking_store, cache_dir):
     cfg = tiny_config(tiny_data, cache_dir, epochs=2)
     outcome = tune(cfg, TuneConfig(n_trials=1, pruner="none", retrain_best=True), report=lambda line: None)
@@ -222,6 +245,7 @@ def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, trac
     (["--latency-threads", "-1"], "latency-threads must be >= 0 (0: all cores), got -1"),
     (["--model", "pico", "--hidden", "128"], "model pico has no hidden layer (--hidden 128)"),
     (["--widths", "32,48"], "widths must be three positive integers, e.g. 32,48,64; got '32,48'"),
+    (["--teacher", "runs:/0123456789abcdef/model"], "cannot load model runs:/0123456789abcdef/model"),
 ])
 def test_bad_input_is_one_line_before_any_training(tiny_data, tracking_store, cache_dir, args, message):
     start = time.perf_counter()
