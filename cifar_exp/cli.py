@@ -18,6 +18,7 @@ from cifar_exp.config import (
     RECIPES,
     BenchmarkConfig,
     DataConfig,
+    EvaluateConfig,
     ExperimentConfig,
     ExportConfig,
     TrackingConfig,
@@ -28,6 +29,7 @@ from cifar_exp.errors import CifarExpError
 
 CONFIG_SECTIONS = {"data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
 TUNE_SECTIONS = {**CONFIG_SECTIONS, "tune": TuneConfig}  # the options of `tune`
+EVALUATE_SECTIONS = {**CONFIG_SECTIONS, "evaluate": EvaluateConfig}
 
 
 def _click_option(cls: type, field: dataclasses.Field) -> Callable:
@@ -152,16 +154,15 @@ def train(**options: Any) -> None:
 
 
 @main.command()
-@click.option("--model-uri", required=True,
-              help="Model to evaluate, e.g. models:/cifar10-seed@champion or runs:/<id>/model.")
-@config_options(only=("data_dir", "download", "cache_dir", "device", "eval_batch_size", "tta",
-                      "experiment_name", "run_name"))
+@config_options(sections=EVALUATE_SECTIONS, only=("model_uri", "data_dir", "download", "cache_dir", "device",
+                                                   "eval_batch_size", "tta", "experiment_name", "run_name"))
 @reports_errors
-def evaluate(model_uri: str, **options: Any) -> None:
+def evaluate(**options: Any) -> None:
     """Evaluate a logged model on the test split, with the full report, in a new run."""
     from cifar_exp.experiment import evaluate_and_track
 
     cfg = build_config(options)
+    model_uri = _section(EvaluateConfig, options).model_uri
     outcome = evaluate_and_track(model_uri, cfg.data, cfg.tracking, device_name=cfg.train.device,
                                  batch_size=cfg.train.eval_batch_size, tta=cfg.train.tta)
     click.echo(f"run {outcome.run_id}: {model_uri} test accuracy {outcome.test.accuracy:.4f} "

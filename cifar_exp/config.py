@@ -396,14 +396,7 @@ class BenchmarkConfig:
         _require_at_least(self, 0, "warmup_seconds")
 
     def batch_size_list(self) -> tuple[int, ...]:
-        try:
-            sizes = tuple(int(part) for part in self.batch_sizes.split(","))
-        except ValueError:
-            raise ConfigError(f"batch-sizes must be comma-separated integers, got {self.batch_sizes!r}") from None
-        bad = [size for size in sizes if size < 1]
-        if bad:
-            raise ConfigError(f"batch sizes must be >= 1, got {bad[0]} in {self.batch_sizes!r}")
-        return tuple(dict.fromkeys(sizes))
+        return tuple(dict.fromkeys(_positive_ints(self.batch_sizes, "batch-sizes")))
 
     def backend_names(self) -> tuple[str, ...]:
         if self.backends.strip() == "all":
@@ -413,6 +406,19 @@ class BenchmarkConfig:
         if unknown:
             raise ConfigError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)} or all")
         return names
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Which model ``cifar-exp evaluate`` measures (how: the data and train options it shares)."""
+
+    model_uri: str = option(
+        "models:/cifar10-seed@champion", "Model to evaluate (models:/NAME@champion, runs:/ID/model, models:/m-ID)."
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_uri.strip():
+            raise ConfigError("model-uri must not be empty")
 
 
 @dataclass(frozen=True)
@@ -471,8 +477,9 @@ def _positive_ints(text: str, option_name: str) -> tuple[int, ...]:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise ConfigError(f"{option_name} must be comma-separated positive integers, got {text!r}") from None
-    if min(values) < 1:
-        raise ConfigError(f"{option_name} must be comma-separated positive integers, got {text!r}")
+    bad = [value for value in values if value < 1]
+    if bad:
+        raise ConfigError(f"{option_name} must be comma-separated positive integers, got {bad[0]} in {text!r}")
     return values
 
 

@@ -24,7 +24,7 @@ def test_defaults_are_the_seed_recipe():
     ("batch_size", 0, "batch-size must be >= 1, got 0"),
     ("augment", "mixup", "unknown augment 'mixup'"),
     ("widths", "32,48", "widths must be three positive integers, e.g. 32,48,64; got '32,48'"),
-    ("widths", "32,0,64", "widths must be comma-separated positive integers, got '32,0,64'"),
+    ("widths", "32,0,64", "widths must be comma-separated positive integers, got 0 in '32,0,64'"),
     ("widths", "wide", "widths must be comma-separated positive integers, got 'wide'"),
     ("hidden", -1, r"hidden must be >= 0 \(0: the architecture's own\), got -1"),
     ("lr", math.nan, "lr must be a finite number, got nan"),  # NaN fails no comparison

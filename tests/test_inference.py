@@ -119,9 +119,9 @@ def test_measure_latency_rejects_bad_batch_sizes(batch_size):
 
 
 @pytest.mark.parametrize(("batch_sizes", "message"), [
-    ("1,0,8", "batch sizes must be >= 1, got 0 in '1,0,8'"),
-    ("1,-2", "batch sizes must be >= 1, got -2"),
-    ("1,x", "batch-sizes must be comma-separated integers, got '1,x'"),
+    ("1,0,8", "batch-sizes must be comma-separated positive integers, got 0 in '1,0,8'"),
+    ("1,-2", "batch-sizes must be comma-separated positive integers, got -2 in '1,-2'"),
+    ("1,x", "batch-sizes must be comma-separated positive integers, got '1,x'"),
 ])
 def test_benchmark_config_rejects_bad_batch_sizes(batch_sizes, message):
     with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
@@ -625,8 +625,8 @@ def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_pa
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--batch-sizes", "1,0"], "batch sizes must be >= 1, got 0 in '1,0'"),
-    (["--batch-sizes", "-4"], "batch sizes must be >= 1, got -4"),
+    (["--batch-sizes", "1,0"], "batch-sizes must be comma-separated positive integers, got 0 in '1,0'"),
+    (["--batch-sizes", "-4"], "batch-sizes must be comma-separated positive integers, got -4 in '-4'"),
     (["--threads", "-1"], "threads must be >= 0 (0: all cores), got -1"),
     (["--repeats", "0"], "repeats must be >= 1, got 0"),
     (["--backends", "tpu"], "unknown backend 'tpu'"),
