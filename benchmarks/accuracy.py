@@ -79,8 +79,6 @@ def train_untracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
     """``fit`` and the test evaluation of ``train_and_track`` without MLflow, for machines that train
     but do not track: (final val accuracy, test accuracy, one-pass test accuracy with TTA, train
     seconds, "untracked")."""
-    if cfg.train.teacher_uris():
-        raise ConfigError("--set teacher needs MLflow to load the teacher's models: drop --untracked")
     result = fit(cfg.train, splits)
     test = evaluate(result.model, splits.test, batch_size=cfg.train.eval_batch_size, amp_dtype=result.amp_dtype,
                     channels_last=cfg.train.channels_last, tta=cfg.train.tta)
@@ -130,6 +128,8 @@ def main() -> None:
             tracking=TrackingConfig(experiment_name=args.experiment, register=False),
         )
         build_network(base.train)  # an unknown model or knob fails here, before the data loads
+        if args.untracked and base.train.teacher_uris():
+            raise ConfigError("--set teacher needs MLflow to load the teacher's models: drop --untracked")
     except ConfigError as error:
         parser.error(str(error))
     seed_model = build_classifier(recipe_config("seed"), NUM_CLASSES).eval()

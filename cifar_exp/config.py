@@ -168,7 +168,11 @@ class TrainConfig:
             raise ConfigError(f"distill-weight must be in (0, 1], got {self.distill_weight}")
         if not self.distill_temperature > 0:
             raise ConfigError(f"distill-temperature must be > 0, got {self.distill_temperature}")
-        self.teacher_uris()
+        if not self.teacher_uris():
+            for name in ("distill_weight", "distill_temperature"):
+                if getattr(self, name) != _field(TrainConfig, name).default:
+                    raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)} needs --teacher: "
+                                      "without one nothing is distilled")
         self.conv_widths()
         _require_at_least(self, 0, "hidden", note=" (0: the architecture's own)")
         _require_choice(self, "recipe", "optimizer", "schedule", "augment", "amp_dtype", "device")
@@ -189,6 +193,8 @@ class TrainConfig:
         uris = tuple(part.strip() for part in self.teacher.split(","))
         if not all(uris):
             raise ConfigError(f"teacher must be comma-separated model URIs, got {self.teacher!r}")
+        if len(set(uris)) < len(uris):
+            raise ConfigError(f"teacher names a model twice: {self.teacher!r}")
         return uris
 
 
@@ -418,7 +424,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if not self.model_uri.strip():
-            raise ConfigError("model-uri must not be empty")
+            raise ConfigError(f"model-uri must not be empty, got {self.model_uri!r}")
 
 
 @dataclass(frozen=True)
@@ -439,6 +445,8 @@ class ExportConfig:
     )
 
     def __post_init__(self) -> None:
+        if not self.model_uri.strip():
+            raise ConfigError(f"model-uri must not be empty, got {self.model_uri!r}")
         _require_choice(self, "format")
         _require_at_least(self, 1, "calibration_images")
         if not self.output_dir.strip():

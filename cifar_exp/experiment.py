@@ -61,10 +61,12 @@ def train_and_track(
     tags: Mapping[str, str] | None = None,
     progress: bool = False,
     nested: bool = False,
+    teacher: Teacher | None = None,
 ) -> TrainingOutcome:
     """Train ``cfg`` and log every deliverable of the seed report into one MLflow run.
 
-    ``nested`` makes that run a child of the active run (``tune --retrain-best`` uses it).
+    ``nested`` makes that run a child of the active run (``tune --retrain-best`` uses it);
+    ``teacher``: ``cfg.train.teacher`` already loaded (else it is loaded here).
     """
     tracking.check_tracking_store()
     device = resolve_device(cfg.train.device)
@@ -73,13 +75,15 @@ def train_and_track(
     if splits is None:
         splits = load_splits(cfg.data)
     parameter_count = count_parameters(build_network(cfg.train, len(splits.classes)))
-    teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)
+    if teacher is None:
+        teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)
 
     run_tags = {
         **tracking.environment_tags(device, amp_dtype),
         "model": cfg.train.model,
         "parameter_count": str(parameter_count),
         "validation_split": "test (seed-report protocol)" if splits.val_is_test else "carved from train",
+        **(teacher.tags() if teacher else {}),
         **(tags or {}),
     }
     with tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, tags=run_tags,
@@ -91,7 +95,7 @@ def train_and_track(
             splits,
             on_epoch_end=lambda stats: tracking.log_metrics(stats.metrics(), step=stats.epoch),
             progress=progress,
-            teacher=teacher,
+            teacher=teacher.model if teacher else None,
         )
         test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size, amp_dtype,
                                                   cfg.train.channels_last, result, tta=cfg.train.tta)
@@ -146,22 +150,35 @@ def evaluate_and_track(
     return EvaluationOutcome(run_id, test, test_metrics)
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """The loaded models of ``--teacher`` (several as one ``Ensemble``) and the runs that logged them."""
+
+    model: torch.nn.Module
+    source_run_ids: tuple[str, ...]  # "unknown" where a URI names no run
+
+    def tags(self) -> dict[str, str]:
+        # The URIs are logged as a param; an alias (models:/NAME@champion) moves, the run ids do not.
+        return {"teacher_run_ids": ",".join(self.source_run_ids)}
+
+
 def load_teacher(
     cfg: TrainConfig, classes: tuple[str, ...], data_dir: str, device: torch.device
-) -> torch.nn.Module | None:
-    """The models ``--teacher`` names, loaded onto ``device`` and checked against the dataset
-    (several become one ``Ensemble``); None without distillation."""
-    members = []
+) -> Teacher | None:
+    """The models ``--teacher`` names, loaded onto ``device`` and checked against the dataset;
+    None without distillation."""
+    members, source_run_ids = [], []
     for model_uri in cfg.teacher_uris():
         model = tracking.load_model(model_uri).to(device)
         class_count = check_classifier(model, model_uri, device)
         check_class_count(class_count, classes, data_dir, model=f"teacher {model_uri}")
-        _check_trained_classes(model_uri, classes, data_dir)
+        source_run_ids.append(_check_trained_classes(model_uri, classes, data_dir) or "unknown")
         members.append(model)
+    if not members:
+        return None
     if len(members) > 1:
         log.info("distilling from an ensemble of %d models", len(members))
-        return Ensemble(members)
-    return members[0] if members else None
+    return Teacher(Ensemble(members) if len(members) > 1 else members[0], tuple(source_run_ids))
 
 
 def _check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str) -> str | None:

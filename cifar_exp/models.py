@@ -265,3 +265,9 @@ class Ensemble(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(images) for member in self.members]).mean(0)  # (B, classes)
+
+    def train(self, mode: bool = True) -> Ensemble:
+        # Not nn.Module's recursive train(): torch.export'ed members (as MLflow loads them) refuse it.
+        for module in self.modules():
+            module.training = mode
+        return self

@@ -156,7 +156,8 @@ def tune(
     MLflow run; ``report`` gets a line per trial.
 
     Everything that can be checked is checked before a run is opened or a model trained: the
-    config, the tracking store, the device, the model name, the Optuna storage and study, the data.
+    config, the tracking store, the device, the model name, the data, the teachers, the Optuna
+    storage and study.
     """
     if cfg.data.val_on_test:
         raise ConfigError("tune optimises validation accuracy on a split carved from train; "
@@ -179,9 +180,10 @@ def tune(
     study_name = tune_cfg.study_name or default_study_name(cfg, tune_cfg)
     storage_url = tune_cfg.storage or default_storage()
     shown_url = tracking.hide_password(storage_url)
-    study = open_study(cfg, tune_cfg, study_name, storage_url)
     splits = load_splits(cfg.data)  # once: every trial trains on the same tensors
     teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)  # once, for every trial
+    # After the data and teachers: a study is created (with its settings) only for input that works.
+    study = open_study(cfg, tune_cfg, study_name, storage_url)
 
     before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     if tune_cfg.baseline:
@@ -200,6 +202,7 @@ def tune(
         "optuna_pruner": "none (multi-objective)" if tune_cfg.multi_objective else tune_cfg.pruner,
         "objective": f"{OBJECTIVE} after the last epoch (maximise)" + (
             f", {LATENCY_OBJECTIVE} batch-1 CPU p50 (minimise)" if tune_cfg.multi_objective else ""),
+        **(teacher.tags() if teacher else {}),
     }
     ran: list[TrialSummary] = []
     run_name = cfg.tracking.run_name or f"tune-{study_name}"
@@ -228,7 +231,7 @@ def tune(
             if best is not None:  # the final best_val_accuracy is logged once the study is done
                 tracking.log_metrics({f"best_so_far_{OBJECTIVE}": best.value}, step=trial.number)
 
-        objective = _Objective(cfg, tune_cfg, splits, study_name, progress, teacher)
+        objective = _Objective(cfg, tune_cfg, splits, study_name, progress, teacher.model if teacher else None)
         with _quiet_optuna():
             study.optimize(objective, n_trials=tune_cfg.n_trials, timeout=tune_cfg.timeout,
                            callbacks=[after_trial], gc_after_trial=True)
@@ -247,7 +250,7 @@ def tune(
                 tracking=dataclasses.replace(cfg.tracking, run_name=f"retrain-trial-{best.number}"),
             )
             retrained = train_and_track(
-                best_cfg, splits=splits, progress=progress, nested=True,
+                best_cfg, splits=splits, progress=progress, nested=True, teacher=teacher,
                 tags={"run_kind": "tune-retrain", "tune_parent_run_id": run_id,
                       "optuna_study_name": study_name, "optuna_trial_number": str(best.number)},
             )
@@ -459,8 +462,10 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
         study.set_user_attr("objective", ",".join(study_objective_names(study)))
         study.set_user_attr("settings", settings)
         return
-    # Settings the study has no record of (added to cifar-exp since) are taken to agree.
-    differ = {k: (stored[k], v) for k, v in settings.items() if k in stored and stored[k] != v}
+    # A setting the study has no record of was added to cifar-exp since: its trials ran with its default.
+    defaults = study_settings(ExperimentConfig(), tune_cfg)
+    differ = {k: (stored.get(k, defaults.get(k, v)), v) for k, v in settings.items()
+              if stored.get(k, defaults.get(k, v)) != v}
     if differ:
         changes = ", ".join(f"{k.split('.')[1].replace('_', '-')} {old} -> {new}"
                             for k, (old, new) in differ.items())

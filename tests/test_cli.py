@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cifar_exp.cli import _section, build_config, main
-from cifar_exp.config import BenchmarkConfig, ExportConfig, TuneConfig
+from cifar_exp.config import BenchmarkConfig, EvaluateConfig, ExportConfig, TuneConfig
 from conftest import CLASSES, signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,13 +62,16 @@ def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, par
         assert context.params  # every option name and value converted by click
         # ... and make the configs the command builds (an empty name, say, must not be refused).
         build_config(context.params)
-        for section, name in ((TuneConfig, "tune"), (BenchmarkConfig, "benchmark"), (ExportConfig, "export")):
+        for section, name in ((TuneConfig, "tune"), (BenchmarkConfig, "benchmark"), (ExportConfig, "export"),
+                              (EvaluateConfig, "evaluate")):
             if command[1] == name:
                 _section(section, context.params)
     if entry_point == "recipe":
         assert context.params["recipe"] == "pico" and "lr" not in command and "--lr" not in command
-    if entry_point in ("main", "recipe"):
+    if entry_point in ("main", "recipe", "tune"):
         assert build_config(context.params).train.teacher_uris() == ()  # no distillation unless asked
+    if entry_point == "evaluate":
+        assert _section(EvaluateConfig, context.params).model_uri == "models:/cifar10-seed@champion"
     if entry_point == "export":
         assert context.params["int8"] == (parameters != {"int8": "--no-int8"})
 
@@ -139,9 +142,10 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     trained = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--lr", "0.05")
     assert trained.exit_code == 0, trained.output
     assert "registered models:/cifar10-seed/1 (champion)" in trained.output
-    evaluated = run_cli("evaluate", "--model-uri", "models:/cifar10-seed@champion", "--data-dir", tiny_data,
-                        "--cache-dir", cache_dir)
+    # --model-uri defaults to models:/cifar10-seed@champion
+    evaluated = run_cli("evaluate", "--data-dir", tiny_data, "--cache-dir", cache_dir)
     assert evaluated.exit_code == 0, evaluated.output
+    assert "models:/cifar10-seed@champion test accuracy" in evaluated.output
     runs = {r.info.run_id: r for r in all_runs()}
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
     train_run = next(r for r in runs.values() if "model_uri" not in r.data.tags)

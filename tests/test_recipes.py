@@ -106,7 +106,9 @@ def test_ensemble_averages_its_members_logits():
     members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)) for _ in range(3)]
     images = torch.rand(4, 3, 32, 32)
     expected = sum(member(images) for member in members) / 3
-    torch.testing.assert_close(Ensemble(members)(images), expected)
+    ensemble = Ensemble(members)
+    torch.testing.assert_close(ensemble(images), expected)
+    assert not any(module.training for module in ensemble.eval().modules())
 
 
 def test_distillation_settings_are_checked():
@@ -116,9 +118,13 @@ def test_distillation_settings_are_checked():
     with pytest.raises(ConfigError, match="teacher must be comma-separated model URIs, got 'runs:/a/model,'"):
         TrainConfig(teacher="runs:/a/model,")
     with pytest.raises(ConfigError, match=r"distill-weight must be in \(0, 1\], got 0.0"):
-        TrainConfig(distill_weight=0.0)
+        TrainConfig(teacher="runs:/a/model", distill_weight=0.0)
     with pytest.raises(ConfigError, match="distill-temperature must be > 0, got -1.0"):
-        TrainConfig(distill_temperature=-1.0)
+        TrainConfig(teacher="runs:/a/model", distill_temperature=-1.0)
+    with pytest.raises(ConfigError, match="distill-temperature 2.0 needs --teacher"):
+        TrainConfig(distill_temperature=2.0)
+    with pytest.raises(ConfigError, match="teacher names a model twice"):
+        TrainConfig(teacher="runs:/a/model,runs:/a/model")
 
 
 def _lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:

@@ -15,8 +15,8 @@ from cifar_exp import experiment, tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
 from cifar_exp.data import load_splits
 from cifar_exp.errors import TrackingError, TrainingDivergedError
-from cifar_exp.models import Ensemble
 from cifar_exp.experiment import train_and_track
+from cifar_exp.models import Ensemble
 from cifar_exp.train import evaluate
 
 EPOCHS = 3
@@ -160,7 +160,9 @@ def test_a_distilled_run_learns_from_the_logged_teachers_it_records(trained, tin
     cfg = tiny_config(tiny_data, cache_dir, epochs=1, teacher=teachers)
     cfg = dataclasses.replace(cfg, tracking=TrackingConfig(experiment_name="tests", register=False))
     distilled = train_and_track(cfg, splits=splits)
-    assert client.get_run(distilled.run_id).data.params["train.teacher"] == teachers
+    run = client.get_run(distilled.run_id)
+    assert run.data.params["train.teacher"] == teachers
+    assert run.data.tags["teacher_run_ids"] == f"{outcome.run_id},{outcome.run_id}"
     teacher = seen["teacher"]
     assert isinstance(teacher, Ensemble) and len(teacher.members) == 2
     images = splits.test.images[:8].float() / 255

@@ -21,8 +21,9 @@ from optuna.trial import TrialState
 from cifar_exp.cli import main
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig
 from cifar_exp.errors import ConfigError, StorageError
+from cifar_exp.experiment import Teacher
 from cifar_exp.models import build_model, count_parameters
-from cifar_exp.tune import baseline_width_params, default_study_name, open_study, tune
+from cifar_exp.tune import baseline_width_params, default_study_name, open_study, study_settings, tune
 from conftest import signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,13 +198,14 @@ def test_every_trial_learns_from_the_teacher_loaded_once(tiny_data, tracking_sto
         return fit(*args, teacher=teacher, **kwargs)
 
     monkeypatch.setattr(tune_module, "load_teacher",
-                        lambda train_cfg, *args: loads.append(train_cfg.teacher) or teacher)
+                        lambda train_cfg, *args: loads.append(train_cfg.teacher) or Teacher(teacher, ("abc",)))
     monkeypatch.setattr(tune_module, "fit", spying_fit)
     cfg = tiny_config(tiny_data, cache_dir, epochs=1, teacher="runs:/abc/model")
     outcome = tune(cfg, TuneConfig(n_trials=2, study_name="kd", storage=f"sqlite:///{tmp_path / 'study.db'}"),
                    report=lambda line: None)
     assert [trial.state for trial in outcome.trials] == ["COMPLETE", "COMPLETE"]
     assert loads == ["runs:/abc/model"] and teachers_seen == [teacher, teacher]
+    assert MlflowClient().get_run(outcome.run_id).data.tags["teacher_run_ids"] == "abc"
 
 
 def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, tracking_store, cache_dir):
@@ -302,6 +304,27 @@ def test_a_two_objective_study_refuses_a_worker_on_another_cpu(tmp_path):
     study.set_user_attr("settings", {"tune.latency_cpu": "Some Other CPU @ 1.00GHz"})
     with pytest.raises(StorageError, match=r"other settings \(latency-cpu Some Other CPU @ 1.00GHz -> "):
         open_study(ExperimentConfig(), TuneConfig(objectives="accuracy,latency"), "acc-lat", storage)
+
+
+def test_a_setting_a_study_never_recorded_counts_as_its_default(tmp_path):
+    # A study from before --teacher existed trained its trials without one: a distilling worker differs.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    settings = study_settings(ExperimentConfig(), TuneConfig())
+    del settings["train.teacher"]
+    study.set_user_attr("settings", settings)
+    open_study(ExperimentConfig(), TuneConfig(), "old", storage)  # the default agrees
+    distilled = ExperimentConfig(train=TrainConfig(teacher="runs:/abc/model"))
+    with pytest.raises(StorageError, match=r"other settings \(teacher  -> runs:/abc/model\)"):
+        open_study(distilled, TuneConfig(), "old", storage)
+
+
+def test_a_teacher_that_does_not_load_leaves_no_study(tiny_data, tracking_store, cache_dir, tmp_path):
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS,
+                     "--teacher", "runs:/0123456789abcdef/model", "--study-name", "typo")
+    assert result.exit_code == 1 and "cannot load model runs:/0123456789abcdef/model" in result.output
+    storage = tmp_path / "mlruns" / "optuna.db"
+    assert not storage.exists() or "typo" not in optuna.get_all_study_names(f"sqlite:///{storage}")
 
 
 def test_single_objective_study_is_not_reopened_with_two_objectives(tiny_data, tracking_store, cache_dir,
