@@ -464,8 +464,8 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
         return
     # A setting the study has no record of was added to cifar-exp since: its trials ran with its default.
     defaults = study_settings(ExperimentConfig(), tune_cfg)
-    differ = {k: (stored.get(k, defaults.get(k, v)), v) for k, v in settings.items()
-              if stored.get(k, defaults.get(k, v)) != v}
+    recorded = {k: stored.get(k, defaults.get(k, v)) for k, v in settings.items()}
+    differ = {k: (recorded[k], v) for k, v in settings.items() if recorded[k] != v}
     if differ:
         changes = ", ".join(f"{k.split('.')[1].replace('_', '-')} {old} -> {new}"
                             for k, (old, new) in differ.items())
