@@ -480,6 +480,26 @@ def test_pareto_front_on_hand_made_points():
         pareto_front([0.5, 0.6], [1.0])
 
 
+def test_tradeoff_points_pair_one_pass_latency_with_one_pass_accuracy(tracking_store):
+    from cifar_exp.deployment import tradeoff_points
+
+    sources = {}
+    for name, metrics in [("tta", {"test_accuracy": 0.87, "test_accuracy_without_tta": 0.85}),
+                          ("plain", {"test_accuracy": 0.72})]:
+        with tracking.start_run("pareto-sources", name) as run_id:
+            tracking.log_metrics(metrics)
+        sources[name] = run_id
+    for name, run_id in sources.items():
+        tags = {"run_kind": "benchmark", "source_run_id": run_id, "model": "seed"}
+        with tracking.start_run("pareto-sources", f"benchmark-{name}", tags=tags):
+            # the benchmark measured int8's accuracy itself, not fp32's: fp32 borrows the source run's
+            tracking.log_metrics({"parameters": 1000, "pytorch-fp32/b1/p50_ms": 1.0,
+                                  "onnxruntime-int8/b1/p50_ms": 0.5, "onnxruntime-int8/test_accuracy": 0.84})
+    points = {(p.label.split(" ")[0], p.backend): p.accuracy for p in tradeoff_points(tracking.find_runs("pareto-sources"))}
+    assert points == {("tta", "pytorch-fp32"): 0.85, ("tta", "onnxruntime-int8"): 0.84,
+                      ("plain", "pytorch-fp32"): 0.72, ("plain", "onnxruntime-int8"): 0.84}
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 
