@@ -30,6 +30,7 @@ from cifar_exp.inference import (
     check_classifier,
     check_writable_folder,
     export_and_verify,
+    make_folder,
     run_benchmark,
 )
 from cifar_exp.models import NUM_CLASSES
@@ -105,7 +106,7 @@ def benchmark_and_track(
         report = run_benchmark(model, label=label, cfg=bench, calibration=calibration,
                                calibration_missing=missing, test=test, work_dir=Path(tmp))
     document = {**report.to_dict(), "model_uri": bench.model_uri, "source_run_id": source_run_id}
-    json_path.write_text(json.dumps(document, indent=2))
+    make_folder(json_path.parent).joinpath(json_path.name).write_text(json.dumps(document, indent=2))
 
     tags = {
         **tracking.environment_tags(torch.device("cpu"), None),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import gc
 import io
 import logging
@@ -21,7 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -296,12 +297,29 @@ def onnx_weight_bytes(path: Path) -> int:
 
 
 def check_writable_folder(folder: Path) -> Path:
-    """Create ``folder`` if needed and prove a file can be written there, before any slow work."""
+    """Prove that ``folder`` can hold new files, before any slow work, without creating it.
+
+    A missing folder is checked through its nearest existing parent (``make_folder`` creates it
+    once there is something to write), so that input refused later leaves no empty folder behind.
+    """
     folder = Path(folder).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ExportError(f"cannot write to {folder}: {error.strerror or error}") from None
+    return folder
+
+
+def make_folder(folder: Path) -> Path:
+    """``folder``, created with its parents if missing (after ``check_writable_folder`` passed)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
     except OSError as error:
         raise ExportError(f"cannot write to {folder}: {error.strerror or error}") from None
     return folder
@@ -1121,11 +1139,33 @@ def export_and_verify(
     """``out_dir/model.onnx`` (and ``model.int8.onnx`` with ``calibration``), checked on ``test``.
 
     Raises ``ExportError`` when the fp32 ONNX model's logits stray from PyTorch's by more than
-    float rounding (``FP32_LOGIT_TOLERANCE``).
+    float rounding (``FP32_LOGIT_TOLERANCE``). The files are written and checked in a staging
+    folder inside ``out_dir`` and moved into place only when every check passed, so a failed
+    export leaves ``out_dir`` as it was; an older ``model.int8.onnx`` that this export does not
+    replace is removed, since it belongs to another model.
     """
     threads = threads or available_cores()
     model = shipped_copy(model)
-    out_dir = check_writable_folder(out_dir)
+    out_dir = make_folder(check_writable_folder(out_dir))
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
+        staged = _export_and_verify_in(model, Path(staging), test=test, calibration=calibration, threads=threads)
+        for name in ("model.onnx", "model.int8.onnx"):
+            source = Path(staging) / name
+            if source.exists():
+                os.replace(source, out_dir / name)
+            elif (out_dir / name).exists():
+                log.info("removing %s, left by an earlier export with --int8", out_dir / name)
+                (out_dir / name).unlink()
+    return replace(
+        staged,
+        onnx_path=out_dir / "model.onnx",
+        int8_path=out_dir / "model.int8.onnx" if staged.int8_path else None,
+    )
+
+
+def _export_and_verify_in(
+    model: nn.Module, out_dir: Path, *, test: ImageSet, calibration: np.ndarray | None, threads: int,
+) -> ExportResult:
     images, labels = images_as_float(test), test.labels.numpy()
     reference = _TorchBackend("pytorch-fp32", model, torch.device("cpu"), threads).predict(images)
 
@@ -1133,7 +1173,7 @@ def export_and_verify(
     onnx_check = compare_logits(reference, _OnnxBackend("onnxruntime-fp32", onnx_path, threads).predict(images), labels)
     if not onnx_check.max_abs_logit_diff <= FP32_LOGIT_TOLERANCE:
         raise ExportError(
-            f"{onnx_path} disagrees with the PyTorch model: max |Δlogit| {onnx_check.max_abs_logit_diff:.3g} "
+            f"the ONNX export disagrees with the PyTorch model (nothing written): max |Δlogit| {onnx_check.max_abs_logit_diff:.3g} "
             f"> {FP32_LOGIT_TOLERANCE} (top-1 agreement {onnx_check.top1_agreement:.2%})"
         )
     log.info("ONNX fp32: top-1 agreement %.2f%%, max |Δlogit| %.3g on %d test images",

@@ -197,6 +197,26 @@ def test_int8_export_keeps_the_accuracy(tiny_trained, tmp_path):
     assert metrics["onnxruntime-fp32/top1_agreement"] == 1.0
 
 
+def test_a_failed_export_leaves_the_folder_as_it_was(tiny_trained, tmp_path, monkeypatch):
+    model, splits = tiny_trained
+    out = tmp_path / "out"
+    calibration = inference.calibration_images(splits.train, 50)
+    inference.export_and_verify(model, out, test=splits.test, calibration=calibration, threads=1)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert sorted(before) == ["model.int8.onnx", "model.onnx"]  # no staging folder left behind
+
+    monkeypatch.setattr(inference, "FP32_LOGIT_TOLERANCE", -1.0)  # every export now fails its check
+    with pytest.raises(ExportError, match="the ONNX export disagrees with the PyTorch model"):
+        inference.export_and_verify(build_classifier(TrainConfig(), 10), out, test=splits.test, threads=1)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+    monkeypatch.undo()
+    # fp32 only: the int8 file of the earlier export would sit beside a model it was not made from
+    result = inference.export_and_verify(build_classifier(TrainConfig(), 10), out, test=splits.test, threads=1)
+    assert result.int8_path is None and [path.name for path in out.iterdir()] == ["model.onnx"]
+    assert result.onnx_path == out / "model.onnx" and out.joinpath("model.onnx").read_bytes() != before["model.onnx"]
+
+
 def test_a_model_in_training_mode_is_measured_as_it_ships(tiny_trained, tmp_path):
     # BatchNorm in training mode would use batch statistics (and update its running ones): the
     # reference logits, MAC count and shape check must all use eval mode, and leave the model as it was.
@@ -575,7 +595,7 @@ def test_export_cli_logs_verified_files_into_the_models_run(in_store, tiny_data,
 def test_benchmark_then_pareto_cli(in_store, tiny_data, tmp_path):
     run_id, _, cache = in_store
     before = {r.info.run_id for r in all_runs()}
-    output = tmp_path / "bench.json"
+    output = tmp_path / "reports" / "bench.json"  # a folder the benchmark creates
     result = run_cli("benchmark", "--model-uri", f"runs:/{run_id}/model", "--data-dir", tiny_data,
                      "--cache-dir", cache, "--experiment-name", "inference", "--threads", "1",
                      "--output", output, *QUICK_ARGS)
@@ -721,6 +741,7 @@ def test_export_unknown_model_uri(in_store, tmp_path):
     before = len(all_runs())
     result = run_cli("export", "--model-uri", "models:/nothing@champion", "--output-dir", tmp_path / "out")
     assert result.exit_code == 1 and "Error: cannot load model models:/nothing@champion" in result.output
+    assert not (tmp_path / "out").exists()  # refused before anything was written
     assert len(all_runs()) == before
 
 
