@@ -43,6 +43,12 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def digest(self) -> str:
+        """16 hex digits of a hash of every image and label: equal digests, the same set."""
+        digest = hashlib.sha256(self.images.numpy().tobytes())
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class Splits:

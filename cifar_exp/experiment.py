@@ -109,7 +109,8 @@ def train_and_track(
         try:
             # Chosen on validation, never on test: the champion is a selection among versions.
             champion = bool(version) and tracking.promote_if_champion(
-                registered_name, version, val_accuracy=result.history[-1].val_accuracy, test_accuracy=test.accuracy
+                registered_name, version, val_accuracy=result.history[-1].val_accuracy, test_accuracy=test.accuracy,
+                validation_digest=None if splits.val_is_test else splits.val.digest(),
             )
         except BaseException:
             if version:  # the run fails: no registered version may point at its model

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -41,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHAMPION_METRIC = "val_accuracy"
+VALIDATION_DIGEST = "validation_digest"  # version tag: which images CHAMPION_METRIC was measured on
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 
@@ -194,8 +194,6 @@ def environment_tags(device: torch.device, amp_dtype: torch.dtype | None) -> dic
 def log_datasets(sets: Mapping[str, ImageSet], source: str) -> None:
     """Record each split as an MLflow dataset input, with a digest of every image and label."""
     for split, data in sets.items():
-        digest = hashlib.sha256(data.images.numpy().tobytes())
-        digest.update(data.labels.numpy().tobytes())
         with warnings.catch_warnings():  # a local path matches two equivalent source types
             warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
             dataset = mlflow.data.from_numpy(
@@ -203,7 +201,7 @@ def log_datasets(sets: Mapping[str, ImageSet], source: str) -> None:
                 targets=data.labels.numpy(),
                 source=source.split(":", 1)[-1],
                 name=f"cifar10-{data.name}",
-                digest=digest.hexdigest()[:16],
+                digest=data.digest(),
             )
         mlflow.log_input(dataset, context=DATASET_CONTEXTS.get(split, split))
 
@@ -234,17 +232,39 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
     return info.model_uri, None if version is None else str(version)
 
 
-def promote_if_champion(name: str, version: str | int, *, val_accuracy: float, test_accuracy: float) -> bool:
+def promote_if_champion(
+    name: str, version: str | int, *, val_accuracy: float, test_accuracy: float, validation_digest: str | None,
+) -> bool:
     """Tag the version with its accuracies; give it the ``champion`` alias if its validation
-    accuracy beats the holder's (the test split is for reporting, never for choosing)."""
+    accuracy beats the holder's (the test split is for reporting, never for choosing).
+
+    Accuracies compare only on the same validation images: ``validation_digest`` (``ImageSet.digest``)
+    is kept as a version tag, and a version validated on another split than the champion's (another
+    ``--val-size`` or ``--split-seed``) leaves the alias where it is. ``None`` means the run validated
+    on the test split (``--val-on-test``): such a version is never a candidate.
+    """
     client = MlflowClient()
     client.set_model_version_tag(name, str(version), CHAMPION_METRIC, f"{val_accuracy:.6f}")
     client.set_model_version_tag(name, str(version), "test_accuracy", f"{test_accuracy:.6f}")
+    client.set_model_version_tag(name, str(version), VALIDATION_DIGEST, validation_digest or "test split")
+    if validation_digest is None:
+        log.info("%s version %s is no champion candidate: it was validated on the test split", name, version)
+        return False
     try:
         holder = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        holder = None
+    if holder is not None:
+        # Versions registered before the digest was kept are compared as they always were.
+        holder_digest = holder.tags.get(VALIDATION_DIGEST, validation_digest)
+        if holder_digest != validation_digest:
+            log.warning("%s champion stays version %s: it was validated on other images (%s) than version %s (%s), "
+                        "so their accuracies do not compare; move the alias by hand to choose between them",
+                        name, holder.version, holder_digest, version, validation_digest)
+            return False
         # A champion crowned before validation decided carries only its test accuracy: that stands in.
         best = float(holder.tags.get(CHAMPION_METRIC, holder.tags.get("test_accuracy", "-inf")))
-    except MlflowException:
+    else:
         best = float("-inf")
     if val_accuracy > best:
         client.set_registered_model_alias(name, CHAMPION, str(version))

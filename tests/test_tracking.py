@@ -131,17 +131,33 @@ def test_every_form_of_model_uri_names_its_source_run(trained):
 
 def test_champion_moves_only_to_a_better_version(trained):
     # Chosen by validation accuracy; the test accuracy is kept as a tag but decides nothing.
-    outcome, _, client = trained
+    outcome, splits, client = trained
     name = "cifar10-seed"
     first = client.get_model_version(name, "1").tags
     base = float(first["val_accuracy"])
     assert base == pytest.approx(outcome.fit.history[-1].val_accuracy, abs=1e-6)
     assert float(first["test_accuracy"]) == pytest.approx(outcome.test.accuracy, abs=1e-6)
+    val = first["validation_digest"]
+    assert val == splits.val.digest()  # the images its val_accuracy was measured on
+    validation_input = next(i.dataset for i in client.get_run(outcome.run_id).inputs.dataset_inputs
+                            if i.tags[0].value == "validation")
+    assert validation_input.digest == val
     worse = client.create_model_version(name, outcome.model_uri, run_id=outcome.run_id)
-    assert not tracking.promote_if_champion(name, worse.version, val_accuracy=base - 0.1, test_accuracy=1.0)
+    assert not tracking.promote_if_champion(name, worse.version, val_accuracy=base - 0.1, test_accuracy=1.0,
+                                            validation_digest=val)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    # Better numbers on other validation images, or on the test split (--val-on-test), do not compare.
+    elsewhere = client.create_model_version(name, outcome.model_uri, run_id=outcome.run_id)
+    assert not tracking.promote_if_champion(name, elsewhere.version, val_accuracy=1.0, test_accuracy=1.0,
+                                            validation_digest="0123456789abcdef")
+    on_test = client.create_model_version(name, outcome.model_uri, run_id=outcome.run_id)
+    assert not tracking.promote_if_champion(name, on_test.version, val_accuracy=1.0, test_accuracy=1.0,
+                                            validation_digest=None)
+    assert client.get_model_version(name, on_test.version).tags["validation_digest"] == "test split"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     better = client.create_model_version(name, outcome.model_uri, run_id=outcome.run_id)
-    assert tracking.promote_if_champion(name, better.version, val_accuracy=base + 0.01, test_accuracy=0.0)
+    assert tracking.promote_if_champion(name, better.version, val_accuracy=base + 0.01, test_accuracy=0.0,
+                                        validation_digest=val)
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(better.version)
     assert float(client.get_model_version(name, worse.version).tags["val_accuracy"]) == pytest.approx(base - 0.1)
 
@@ -243,5 +259,8 @@ def test_a_champion_from_before_validation_decided_keeps_its_test_accuracy_as_sc
     client.set_model_version_tag("old", old.version, "test_accuracy", "0.9")  # how the old rule tagged it
     client.set_registered_model_alias("old", "champion", old.version)
     new = client.create_model_version("old", info.model_uri, run_id=run.info.run_id)
-    assert not tracking.promote_if_champion("old", new.version, val_accuracy=0.5, test_accuracy=0.5)
-    assert tracking.promote_if_champion("old", new.version, val_accuracy=0.95, test_accuracy=0.5)
+    # ... and, having no validation digest, compares with any new version's
+    assert not tracking.promote_if_champion("old", new.version, val_accuracy=0.5, test_accuracy=0.5,
+                                            validation_digest="0123456789abcdef")
+    assert tracking.promote_if_champion("old", new.version, val_accuracy=0.95, test_accuracy=0.5,
+                                        validation_digest="0123456789abcdef")
