@@ -144,17 +144,12 @@ def kill_stale_run(run_id: str, tags: dict[str, str] | None = None) -> list[str]
         except MlflowException:
             break
         if run.info.status == "RUNNING":
-            for key, value in (tags if not closed else {}).items():
+            for key, value in ({} if closed else tags or {}).items():
                 client.set_tag(run_id, key, value)
             client.set_terminated(run_id, status="KILLED")
             closed.append(run_id)
         run_id = run.data.tags.get("mlflow.parentRunId")
     return closed
-
-
-def active_run_id() -> str | None:
-    run = mlflow.active_run()
-    return run.info.run_id if run else None
 
 
 def log_params(params: Mapping[str, Any]) -> None:

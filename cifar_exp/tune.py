@@ -67,6 +67,7 @@ LATENCY_OBJECTIVE = "latency_ms"  # batch-1 CPU latency p50 of the trained model
 MULTI_OBJECTIVE_STUDY_SUFFIX = "-acc-lat"  # default study names of the two modes never collide
 WIDTH_PARAMS = ("width1", "width2", "width3")  # channels of the three conv stages
 HIDDEN_PARAM = "hidden"
+INTERRUPTED = "interrupted"  # the reason a trial stopped by Ctrl-C or SIGTERM is marked FAIL with
 # Timing of the latency objective. A batch-1 call of these models takes about 0.1-2 ms, so each
 # 0.3 s repeat takes hundreds of calls; 3 repeats and the warm-up add about 1 s to a trial, little
 # next to its training.
@@ -156,18 +157,17 @@ def tune(
     MLflow run; ``report`` gets a line per trial.
 
     Everything that can be checked is checked before a run is opened or a model trained: the
-    config, the tracking store, the device, the model name, the data, the teachers, the Optuna
-    storage and study.
+    config, the tracking store, the device, the model name, the Optuna storage, the data, the
+    teachers and the study.
     """
     if cfg.data.val_on_test:
         raise ConfigError("tune optimises validation accuracy on a split carved from train; "
                           "--val-on-test would tune on the test split")
-    schedule = getattr(cfg.train, "schedule", "exp")
-    if schedule != "exp":
+    if cfg.train.schedule != "exp":
         raise ConfigError(f"tune searches --lr and --lr-decay, and lr-decay only acts with --schedule exp "
-                          f"(got {schedule})")
+                          f"(got {cfg.train.schedule})")
     tune_cfg.check_baseline(cfg.train.lr, cfg.train.lr_decay)
-    parameter_count = count_parameters(build_network(cfg.train))  # also rejects unknown names and knobs
+    build_network(cfg.train)  # rejects unknown names and knobs before anything slow
     baseline_params: dict[str, float | int] = {"lr": cfg.train.lr, "lr_decay": cfg.train.lr_decay}
     if tune_cfg.multi_objective:
         width_params = baseline_width_params(cfg.train)
@@ -180,6 +180,7 @@ def tune(
     study_name = tune_cfg.study_name or default_study_name(cfg, tune_cfg)
     storage_url = tune_cfg.storage or default_storage()
     shown_url = tracking.hide_password(storage_url)
+    check_storage(storage_url, tune_cfg.heartbeat_interval)  # before the data: loading it can take minutes
     splits = load_splits(cfg.data)  # once: every trial trains on the same tensors
     teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)  # once, for every trial
     # After the data and teachers: a study is created (with its settings) only for input that works.
@@ -187,14 +188,15 @@ def tune(
 
     before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     if tune_cfg.baseline:
-        if _is_database_server(storage_url):
+        if _is_shared_storage(storage_url):
             # Workers started together would all find no baseline and each queue one: spread them out.
             time.sleep(random.uniform(0, 3))
-        study.enqueue_trial(baseline_params, user_attrs={"baseline": True}, skip_if_exists=True)
+        if baseline_needed(study):
+            study.enqueue_trial(baseline_params, user_attrs={"baseline": True})
     parent_tags = {
         **tracking.environment_tags(device, amp_dtype),
         "model": cfg.train.model,
-        "parameter_count": str(parameter_count),
+        "parameter_count": str(count_parameters(build_network(cfg.train, len(splits.classes)))),
         "run_kind": "tune-study",
         "optuna_study_name": study_name,
         "optuna_storage": shown_url,
@@ -331,7 +333,7 @@ class _Objective:
                     self._finish(trial, "FAIL", str(error))
                     raise
                 except BaseException as error:  # Ctrl-C, SIGTERM or a bug: Optuna marks the trial FAIL
-                    self._finish(trial, "FAIL", "interrupted" if isinstance(error, KeyboardInterrupt)
+                    self._finish(trial, "FAIL", INTERRUPTED if isinstance(error, KeyboardInterrupt)
                                  else f"{type(error).__name__}: {first_line(error)}")
                     raise
                 else:
@@ -392,6 +394,21 @@ def default_storage() -> str:
     """A SQLite file under ``mlruns/`` beside the tracking store (the working directory by default)."""
     path = tracking.local_store_folder() / "mlruns" / DEFAULT_STORAGE_FILE
     return f"sqlite:///{path}"
+
+
+def check_storage(storage_url: str, heartbeat_interval: int) -> None:
+    """Connect to the Optuna storage (a new database gets its tables, not a study) or fail in one line.
+
+    ``open_study`` creates or loads the study later, once the data and the teachers have loaded.
+    """
+    try:
+        with _quiet_optuna():
+            _storage(storage_url, heartbeat_interval)
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.InternalError):
+        pass  # another worker is creating the tables right now: open_study retries
+    except Exception as error:
+        raise StorageError(f"Optuna storage {tracking.hide_password(storage_url)} cannot be used: "
+                           f"{first_line(error)}") from None
 
 
 def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str) -> optuna.Study:
@@ -609,6 +626,19 @@ def tradeoff_point(trial: FrozenTrial) -> TradeoffPoint:
         latency_ms=trial.values[1],
         parameters=trial.user_attrs.get("parameter_count", 0),
         run_id=trial.user_attrs.get("mlflow_run_id", ""),
+    )
+
+
+def baseline_needed(study: optuna.Study) -> bool:
+    """Whether to queue the baseline trial: the study holds none, or only ones that were interrupted.
+
+    A baseline that ran (or is queued, or running on another worker) is not queued again; one that
+    failed on its own (its loss diverged) would fail again. One stopped by Ctrl-C or SIGTERM is.
+    """
+    return not any(
+        t.user_attrs.get("baseline")
+        and not (t.state == TrialState.FAIL and t.user_attrs.get("reason") == INTERRUPTED)
+        for t in study.get_trials(deepcopy=False)
     )
 
 

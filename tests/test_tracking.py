@@ -264,3 +264,14 @@ def test_a_champion_from_before_validation_decided_keeps_its_test_accuracy_as_sc
                                             validation_digest="0123456789abcdef")
     assert tracking.promote_if_champion("old", new.version, val_accuracy=0.95, test_accuracy=0.5,
                                         validation_digest="0123456789abcdef")
+
+
+def test_a_stale_run_and_its_parent_are_closed_as_killed(tracking_store):
+    client = MlflowClient()
+    experiment = client.create_experiment("stale")
+    parent = client.create_run(experiment).info.run_id
+    child = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+    assert tracking.kill_stale_run(child) == [child, parent]  # no tags to set: the default
+    assert [client.get_run(r).info.status for r in (child, parent)] == ["KILLED", "KILLED"]
+    assert tracking.kill_stale_run(child, tags={"why": "gone"}) == []  # closed runs stay as they are
+    assert "why" not in client.get_run(child).data.tags

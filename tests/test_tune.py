@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -259,6 +260,34 @@ def test_bad_input_is_one_line_before_any_training(tiny_data, tracking_store, ca
     assert all_runs() == [] and time.perf_counter() - start < 30
 
 
+def test_the_study_run_counts_the_parameters_of_the_datasets_classes(tiny_data, tracking_store, cache_dir, tmp_path):
+    three = tmp_path / "three-classes"
+    for split in ("train", "test"):
+        for name in ("airplane", "bird", "cat"):
+            shutil.copytree(tiny_data / split / name, three / split / name)
+    result = run_cli("tune", "--data-dir", three, "--cache-dir", cache_dir, *TINY_ARGS, "--val-size", "15",
+                     "--n-trials", "1", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    parent = next(r for r in all_runs() if r.data.tags.get("run_kind") == "tune-study")
+    assert parent.data.tags["parameter_count"] == str(count_parameters(build_model("seed", 3)))  # not 10 outputs
+
+
+def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracking_store, cache_dir, tmp_path,
+                                                               monkeypatch):
+    from cifar_exp import tune as tune_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded before the storage was checked")
+
+    monkeypatch.setattr(tune_module, "load_splits", no_loading)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for storage in ("postgresql://who:secret@127.0.0.1:9/db", f"sqlite:///{blocker}/optuna.db"):
+        result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--storage", storage)
+        assert result.exit_code == 1 and "cannot be used: " in result.output, result.output
+    assert all_runs() == []
+
+
 def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tracking_store, cache_dir, tmp_path):
     storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"  # the default storage
     (tmp_path / "mlruns").mkdir()
@@ -461,6 +490,30 @@ def test_an_architecture_is_timed_once_per_study(tiny_data, tracking_store, cach
     runs = {r.info.run_name: r for r in children_of(outcome.run_id)}
     assert runs["trial-1"].data.tags["latency_timed_in_trial"] == "0"
     assert runs["trial-1"].data.metrics["latency_ms"] == pytest.approx(first.values[1])
+
+
+def test_an_interrupted_baseline_is_queued_again_a_diverged_one_is_not():
+    from cifar_exp.tune import baseline_needed
+
+    def study_of(*baselines):
+        study = optuna.create_study(direction="maximize")
+        for state, reason in baselines:
+            study.add_trial(optuna.trial.create_trial(
+                params={"lr": 0.1}, distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)},
+                value=0.5 if state == TrialState.COMPLETE else None, state=state,
+                user_attrs={"baseline": True, **({"reason": reason} if reason else {})}))
+        return study
+
+    assert baseline_needed(study_of())
+    interrupted = study_of((TrialState.FAIL, "interrupted"))  # Ctrl-C in an earlier invocation
+    assert baseline_needed(interrupted)
+    interrupted.enqueue_trial({"lr": 0.2})  # queued, but not the baseline
+    assert baseline_needed(interrupted)
+    interrupted.enqueue_trial({"lr": 0.1}, user_attrs={"baseline": True})  # another worker queued it
+    assert not baseline_needed(interrupted)
+    assert not baseline_needed(study_of((TrialState.FAIL, "training diverged: loss nan")))  # would again
+    assert not baseline_needed(study_of((TrialState.FAIL, "interrupted"), (TrialState.COMPLETE, None)))
+    assert not baseline_needed(study_of((TrialState.PRUNED, None)))
 
 
 def test_baseline_widths_are_the_models_own_unless_given():
