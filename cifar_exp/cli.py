@@ -70,15 +70,15 @@ def config_options(
     return decorate
 
 
-def build_config(options: dict[str, Any], **overrides: Any) -> ExperimentConfig:
+def build_config(options: dict[str, Any]) -> ExperimentConfig:
     """The ExperimentConfig for parsed options; fields not given keep their defaults.
 
     A ``--recipe`` supplies the values of the training options not given on the command line.
     """
-    values = {**options, **overrides}
+    values = dict(options)
     recipe = RECIPES.get(values.get("recipe", "seed"), {})
     given = _explicit_options(options)
-    values.update({k: v for k, v in recipe.items() if k not in given and k not in overrides})
+    values.update({k: v for k, v in recipe.items() if k not in given})
     sections = {
         section: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
         for section, cls in CONFIG_SECTIONS.items()

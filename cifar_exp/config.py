@@ -201,7 +201,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment_name: str = option(
-        "cifar-exp", "MLflow experiment (ignored under `mlflow run`, which picks the run)."
+        "cifar-exp",
+        "MLflow experiment to log into (under `mlflow run`: the run it made, whatever this says); pareto reads it.",
     )
     run_name: str | None = option(None, "MLflow run name (default: MLflow's generated name).")
     register: bool = option(True, "Register the trained model in the MLflow Model Registry.")
@@ -378,8 +379,8 @@ class BenchmarkConfig:
     repeats: int = option(
         3, "Timed repeats per backend and batch size; the spread of their p50s is reported."
     )
-    seconds_per_repeat: float = option(1.0, "Seconds each repeat keeps timing calls (at least 3).")
-    warmup_seconds: float = option(0.5, "Untimed calls before each measurement, in seconds (at least 3).")
+    seconds_per_repeat: float = option(1.0, "Seconds each repeat keeps timing calls (and at least 3 calls).")
+    warmup_seconds: float = option(0.5, "Seconds of untimed calls before each measurement (and at least 3 calls).")
     floor_matmul_size: int = option(
         2048, "Side of the square matrix product whose MAC rate gives the compute floor."
     )

@@ -264,6 +264,7 @@ class DeviceBatches:
         shuffle: bool = False,
         augment: str = "none",
         cutout: int = 0,
+        cutout_fill: float = 0.5,
         seed: int = 0,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
@@ -279,6 +280,7 @@ class DeviceBatches:
         self.shuffle = shuffle
         self.augment = augment
         self.cutout = cutout
+        self.cutout_fill = cutout_fill  # in [0, 1] pixels: the normalisation mean, which it turns into 0
         self.channels_last = channels_last
         self.dtype = dtype
         self.order_generator = torch.Generator().manual_seed(seed)
@@ -302,7 +304,7 @@ class DeviceBatches:
             if self.augment != "none":
                 images = augment_batch(images, self.augment, self.augment_generator)
             if self.cutout:
-                images = cutout(images, self.cutout, self.augment_generator)
+                images = cutout(images, self.cutout, self.augment_generator, fill=self.cutout_fill)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
@@ -333,7 +335,7 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
     ]
 
 
-def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: float = 0.5) -> torch.Tensor:
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: float) -> torch.Tensor:
     """Each image gets a ``size`` x ``size`` square (clipped at the borders) set to ``fill``."""
     batch, _, height, width = images.shape
     device = images.device

@@ -35,7 +35,7 @@ class EpochStats:
     train_accuracy: float
     val_loss: float
     val_accuracy: float
-    lr: float  # the learning rate used during this epoch
+    lr: float  # at the epoch's first step (cosine, one-cycle and warm-up move it within the epoch)
     epoch_seconds: float
     train_images_per_second: float
 
@@ -175,6 +175,7 @@ def fit(
         shuffle=True,
         augment=cfg.augment,
         cutout=cfg.cutout,
+        cutout_fill=cfg.norm_mean,
         seed=cfg.seed,
         channels_last=cfg.channels_last,
     )

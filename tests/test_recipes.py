@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cifar_exp.cli import build_config, main
 from cifar_exp.config import RECIPES, TrainConfig, recipe_config
-from cifar_exp.data import cutout
+from cifar_exp.data import DeviceBatches, ImageSet, cutout
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import Ensemble, Shortcut, build_model, count_parameters
 from cifar_exp.train import (
@@ -220,7 +220,7 @@ def test_unknown_recipe_and_bad_recipe_values():
 
 def test_cutout_blanks_one_square_per_image():
     images = torch.zeros(64, 3, 32, 32)
-    out = cutout(images, 8, torch.Generator().manual_seed(0))
+    out = cutout(images, 8, torch.Generator().manual_seed(0), fill=0.5)
     blanked = (out[:, 0] == 0.5).sum(dim=(1, 2))  # pixels per image
     assert bool((blanked <= 64).all()) and bool((blanked > 0).all())
     assert int((blanked == 64).sum()) > 20  # most squares lie fully inside the image
@@ -229,6 +229,17 @@ def test_cutout_blanks_one_square_per_image():
         rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
         assert len(rows) <= 8 and len(cols) <= 8
         assert int(mask.sum()) == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+
+
+def test_cutout_squares_are_the_normalisation_mean():
+    # Filled with --norm-mean, a cut-out square becomes 0 after the model's normalisation.
+    cfg = TrainConfig(cutout=8, norm_mean=0.3, norm_std=0.2)
+    data = ImageSet("train", torch.zeros(16, 3, 32, 32, dtype=torch.uint8), torch.zeros(16, dtype=torch.int64))
+    images, _ = next(iter(DeviceBatches(data, 16, device=torch.device("cpu"), cutout=cfg.cutout,
+                                        cutout_fill=cfg.norm_mean)))
+    classifier = build_classifier(cfg, 10)
+    normalised = (images - classifier.mean) / classifier.std  # what the classifier's forward does first
+    assert normalised.unique().tolist() == pytest.approx([-1.5, 0.0])  # black pixels, and the squares
 
 
 def test_pico_res_is_pico_plus_identity_shortcuts():
