@@ -994,10 +994,19 @@ def run_benchmark(
     threads = cfg.threads or available_cores()
     wanted = cfg.backend_names()
     batch_sizes = cfg.batch_size_list()
+    skipped: dict[str, str] = {}
+    for name in wanted:
+        if name.endswith("-cuda") and not torch.cuda.is_available():
+            skipped[name] = "no CUDA GPU"
+        elif name == "onnxruntime-int8" and calibration is None:
+            skipped[name] = calibration_missing
+    if len(skipped) == len(wanted):  # found out before the slow export and quantisation
+        raise ConfigError("none of the backends can run here: "
+                          + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
     model = shipped_copy(model)
     fp32_path = export_onnx(model, work_dir / "model.onnx")
     int8_path = None
-    if calibration is not None and "onnxruntime-int8" in wanted:
+    if "onnxruntime-int8" in wanted and "onnxruntime-int8" not in skipped:
         int8_path = quantize_int8(fp32_path, work_dir / "model.int8.onnx", calibration)
     facts = ModelFacts(
         parameters=count_parameters(model),
@@ -1007,19 +1016,12 @@ def run_benchmark(
     )
 
     backends: list[_TorchBackend | _OnnxBackend] = []
-    skipped: dict[str, str] = {}
-    for name in wanted:
-        if name.endswith("-cuda") and not torch.cuda.is_available():
-            skipped[name] = "no CUDA GPU"
-        elif name == "onnxruntime-int8" and int8_path is None:
-            skipped[name] = calibration_missing
-        elif name.startswith("pytorch"):
+    for name in (name for name in wanted if name not in skipped):
+        if name.startswith("pytorch"):
             device = torch.device("cuda" if name.endswith("-cuda") else "cpu")
             backends.append(_TorchBackend(name, model, device, threads))
         else:
             backends.append(_OnnxBackend(name, int8_path if name.endswith("int8") else fp32_path, threads))
-    if not backends:
-        raise ConfigError(f"none of the backends {', '.join(wanted)} can run here: {skipped}")
 
     size, seconds = cfg.floor_matmul_size, cfg.seconds_per_repeat
     floor = ComputeFloor(

@@ -478,6 +478,15 @@ def test_benchmark_without_batch_size_one(tmp_path):
     assert "img/s b2" in report.table() and "best batch-1" not in report.table()
 
 
+def test_a_benchmark_with_no_runnable_backend_fails_before_exporting(tmp_path):
+    cfg = BenchmarkConfig(batch_sizes="1", threads=1, backends="onnxruntime-int8", **QUICK, **FLOOR)
+    with pytest.raises(ConfigError) as error:
+        inference.run_benchmark(seed_model(), label="seed", cfg=cfg, calibration_missing="no --data-dir",
+                                work_dir=tmp_path)
+    assert str(error.value) == "none of the backends can run here: onnxruntime-int8: no --data-dir"
+    assert list(tmp_path.iterdir()) == []  # nothing exported
+
+
 # --------------------------------------------------------------------------------------------------
 # Pareto front
 
