@@ -161,11 +161,9 @@ def evaluate(**options: Any) -> None:
     """Evaluate a logged model on the test split, with the full report, in a new run."""
     from cifar_exp.experiment import evaluate_and_track
 
-    cfg = build_config(options)
-    model_uri = _section(EvaluateConfig, options).model_uri
-    outcome = evaluate_and_track(model_uri, cfg.data, cfg.tracking, device_name=cfg.train.device,
-                                 batch_size=cfg.train.eval_batch_size, tta=cfg.train.tta)
-    click.echo(f"run {outcome.run_id}: {model_uri} test accuracy {outcome.test.accuracy:.4f} "
+    evaluated = _section(EvaluateConfig, options)
+    outcome = evaluate_and_track(evaluated, build_config(options))
+    click.echo(f"run {outcome.run_id}: {evaluated.model_uri} test accuracy {outcome.test.accuracy:.4f} "
                f"(macro F1 {outcome.test_metrics.macro()['macro_f1']:.4f}, {len(outcome.test.labels)} images)")
 
 

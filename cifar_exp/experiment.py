@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cifar_exp import tracking
-from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
+from cifar_exp.config import EvaluateConfig, ExperimentConfig, TrainConfig
 from cifar_exp.data import Splits, load_dataset, load_splits
 from cifar_exp.errors import DataError
 from cifar_exp.inference import check_class_count, check_classifier
@@ -119,22 +119,17 @@ def train_and_track(
     return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion)
 
 
-def evaluate_and_track(
-    model_uri: str,
-    data_cfg: DataConfig,
-    tracking_cfg: TrackingConfig,
-    *,
-    device_name: str = "auto",
-    batch_size: int = 1000,
-    tta: bool = False,
-) -> EvaluationOutcome:
-    """Evaluate a logged model on the test split and log the report into a new run.
+def evaluate_and_track(evaluate: EvaluateConfig, cfg: ExperimentConfig) -> EvaluationOutcome:
+    """Evaluate ``evaluate.model_uri`` on the test split of ``cfg.data`` and log the report into a new run.
 
-    With ``tta`` the reported accuracy is that of mirror test-time augmentation (two forward passes
-    per image); the one-pass accuracy is logged too.
+    Of ``cfg.train`` only the device, ``eval_batch_size`` and ``tta`` apply. With ``tta`` the reported
+    accuracy is that of mirror test-time augmentation (two forward passes per image); the one-pass
+    accuracy is logged too.
     """
+    model_uri, data_cfg, tracking_cfg = evaluate.model_uri, cfg.data, cfg.tracking
+    batch_size, tta = cfg.train.eval_batch_size, cfg.train.tta
     tracking.check_tracking_store()
-    device = resolve_device(device_name)
+    device = resolve_device(cfg.train.device)
     model = tracking.load_model(model_uri).to(device)
     class_count = check_classifier(model, model_uri, device)
     _, test_set, classes, source = load_dataset(data_cfg)
