@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import signal
 import sys
 import typing
 from collections.abc import Callable, Iterable
@@ -14,6 +13,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from cifar_exp import interrupts
 from cifar_exp.config import (
     RECIPES,
     BenchmarkConfig,
@@ -120,7 +120,7 @@ def reports_errors(command: Callable) -> Callable:
 def main(verbose: bool) -> None:
     """Train, track, tune and benchmark small CIFAR-10 CNNs (MLflow + Optuna)."""
     # A terminated process unwinds like Ctrl-C, so its MLflow run is closed as KILLED, not left RUNNING.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts.install_handlers()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
     )
@@ -129,10 +129,6 @@ def main(verbose: bool) -> None:
     for noisy in ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils", "mlflow.models",
                   "onnxscript", "onnx_ir", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @main.command()

@@ -34,6 +34,7 @@ from torch import nn
 
 from cifar_exp.data import ImageSet
 from cifar_exp.errors import TrackingError, first_line
+from cifar_exp.interrupts import deferred
 from cifar_exp.train import cpu_name
 
 log = logging.getLogger(__name__)
@@ -107,30 +108,43 @@ def start_run(
     Under ``mlflow run`` (``MLFLOW_RUN_ID`` set and no run active yet) this logs into the run that
     ``mlflow run`` created instead of starting a new one.
     """
+    run = None
+    try:
+        with deferred():  # a signal that arrives while the run is created is raised once it exists
+            run = _start_or_resume_run(experiment_name, run_name, tags=tags, nested=nested)
+        yield run.info.run_id
+    except KeyboardInterrupt:
+        if run is not None:
+            with deferred():
+                mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        if run is not None:
+            with deferred():
+                mlflow.end_run(status="FAILED")
+        raise
+    with deferred():
+        mlflow.end_run(status="FINISHED")
+
+
+def _start_or_resume_run(
+    experiment_name: str, run_name: str | None, *, tags: Mapping[str, str] | None, nested: bool,
+) -> Any:
     if not nested and mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
         # Taken out of the environment, as mlflow.start_run() itself does, so that nested runs
         # started later (tune's trials) are new runs, not that run resumed.
-        run = mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"), tags=tags)
-    else:
-        try:
-            if mlflow.active_run() is None:
-                mlflow.set_experiment(experiment_name)
-            run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
-        except MlflowException as error:  # e.g. an experiment of that name was deleted
-            raise TrackingError(
-                f"cannot start a run in experiment {experiment_name!r}: {first_line(error)}"
-            ) from None
+        return mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"), tags=tags)
     try:
-        yield run.info.run_id
-    except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run(status="FINISHED")
+        if mlflow.active_run() is None:
+            mlflow.set_experiment(experiment_name)
+        return mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+    except MlflowException as error:  # e.g. an experiment of that name was deleted
+        raise TrackingError(
+            f"cannot start a run in experiment {experiment_name!r}: {first_line(error)}"
+        ) from None
 
 
+@deferred()
 def kill_stale_run(run_id: str, tags: dict[str, str] | None = None) -> list[str]:
     """Close a run whose process died (and its parent run) as KILLED; returns the ids closed.
 
@@ -152,22 +166,27 @@ def kill_stale_run(run_id: str, tags: dict[str, str] | None = None) -> list[str]
     return closed
 
 
+@deferred()
 def log_params(params: Mapping[str, Any]) -> None:
     mlflow.log_params({k: "None" if v is None else v for k, v in params.items()})
 
 
+@deferred()
 def set_tags(tags: Mapping[str, Any]) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+@deferred()
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     mlflow.log_metrics(dict(metrics), step=step)
 
 
+@deferred()
 def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifacts(str(folder), artifact_path)
 
 
+@deferred()
 def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, artifact_file)
 
@@ -186,6 +205,7 @@ def environment_tags(device: torch.device, amp_dtype: torch.dtype | None) -> dic
     return tags
 
 
+@deferred()
 def log_datasets(sets: Mapping[str, ImageSet], source: str) -> None:
     """Record each split as an MLflow dataset input, with a digest of every image and label."""
     for split, data in sets.items():
@@ -201,6 +221,7 @@ def log_datasets(sets: Mapping[str, ImageSet], source: str) -> None:
         mlflow.log_input(dataset, context=DATASET_CONTEXTS.get(split, split))
 
 
+@deferred()
 def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str, str | None]:
     """Log ``model`` (float (B, 3, 32, 32) in [0, 1] -> logits) as ``model``.
 
@@ -227,6 +248,7 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
     return info.model_uri, None if version is None else str(version)
 
 
+@deferred()
 def promote_if_champion(
     name: str, version: str | int, *, val_accuracy: float, test_accuracy: float, validation_digest: str | None,
 ) -> bool:
@@ -269,6 +291,7 @@ def promote_if_champion(
     return False
 
 
+@deferred()
 def delete_model_version(name: str, version: str | int) -> None:
     """Remove a registered version (of a run that failed after registering it); best effort."""
     try:
@@ -320,14 +343,17 @@ class RunRecord:
     params: dict[str, str]
 
 
+@deferred()
 def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_dict(dict(data), artifact_file)
 
 
+@deferred()
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
 
+@deferred()
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path)
 
@@ -359,6 +385,7 @@ def find_runs(experiment_name: str) -> list[RunRecord]:
             return records
 
 
+@deferred()
 def add_to_run(
     run_id: str,
     *,

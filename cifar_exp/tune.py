@@ -54,6 +54,7 @@ from cifar_exp import tracking  # noqa: E402
 from cifar_exp.config import ExperimentConfig, TrainConfig, TuneConfig  # noqa: E402
 from cifar_exp.data import Splits, load_splits  # noqa: E402
 from cifar_exp.errors import ConfigError, StorageError, TrainingDivergedError, first_line  # noqa: E402
+from cifar_exp.interrupts import deferred  # noqa: E402
 from cifar_exp.experiment import TrainingOutcome, load_teacher, train_and_track  # noqa: E402
 from cifar_exp.inference import measure_latency  # noqa: E402
 from cifar_exp.models import architecture, count_parameters  # noqa: E402
@@ -366,11 +367,12 @@ class _Objective:
 
     def _epoch_end(self, trial: optuna.Trial, stats: EpochStats) -> None:
         tracking.log_metrics(stats.metrics(), step=stats.epoch)
-        if self.multi_objective:
-            # Optuna takes no intermediate values (and prunes nothing) in multi-objective studies.
-            trial.set_user_attr("epochs", stats.epoch)
-            return
-        trial.report(stats.val_accuracy, stats.epoch)
+        with deferred():  # Optuna's storage writes, like MLflow's, must not be cut off halfway
+            if self.multi_objective:
+                # Optuna takes no intermediate values (and prunes nothing) in multi-objective studies.
+                trial.set_user_attr("epochs", stats.epoch)
+                return
+            trial.report(stats.val_accuracy, stats.epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(
                 f"pruned after epoch {stats.epoch}: {OBJECTIVE} {stats.val_accuracy:.4f}"
@@ -380,7 +382,8 @@ class _Objective:
     def _finish(trial: optuna.Trial, state: str, reason: str | None) -> None:
         tags = {"optuna_state": state}
         if reason:
-            trial.set_user_attr("reason", reason)
+            with deferred():
+                trial.set_user_attr("reason", reason)
             tags["optuna_reason"] = reason
         tracking.set_tags(tags)
 

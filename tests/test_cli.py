@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from cifar_exp import interrupts
 from cifar_exp.cli import _section, build_config, main
 from cifar_exp.config import BenchmarkConfig, EvaluateConfig, ExportConfig, TuneConfig
 from conftest import CLASSES, signal_cli_mid_training
@@ -178,6 +180,61 @@ def test_terminated_training_is_marked_killed(tiny_data, tracking_store, cache_d
     )
     assert returncode != 0
     assert [r.info.status for r in all_runs()] == ["KILLED"]
+
+
+def test_a_signal_inside_deferred_blocks_is_raised_when_the_outermost_ends():
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install_handlers()
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"):
+            with interrupts.deferred():
+                with interrupts.deferred():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    done.append("inner block finished")
+                done.append("outer block finished")
+        assert done == ["inner block finished", "outer block finished"]
+        with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("not deferred: never reached")
+        assert len(done) == 2
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+@pytest.fixture
+def signal_inside_a_metric_write(request):
+    """Sends ``request.param`` from inside MLflow's first metric INSERT (the write begun, not committed).
+
+    The window a real signal hits when it arrives as an epoch's metrics are written; without
+    deferral the interrupted transaction kept SQLite locked and the run stayed RUNNING.
+    """
+    sig, sent = request.param, []
+
+    def send(conn, cursor, statement, *args):
+        if not sent and statement.lstrip().upper().startswith("INSERT INTO METRICS"):
+            sent.append(statement)
+            os.kill(os.getpid(), sig)  # its handler runs at the next bytecode: inside SQLAlchemy
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", send)
+    yield sent
+    sqlalchemy.event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", send)
+    for s, handler in handlers.items():  # main() installed the project's
+        signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("signal_inside_a_metric_write", [signal.SIGTERM, signal.SIGINT], indirect=True)
+def test_a_signal_during_a_tracking_write_still_closes_the_run_as_killed(tiny_data, tracking_store, cache_dir,
+                                                                          signal_inside_a_metric_write):
+    start = time.perf_counter()
+    result = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--epochs", 3, "--val-size", 50,
+                     "--batch-size", 32)
+    assert signal_inside_a_metric_write, "no metric was written"
+    assert result.exit_code != 0, result.output
+    assert [r.info.status for r in all_runs()] == ["KILLED"]
+    assert time.perf_counter() - start < 15  # not after SQLite's 20 s busy timeout
 
 
 @pytest.mark.slow
