@@ -152,8 +152,11 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
     train_run = next(r for r in runs.values() if "model_uri" not in r.data.tags)
     eval_run = next(r for r in runs.values() if "model_uri" in r.data.tags)
-    # The logged model reproduces the training run's test accuracy exactly (bf16/fp32 aside).
-    assert eval_run.data.metrics["test_accuracy"] == pytest.approx(train_run.data.metrics["test_accuracy"], abs=0.02)
+    # The logged model reproduces the training run's test accuracy: exactly where training evaluated
+    # in fp32, as evaluate does; within 2 of the 100 images where it evaluated under bf16 autocast.
+    exact = train_run.data.tags["amp_dtype"] == "none (fp32)"
+    assert eval_run.data.metrics["test_accuracy"] == pytest.approx(train_run.data.metrics["test_accuracy"],
+                                                                   abs=1e-9 if exact else 0.02)
     assert eval_run.data.tags["source_run_id"] == train_run.info.run_id
     names = {a.path for a in MlflowClient().list_artifacts(eval_run.info.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/sample_predictions.png"} <= names

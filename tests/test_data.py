@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cifar_exp import data as data_module
 from cifar_exp.config import DataConfig
 from cifar_exp.data import (
     DeviceBatches,
@@ -34,10 +35,15 @@ def test_image_folder_loads_as_uint8_tensors(tiny_data, cache_dir):
     np.testing.assert_array_equal(splits.test.images[first_bird].numpy(), expected)
 
 
-def test_second_load_comes_from_the_cache(tiny_data, cache_dir):
+def test_second_load_comes_from_the_cache(tiny_data, cache_dir, monkeypatch):
     cfg = DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=cache_dir)
     first = load_splits(cfg)
     assert len(list(Path(cache_dir).glob("*.pt"))) == 1
+
+    def no_decoding(*args):
+        raise AssertionError("decoded the images again instead of loading the cache")
+
+    monkeypatch.setattr(data_module, "_decode_split", no_decoding)
     second = load_splits(cfg)
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)
@@ -160,14 +166,17 @@ def _indexed_set(n: int) -> ImageSet:
     return ImageSet("train", images, values % 10)
 
 
-def test_every_image_once_per_epoch_with_labels_aligned():
+@pytest.mark.parametrize("augment", ["none", "flip-crop"])
+def test_every_image_once_per_epoch_with_labels_aligned(augment):
     data = _indexed_set(250)
-    batches = DeviceBatches(data, 64, device=torch.device("cpu"), shuffle=True, seed=3)
+    batches = DeviceBatches(data, 64, device=torch.device("cpu"), shuffle=True, seed=3, augment=augment)
     assert len(batches) == 4
     orders = []
     for _ in range(2):
         seen = []
         for images, labels in batches:
+            # A flat image stays flat under flips and reflect-padded crops: it still names its index.
+            assert torch.equal(images, images[:, :1, :1, :1].expand_as(images))
             ids = (images[:, 0, 0, 0] * 255).round().long()
             assert torch.equal(ids % 10, labels)
             seen.append(ids)

@@ -1,5 +1,6 @@
 """Inference: MAC counts, latency measurement, ONNX / int8 export, benchmark report, Pareto front, CLI."""
 
+import csv
 import json
 import time
 
@@ -94,9 +95,11 @@ def test_time_calls_measures_a_known_duration():
     stats = inference.time_calls(lambda: time.sleep(0.002), batch_size=4, threads=1, repeats=3,
                                  seconds_per_repeat=0.02, warmup_seconds=0.0)
     assert len(stats.repeat_p50_ms) == 3 and stats.calls >= 3 * inference.MIN_CALLS
-    assert 2.0 <= stats.p50_ms <= stats.p90_ms <= stats.p99_ms < 50
+    # The median resists a stalled call on a loaded machine; p99 of ~30 calls is their slowest.
+    assert 2.0 <= stats.p50_ms < 50 and stats.p50_ms <= stats.p90_ms <= stats.p99_ms
     assert stats.images_per_second == pytest.approx(4 / (stats.mean_ms / 1e3), rel=1e-6)
-    assert 0 <= stats.spread < 5
+    p50s = sorted(stats.repeat_p50_ms)
+    assert stats.spread == pytest.approx((p50s[-1] - p50s[0]) / p50s[1])
 
 
 @pytest.mark.parametrize("backend", ["pytorch-fp32", "onnxruntime-fp32"])
@@ -406,8 +409,11 @@ def test_int8_pads_a_tensor_read_by_two_convs_once(tmp_path):
     int8 = inference.quantize_int8(fp32, tmp_path / "resnet8.int8.onnx", calibration)
     pads = [n for n in onnx.load(str(int8)).graph.node if n.op_type == "Pad"]
     assert len({n.output[0] for n in pads}) == len(pads)  # each padded tensor is produced once
-    logits = inference.onnx_session(int8, 1).run(None, {"images": calibration[:4]})[0]
-    assert logits.shape == (4, 10) and np.isfinite(logits).all()
+    logits = inference.onnx_session(int8, 1).run(None, {"images": calibration})[0]
+    reference = model(torch.from_numpy(calibration)).detach().numpy()
+    assert logits.shape == (16, 10)
+    # The padded channels are zeros that change nothing: int8 tracks fp32 to rounding (measured 0.6%).
+    assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max()
 
 
 def test_export_to_an_unwritable_folder(tmp_path):
@@ -635,10 +641,16 @@ def test_benchmark_then_pareto_cli(in_store, tiny_data, tmp_path):
     pareto_run = next(r for r in all_runs() if r.data.tags.get("run_kind") == "pareto")
     assert pareto_run.info.status == "FINISHED"
     assert pareto_run.data.metrics["points"] == 4  # one trained model on four CPU backends
-    assert 1 <= pareto_run.data.metrics["front_points"] <= 4
-    folder = mlflow.artifacts.download_artifacts(run_id=pareto_run.info.run_id, dst_path=str(tmp_path / "p"))
+    mlflow.artifacts.download_artifacts(run_id=pareto_run.info.run_id, dst_path=str(tmp_path / "p"))
     assert (tmp_path / "p" / "plots" / "pareto.png").stat().st_size > 10_000
-    assert "on_front" in (tmp_path / "p" / "pareto.csv").read_text() and folder
+    with open(tmp_path / "p" / "pareto.csv") as f:
+        rows = list(csv.DictReader(f))
+    on_front = [row["on_front"] == "True" for row in rows]
+    # The CSV holds the four points the benchmark logged, marked as the front computation marks them.
+    latencies = {row["backend"]: float(row["latency_ms"]) for row in rows}
+    assert latencies == pytest.approx({b: metrics[f"{b}/b1/p50_ms"] for b in latencies}) and len(rows) == 4
+    assert on_front == pareto_front([float(r["accuracy"]) for r in rows], [float(r["latency_ms"]) for r in rows]).tolist()
+    assert pareto_run.data.metrics["front_points"] == sum(on_front) >= 1
 
 
 def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):

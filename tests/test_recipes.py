@@ -29,6 +29,7 @@ from cifar_exp.train import (
     # counts the 480 running statistics: 78,666).
     ("resnet8", 78_186),
     ("pico", 130_514),
+    ("pico-res", 130_514),  # pico's layers; the identity shortcuts have no weights
 ])
 def test_model_sizes_and_outputs(name, parameters):
     model = build_model(name)
@@ -42,15 +43,19 @@ def test_resnet8_counts_like_the_mlperf_reference():
     assert count_parameters(model) + running_stats == 78_666
 
 
-def test_weight_decay_skips_biases_and_batchnorm():
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adamw"])
+def test_weight_decay_skips_biases_and_batchnorm(optimizer):
     model = build_classifier(TrainConfig(model="seed-bn"), 10)
-    optimizer = build_optimizer(TrainConfig(model="seed-bn", weight_decay=5e-4, momentum=0.9,
-                                            optimizer="nesterov"), model)
-    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    built = build_optimizer(TrainConfig(model="seed-bn", weight_decay=5e-4, momentum=0.9, optimizer=optimizer),
+                            model)
+    decayed = {id(p) for g in built.param_groups if g["weight_decay"] == 5e-4 for p in g["params"]}
+    undecayed = {id(p) for g in built.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     for name, parameter in model.named_parameters():
         expected = name.endswith("weight") and parameter.ndim > 1  # conv and linear weights only
-        assert (id(parameter) in decayed) == expected, name
-    assert optimizer.param_groups[0]["nesterov"]
+        assert (id(parameter) in decayed) == expected and (id(parameter) in undecayed) != expected, name
+    assert isinstance(built, torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD)
+    if optimizer != "adamw":
+        assert built.param_groups[0]["nesterov"] == (optimizer == "nesterov")
 
 
 def test_training_step_uses_label_smoothing_as_defined():
@@ -142,6 +147,12 @@ def _lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
 def test_exp_schedule_is_the_seeds_per_epoch_decay():
     lrs = _lrs(TrainConfig(epochs=3, lr=0.1, lr_decay=0.5), steps_per_epoch=4)
     assert lrs == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025] * 4)
+
+
+def test_exp_schedule_with_warmup_ramps_then_decays_per_epoch():
+    lrs = _lrs(TrainConfig(epochs=3, lr=0.1, lr_decay=0.5, warmup_epochs=1), steps_per_epoch=4)
+    # linear warm-up over the first epoch's 4 steps, then the seed's decay from epoch 2 on
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1] + [0.05] * 4 + [0.025] * 4)
 
 
 def test_cosine_schedule_with_warmup():

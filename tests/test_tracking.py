@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from sklearn.metrics import precision_score, recall_score
+from sklearn.metrics import f1_score, precision_score, recall_score
 
 from cifar_exp import experiment, tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
@@ -73,9 +73,11 @@ def test_final_metrics_match_the_outcome(trained):
     metrics = client.get_run(outcome.run_id).data.metrics
     assert metrics["test_accuracy"] == pytest.approx(outcome.test.accuracy)
     assert metrics["test_accuracy"] > 0.5
-    assert metrics["macro_precision"] == pytest.approx(
-        precision_score(outcome.test.labels, outcome.test.predictions, average="macro", zero_division=0))
-    for name in ("test_loss", "macro_recall", "macro_f1", "train_seconds", "peak_memory_bytes"):
+    labels, predictions = outcome.test.labels, outcome.test.predictions
+    for name, score in (("macro_precision", precision_score), ("macro_recall", recall_score), ("macro_f1", f1_score)):
+        assert metrics[name] == pytest.approx(score(labels, predictions, average="macro", zero_division=0)), name
+    assert metrics["test_loss"] == pytest.approx(outcome.test.loss) and 0 < metrics["test_loss"] < math.log(10)
+    for name in ("train_seconds", "peak_memory_bytes"):
         assert math.isfinite(metrics[name]) and metrics[name] > 0, name
 
 
@@ -253,7 +255,9 @@ def test_a_champion_from_before_validation_decided_keeps_its_test_accuracy_as_sc
     client = MlflowClient()
     mlflow.set_experiment("old-rule")  # this store's, not one an earlier test left active
     with mlflow.start_run() as run:
-        info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", input_example=np.zeros((2, 2), np.float32))
+        # pip_requirements given: inferring them starts a subprocess that takes ~15 s
+        info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", input_example=np.zeros((2, 2), np.float32),
+                                        pip_requirements=[])
     client.create_registered_model("old")
     old = client.create_model_version("old", info.model_uri, run_id=run.info.run_id)
     client.set_model_version_tag("old", old.version, "test_accuracy", "0.9")  # how the old rule tagged it

@@ -185,12 +185,13 @@ def test_a_trial_that_crashes_is_failed_in_optuna_and_mlflow(tiny_data, tracking
     assert runs["trial-0"].data.tags["optuna_reason"] == "RuntimeError: boom"
 
 
-def test_every_trial_learns_from_the_teacher_loaded_once(tiny_data, tracking_store, cache_dir, tmp_path,
+def test_every_trial_distils_from_the_teacher_loaded_once(tiny_data, tracking_store, cache_dir, tmp_path,
                                                         monkeypatch):
     import torch
 
     from cifar_exp import tune as tune_module
 
+    # What a teacher teaches is tested in test_train (the palette teacher); here: it reaches every trial.
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     loads, teachers_seen, fit = [], [], tune_module.fit
 
