@@ -711,13 +711,41 @@ def test_benchmark_unknown_model_uri_leaves_no_run(in_store, tmp_path, uri):
     assert len(all_runs()) == before and not (tmp_path / "b.json").exists()
 
 
-def test_benchmark_rejects_a_model_that_is_not_an_image_classifier(in_store, tmp_path):
-    class Brightness(torch.nn.Module):  # (B, 3, 32, 32) -> (B,): not a classifier
-        def forward(self, images):
-            return images.mean((1, 2, 3))
+class _Brightness(torch.nn.Module):  # (B, 3, 32, 32) -> (B,): not a classifier
+    def forward(self, images):
+        return images.mean((1, 2, 3))
 
+
+class _LargeImageClassifier(torch.nn.Module):  # (B, 3, 64, 64) -> (B, 10): the wrong input size
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 64 * 64, 10)
+
+    def forward(self, images):
+        return self.linear(images.flatten(1))
+
+
+@pytest.mark.parametrize("command", ["export", "evaluate"])
+@pytest.mark.parametrize(("model", "message"), [
+    (_Brightness, "is not an image classifier: output (2,) for 2 images"),
+    (_LargeImageClassifier, "does not accept (B, 3, 32, 32) images: "),
+])
+def test_a_model_that_is_no_3x32x32_classifier_is_refused(in_store, tiny_data, tmp_path, command, model, message):
+    _, _, cache = in_store
+    example = np.zeros((2, 3, 64, 64) if model is _LargeImageClassifier else (2, 3, 32, 32), np.float32)
+    with mlflow.start_run(experiment_id=mlflow.set_experiment("models").experiment_id):
+        uri = mlflow.pytorch.log_model(model(), name="model", input_example=example, pip_requirements=[]).model_uri
+    before = len(all_runs())
+    output = ["--output-dir", tmp_path / "out"] if command == "export" else []
+    result = run_cli(command, "--model-uri", uri, "--data-dir", tiny_data, "--cache-dir", cache, *output)
+    assert result.exit_code == 1
+    assert f"Error: model {uri} {message}" in result.output
+    assert len(all_runs()) == before and not (tmp_path / "out").exists()
+
+
+def test_benchmark_rejects_a_model_that_is_not_an_image_classifier(in_store, tmp_path):
     with tracking.start_run("models"):
-        uri, _ = tracking.log_model(Brightness(), None)
+        uri, _ = tracking.log_model(_Brightness(), None)
     before = len(all_runs())
     result = run_cli("benchmark", "--model-uri", uri, "--output", tmp_path / "b.json")
     assert result.exit_code == 1
