@@ -264,7 +264,7 @@ class DeviceBatches:
         shuffle: bool = False,
         augment: str = "none",
         cutout: int = 0,
-        cutout_fill: float = 0.5,
+        cutout_fill: float | None = None,
         seed: int = 0,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
@@ -279,8 +279,10 @@ class DeviceBatches:
         self.device = device
         self.shuffle = shuffle
         self.augment = augment
+        if cutout and cutout_fill is None:
+            raise ValueError("cutout needs cutout_fill: the normalisation mean, in [0, 1] pixels")
         self.cutout = cutout
-        self.cutout_fill = cutout_fill  # in [0, 1] pixels: the normalisation mean, which it turns into 0
+        self.cutout_fill = cutout_fill  # which the model's normalisation turns into 0
         self.channels_last = channels_last
         self.dtype = dtype
         self.order_generator = torch.Generator().manual_seed(seed)

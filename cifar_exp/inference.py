@@ -1148,21 +1148,35 @@ def export_and_verify(
     """
     threads = threads or available_cores()
     model = shipped_copy(model)
-    out_dir = make_folder(check_writable_folder(out_dir))
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
-        staged = _export_and_verify_in(model, Path(staging), test=test, calibration=calibration, threads=threads)
-        for name in ("model.onnx", "model.int8.onnx"):
-            source = Path(staging) / name
-            if source.exists():
-                os.replace(source, out_dir / name)
-            elif (out_dir / name).exists():
-                log.info("removing %s, left by an earlier export with --int8", out_dir / name)
-                (out_dir / name).unlink()
+    out_dir = check_writable_folder(out_dir)
+    created = not out_dir.exists()
+    make_folder(out_dir)
+    try:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
+            staged = _export_and_verify_in(model, Path(staging), test=test, calibration=calibration,
+                                           threads=threads)
+            _move_exported_files(Path(staging), out_dir)
+    except BaseException:
+        if created:  # made for this export, which wrote nothing into it
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     return replace(
         staged,
         onnx_path=out_dir / "model.onnx",
         int8_path=out_dir / "model.int8.onnx" if staged.int8_path else None,
     )
+
+
+def _move_exported_files(staging: Path, out_dir: Path) -> None:
+    """The checked files into ``out_dir``; an older int8 file this export did not replace goes."""
+    for name in ("model.onnx", "model.int8.onnx"):
+        source = staging / name
+        if source.exists():
+            os.replace(source, out_dir / name)
+        elif (out_dir / name).exists():
+            log.info("removing %s, left by an earlier export with --int8", out_dir / name)
+            (out_dir / name).unlink()
 
 
 def _export_and_verify_in(

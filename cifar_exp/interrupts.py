@@ -4,7 +4,9 @@ A ``KeyboardInterrupt`` raised in the middle of a database write (MLflow's SQLit
 can leave that write's transaction open and the database locked: closing the run as KILLED then
 waits out SQLite's busy timeout, fails, and the run stays RUNNING. So the handlers the CLI installs
 only note a signal that arrives inside ``deferred()`` and raise it when the outermost such block
-ends, with the write complete. Training itself is never deferred: a signal there raises at once.
+ends, with the write complete. Training itself is never deferred: a signal there raises at once, and
+so does a second signal inside a deferred block (Ctrl-C twice gets out of a write that hangs, e.g.
+on an unreachable tracking server).
 
 The state is process-wide, as signal handlers are: Python runs them in the main thread, between
 bytecodes of whatever that thread is doing.
@@ -24,17 +26,20 @@ _pending: int | None = None  # a signal that arrived inside one, raised when the
 def install_handlers() -> None:
     """Make SIGINT (Ctrl-C) and SIGTERM raise ``KeyboardInterrupt``, deferred inside ``deferred()``.
 
-    A terminated process then unwinds like Ctrl-C, so its MLflow run is closed as KILLED.
+    A terminated process then unwinds like Ctrl-C, so its MLflow run is closed as KILLED. A signal
+    the process was started ignoring (a background job's SIGINT) stays ignored.
     """
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _interrupt)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     global _pending
-    if _depth:
+    if _depth and _pending is None:
         _pending = signum
         return
+    _pending = None  # raised now: no deferred block may raise it again
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
@@ -42,7 +47,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 def deferred() -> Iterator[None]:
     """A block that a signal does not interrupt; one that arrived meanwhile is raised at its end.
 
-    Usable as a decorator too. Without ``install_handlers`` (library use) it changes nothing.
+    Usable as a decorator too. Without ``install_handlers`` (library use) it changes nothing. The
+    interrupt raised at the end replaces an exception the block raised (kept as its ``__context__``):
+    either way the run is closed, and as KILLED.
     """
     global _depth, _pending
     _depth += 1

@@ -221,7 +221,6 @@ def log_datasets(sets: Mapping[str, ImageSet], source: str) -> None:
         mlflow.log_input(dataset, context=DATASET_CONTEXTS.get(split, split))
 
 
-@deferred()
 def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str, str | None]:
     """Log ``model`` (float (B, 3, 32, 32) in [0, 1] -> logits) as ``model``.
 
@@ -235,15 +234,23 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
     example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)  # batch >= 2: dynamic
     with torch.inference_mode():
         output = exported(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        exported,
-        name="model",
-        input_example=example,
-        signature=infer_signature(example, output),
-        registered_model_name=registered_model_name,
-        # Given explicitly: inferring them would start a subprocess that imports the model.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-    )
+    info = None
+    try:
+        with deferred():
+            info = mlflow.pytorch.log_model(
+                exported,
+                name="model",
+                input_example=example,
+                signature=infer_signature(example, output),
+                registered_model_name=registered_model_name,
+                # Given explicitly: inferring them would start a subprocess that imports the model.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+            )
+    except KeyboardInterrupt:
+        # Raised as the logging ended: the run will be KILLED, and no registered version may point at it.
+        if info is not None and info.registered_model_version is not None:
+            delete_model_version(registered_model_name, info.registered_model_version)
+        raise
     version = info.registered_model_version
     return info.model_uri, None if version is None else str(version)
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 
@@ -300,6 +300,17 @@ class _Objective:
         return dataclasses.replace(self.cfg.train, **searched)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            # Wherever it struck (also as the trial's run opened or closed), the trial is recorded as
+            # interrupted: Optuna marks it FAIL, and an interrupted baseline is queued again.
+            with deferred():
+                if trial.user_attrs.get("reason") != INTERRUPTED:
+                    trial.set_user_attr("reason", INTERRUPTED)
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
         cfg = dataclasses.replace(self.cfg, train=self._suggest(trial))
         baseline = bool(trial.user_attrs.get("baseline"))
         trial.set_user_attr("worker", self.worker)
@@ -400,42 +411,29 @@ def default_storage() -> str:
 
 
 def check_storage(storage_url: str, heartbeat_interval: int) -> None:
-    """Connect to the Optuna storage (a new database gets its tables, not a study) or fail in one line.
+    """Connect to an Optuna database server (a new database gets its tables, not a study) or fail in one line.
 
-    ``open_study`` creates or loads the study later, once the data and the teachers have loaded.
+    Done before the data loads, since a server may be out of reach. A local file (SQLite, journal)
+    is opened by ``open_study`` only, which creates the study once the data and the teachers have
+    loaded, so that refused input leaves no new file behind.
     """
-    try:
-        with _quiet_optuna():
-            _storage(storage_url, heartbeat_interval)
-    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.InternalError):
-        pass  # another worker is creating the tables right now: open_study retries
-    except Exception as error:
-        raise StorageError(f"Optuna storage {tracking.hide_password(storage_url)} cannot be used: "
-                           f"{first_line(error)}") from None
+    if _is_database_server(storage_url):
+        _with_storage_retries(storage_url, lambda: _storage(storage_url, heartbeat_interval))
 
 
 def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str) -> optuna.Study:
     """Create the study or load it; a storage that cannot be used fails here, before any training."""
     shown = tracking.hide_password(storage_url)
     wanted = study_directions(tune_cfg)
-    for attempt in range(3):
-        try:
-            with _quiet_optuna():
-                storage = _storage(storage_url, tune_cfg.heartbeat_interval)
-                study = optuna.create_study(
-                    storage=storage, study_name=study_name, directions=wanted, load_if_exists=True,
-                    pruner=_pruner(tune_cfg, cfg.train.epochs),
-                )
-                trials_so_far = len(study.get_trials(deepcopy=False))
-            break
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
-                sqlalchemy.exc.InternalError) as error:
-            # Workers that start at once race to create the tables or the study: look again.
-            if attempt == 2:
-                raise StorageError(f"Optuna storage {shown} cannot be used: {first_line(error)}") from None
-            time.sleep(0.5 + random.random())
-        except Exception as error:
-            raise StorageError(f"Optuna storage {shown} cannot be used: {first_line(error)}") from None
+
+    def create() -> tuple[optuna.Study, int]:
+        study = optuna.create_study(
+            storage=_storage(storage_url, tune_cfg.heartbeat_interval), study_name=study_name,
+            directions=wanted, load_if_exists=True, pruner=_pruner(tune_cfg, cfg.train.epochs),
+        )
+        return study, len(study.get_trials(deepcopy=False))
+
+    study, trials_so_far = _with_storage_retries(storage_url, create)
     study.sampler = _sampler(tune_cfg, sampler_seed(cfg.train.seed, storage_url, trials_so_far))
     directions = [d.name.lower() for d in study.directions]
     if directions != wanted:
@@ -450,6 +448,31 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
             study.set_metric_names([OBJECTIVE, LATENCY_OBJECTIVE])  # names the plots' objectives
     _check_study_settings(study, cfg, tune_cfg, study_name)
     return study
+
+
+T = TypeVar("T")
+
+
+def _with_storage_retries(storage_url: str, action: Callable[[], T]) -> T:
+    """``action()`` on the storage, with a one-line ``StorageError`` if the storage cannot be used."""
+    for attempt in range(3):
+        try:
+            with _quiet_optuna():
+                return action()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                sqlalchemy.exc.InternalError) as error:
+            # Workers that start at once race to create the tables or the study: look again. (A
+            # missing privilege raises these too, and fails the same way on the third look.)
+            if attempt == 2:
+                raise _unusable(storage_url, error) from None
+            time.sleep(0.5 + random.random())
+        except Exception as error:
+            raise _unusable(storage_url, error) from None
+    raise AssertionError("unreachable")
+
+
+def _unusable(storage_url: str, error: BaseException) -> StorageError:
+    return StorageError(f"Optuna storage {tracking.hide_password(storage_url)} cannot be used: {first_line(error)}")
 
 
 def study_directions(tune_cfg: TuneConfig) -> list[str]:

@@ -200,7 +200,18 @@ def test_a_signal_inside_deferred_blocks_is_raised_when_the_outermost_ends():
         with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
             os.kill(os.getpid(), signal.SIGINT)
             done.append("not deferred: never reached")
+        with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)  # a second signal: out at once (a hung write)
+                done.append("never reached either")
         assert len(done) == 2
+        with interrupts.deferred():
+            pass  # the signal raised at once is not raised again here
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job starts
+        interrupts.install_handlers()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)

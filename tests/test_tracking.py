@@ -279,3 +279,32 @@ def test_a_stale_run_and_its_parent_are_closed_as_killed(tracking_store):
     assert [client.get_run(r).info.status for r in (child, parent)] == ["KILLED", "KILLED"]
     assert tracking.kill_stale_run(child, tags={"why": "gone"}) == []  # closed runs stay as they are
     assert "why" not in client.get_run(child).data.tags
+
+
+def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(tracking_store, monkeypatch):
+    import os
+    import signal
+
+    from cifar_exp import interrupts
+
+    log_model = mlflow.pytorch.log_model
+
+    def log_then_signal(*args, **kwargs):  # Ctrl-C arrives as the model is registered
+        info = log_model(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return info
+
+    monkeypatch.setattr(mlflow.pytorch, "log_model", log_then_signal)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install_handlers()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with tracking.start_run("interrupted") as run_id:
+                tracking.log_model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)),
+                                   "interrupted-model")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    client = MlflowClient()
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert client.search_model_versions("name='interrupted-model'") == []

@@ -109,6 +109,21 @@ def test_metrics_are_real_numbers(splits):
     assert stats.train_images_per_second > 0 and stats.epoch_seconds > 0
 
 
+def test_cutout_in_training_fills_with_the_normalisation_mean(splits, monkeypatch):
+    import cifar_exp.train as train_module
+
+    fills = []
+
+    class Recording(DeviceBatches):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            fills.append((self.cutout, self.cutout_fill))
+
+    monkeypatch.setattr(train_module, "DeviceBatches", Recording)
+    fit(TrainConfig(**{**TINY, "epochs": 1}, cutout=8, norm_mean=0.3), splits)
+    assert (8, 0.3) in fills  # the training batches; evaluation's have no cutout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(ConfigError, match="--device cuda was asked for, but no CUDA GPU is available"):

@@ -273,19 +273,26 @@ def test_the_study_run_counts_the_parameters_of_the_datasets_classes(tiny_data, 
     assert parent.data.tags["parameter_count"] == str(count_parameters(build_model("seed", 3)))  # not 10 outputs
 
 
-def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracking_store, cache_dir, tmp_path,
-                                                               monkeypatch):
+def test_an_unusable_storage_server_is_reported_before_the_data_loads(tiny_data, tracking_store, cache_dir,
+                                                                      tmp_path, monkeypatch):
     from cifar_exp import tune as tune_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the data was loaded before the storage was checked")
 
-    monkeypatch.setattr(tune_module, "load_splits", no_loading)
+    with monkeypatch.context() as patched:
+        patched.setattr(tune_module, "load_splits", no_loading)
+        result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS,
+                         "--storage", "postgresql://who:secret@127.0.0.1:9/db")
+    assert result.exit_code == 1 and "Error: Optuna storage postgresql://who:***@127.0.0.1:9/db cannot be used: " \
+        in result.output, result.output
+    # A local file is opened once the data has loaded (so refused input leaves no new file behind).
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    for storage in ("postgresql://who:secret@127.0.0.1:9/db", f"sqlite:///{blocker}/optuna.db"):
-        result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--storage", storage)
-        assert result.exit_code == 1 and "cannot be used: " in result.output, result.output
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS,
+                     "--storage", f"sqlite:///{blocker}/optuna.db")
+    assert result.exit_code == 1 and f"Error: Optuna storage sqlite:///{blocker}/optuna.db cannot be used: " \
+        in result.output, result.output
     assert all_runs() == []
 
 
@@ -515,6 +522,29 @@ def test_an_interrupted_baseline_is_queued_again_a_diverged_one_is_not():
     assert not baseline_needed(study_of((TrialState.FAIL, "training diverged: loss nan")))  # would again
     assert not baseline_needed(study_of((TrialState.FAIL, "interrupted"), (TrialState.COMPLETE, None)))
     assert not baseline_needed(study_of((TrialState.PRUNED, None)))
+
+
+def test_a_baseline_interrupted_before_its_run_opened_is_queued_again(tiny_data, tracking_store, cache_dir,
+                                                                      tmp_path, monkeypatch):
+    from cifar_exp import tune as tune_module
+    from cifar_exp.tune import baseline_needed
+
+    def interrupted(self, trial):
+        raise KeyboardInterrupt("signal SIGTERM")  # as the trial's parameters are drawn
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    with monkeypatch.context() as patched:
+        patched.setattr(tune_module._Objective, "_suggest", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            tune(tiny_config(tiny_data, cache_dir, epochs=1), TuneConfig(n_trials=1, study_name="s", storage=storage),
+                 report=lambda line: None)
+    study = optuna.load_study(study_name="s", storage=storage)
+    [trial] = study.get_trials()
+    assert trial.state == TrialState.FAIL and trial.user_attrs == {"baseline": True, "reason": "interrupted"}
+    assert baseline_needed(study)
+    outcome = tune(tiny_config(tiny_data, cache_dir, epochs=1), TuneConfig(n_trials=1, study_name="s", storage=storage),
+                   report=lambda line: None)
+    assert [(t.baseline, t.state) for t in outcome.trials] == [(True, "COMPLETE")]
 
 
 def test_baseline_widths_are_the_models_own_unless_given():
