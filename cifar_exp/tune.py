@@ -193,7 +193,8 @@ def tune(
             # Workers started together would all find no baseline and each queue one: spread them out.
             time.sleep(random.uniform(0, 3))
         if baseline_needed(study):
-            study.enqueue_trial(baseline_params, user_attrs={"baseline": True})
+            with deferred():
+                study.enqueue_trial(baseline_params, user_attrs={"baseline": True})
     parent_tags = {
         **tracking.environment_tags(device, amp_dtype),
         "model": cfg.train.model,
@@ -311,9 +312,10 @@ class _Objective:
             raise
 
     def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        cfg = dataclasses.replace(self.cfg, train=self._suggest(trial))
+        with deferred():  # each suggestion and attribute is a write to the Optuna storage
+            cfg = dataclasses.replace(self.cfg, train=self._suggest(trial))
+            trial.set_user_attr("worker", self.worker)
         baseline = bool(trial.user_attrs.get("baseline"))
-        trial.set_user_attr("worker", self.worker)
         tags = {"run_kind": "tune-trial", "optuna_study_name": self.study_name,
                 "optuna_trial_number": str(trial.number), "optuna_state": "RUNNING",
                 "baseline": str(baseline).lower(), "worker": self.worker}
@@ -321,7 +323,8 @@ class _Objective:
         try:
             with tracking.start_run(cfg.tracking.experiment_name, f"trial-{trial.number}", tags=tags,
                                     nested=True) as run_id:
-                trial.set_user_attr("mlflow_run_id", run_id)
+                with deferred():
+                    trial.set_user_attr("mlflow_run_id", run_id)
                 try:
                     tracking.log_params(cfg.flat())
                     result = fit(cfg.train, self.splits, progress=self.progress, teacher=self.teacher,
@@ -335,7 +338,8 @@ class _Objective:
                     if self.multi_objective:
                         latency_ms = self._latency_ms(result.model, trial)
                         parameter_count = count_parameters(result.model)  # the trained network's own
-                        trial.set_user_attr("parameter_count", parameter_count)  # for the Pareto reports
+                        with deferred():
+                            trial.set_user_attr("parameter_count", parameter_count)  # for the Pareto reports
                         metrics.update({LATENCY_OBJECTIVE: latency_ms, "parameter_count": parameter_count})
                     tracking.log_metrics(metrics)
                 except optuna.TrialPruned as error:
@@ -367,7 +371,8 @@ class _Objective:
         knobs = {name: value for name, value in trial.params.items() if name in (*WIDTH_PARAMS, HIDDEN_PARAM)}
         for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if len(other.values) > 1 and {name: other.params.get(name) for name in knobs} == knobs:
-                trial.set_user_attr("latency_timed_in_trial", other.number)
+                with deferred():
+                    trial.set_user_attr("latency_timed_in_trial", other.number)
                 tracking.set_tags({"latency_timed_in_trial": str(other.number)})
                 return other.values[1]
         shipped = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
@@ -502,8 +507,9 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
     settings = study_settings(cfg, tune_cfg)
     stored = study.user_attrs.get("settings")
     if stored is None:
-        study.set_user_attr("objective", ",".join(study_objective_names(study)))
-        study.set_user_attr("settings", settings)
+        with deferred():
+            study.set_user_attr("objective", ",".join(study_objective_names(study)))
+            study.set_user_attr("settings", settings)
         return
     # A setting the study has no record of was added to cifar-exp since: its trials ran with its default.
     defaults = study_settings(ExperimentConfig(), tune_cfg)
