@@ -106,7 +106,10 @@ def test_metrics_are_real_numbers(splits):
     stats = fit(TrainConfig(**{**TINY, "epochs": 1}), splits).history[0]
     for name, value in stats.metrics().items():
         assert math.isfinite(value) and value >= 0, name
-    assert stats.train_images_per_second > 0 and stats.epoch_seconds > 0
+    assert 0 <= stats.train_accuracy <= 1 and 0 <= stats.val_accuracy <= 1
+    assert stats.lr == TINY["lr"]  # the seed's schedule decays only after the first epoch
+    # images/s counts the training pass only; the epoch also validates, so it took longer than that.
+    assert len(splits.train) / stats.train_images_per_second <= stats.epoch_seconds
 
 
 def test_cutout_in_training_fills_with_the_normalisation_mean(splits, monkeypatch):
