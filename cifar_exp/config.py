@@ -211,8 +211,7 @@ class TrackingConfig:
     )
 
     def __post_init__(self) -> None:
-        if not self.experiment_name.strip():
-            raise ConfigError("experiment-name must not be empty")
+        _require_nonempty(self, "experiment_name")
         name = self.registered_model_name
         if name is not None and not name.strip():
             # An empty name (the MLproject's default) means none given: cifar10-<model>.
@@ -424,8 +423,7 @@ class EvaluateConfig:
     )
 
     def __post_init__(self) -> None:
-        if not self.model_uri.strip():
-            raise ConfigError(f"model-uri must not be empty, got {self.model_uri!r}")
+        _require_nonempty(self, "model_uri")
 
 
 @dataclass(frozen=True)
@@ -446,12 +444,10 @@ class ExportConfig:
     )
 
     def __post_init__(self) -> None:
-        if not self.model_uri.strip():
-            raise ConfigError(f"model-uri must not be empty, got {self.model_uri!r}")
+        _require_nonempty(self, "model_uri")
         _require_choice(self, "format")
         _require_at_least(self, 1, "calibration_images")
-        if not self.output_dir.strip():
-            raise ConfigError("output-dir must not be empty")
+        _require_nonempty(self, "output_dir")
 
 
 @dataclass(frozen=True)
@@ -506,6 +502,14 @@ def _require_at_least(config: Any, minimum: int, *names: str, note: str = "") ->
         value = getattr(config, name)
         if value < minimum:
             raise ConfigError(f"{name.replace('_', '-')} must be >= {minimum}{note}, got {value}")
+
+
+def _require_nonempty(config: Any, *names: str) -> None:
+    """Each string field in ``names`` must hold more than whitespace."""
+    for name in names:
+        value = getattr(config, name)
+        if not value.strip():
+            raise ConfigError(f"{name.replace('_', '-')} must not be empty, got {value!r}")
 
 
 def _require_choice(config: Any, *names: str) -> None:

@@ -268,6 +268,11 @@ class Ensemble(nn.Module):
 
     def train(self, mode: bool = True) -> Ensemble:
         # Not nn.Module's recursive train(): torch.export'ed members (as MLflow loads them) refuse it.
-        for module in self.modules():
-            module.training = mode
+        set_training(self, mode)
         return self
+
+
+def set_training(model: nn.Module, mode: bool) -> None:
+    """``model.train(mode)`` for modules that refuse it: torch.export'ed ones, as MLflow loads them."""
+    for module in model.modules():
+        module.training = mode

@@ -113,18 +113,16 @@ def start_run(
         with deferred():  # a signal that arrives while the run is created is raised once it exists
             run = _start_or_resume_run(experiment_name, run_name, tags=tags, nested=nested)
         yield run.info.run_id
-    except KeyboardInterrupt:
+    except BaseException as error:
         if run is not None:
-            with deferred():
-                mlflow.end_run(status="KILLED")
+            _end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
-    except BaseException:
-        if run is not None:
-            with deferred():
-                mlflow.end_run(status="FAILED")
-        raise
-    with deferred():
-        mlflow.end_run(status="FINISHED")
+    _end_run("FINISHED")
+
+
+@deferred()
+def _end_run(status: str) -> None:
+    mlflow.end_run(status=status)
 
 
 def _start_or_resume_run(

@@ -23,7 +23,7 @@ from torch import nn
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import DeviceBatches, ImageSet, Splits
 from cifar_exp.errors import ConfigError, TrainingDivergedError, first_line
-from cifar_exp.models import NUM_CLASSES, Classifier, build_model
+from cifar_exp.models import NUM_CLASSES, Classifier, build_model, set_training
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +322,7 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 def frozen_teacher(teacher: nn.Module, device: torch.device, memory_format: torch.memory_format) -> nn.Module:
     """``teacher`` on ``device``, in eval mode, its parameters out of autograd."""
     teacher = teacher.to(device, memory_format=memory_format).requires_grad_(False)
-    for module in teacher.modules():
-        # Not .eval(): torch.export'ed modules (as MLflow loads them) refuse it, being frozen in eval mode.
-        module.training = False
+    set_training(teacher, False)  # not .eval(): exported teachers refuse it, being frozen in eval mode
     return teacher
 
 

@@ -78,3 +78,15 @@ def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> str:
     return str(tmp_path / "cache")
+
+
+@pytest.fixture
+def project_signal_handlers():
+    """The CLI's SIGINT/SIGTERM handlers installed for the test, the test process's own restored after."""
+    from cifar_exp import interrupts
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install_handlers()
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)

@@ -185,40 +185,34 @@ def test_terminated_training_is_marked_killed(tiny_data, tracking_store, cache_d
     assert [r.info.status for r in all_runs()] == ["KILLED"]
 
 
-def test_a_signal_inside_deferred_blocks_is_raised_when_the_outermost_ends():
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    interrupts.install_handlers()
-    try:
-        done = []
-        with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"):
-            with interrupts.deferred():
-                with interrupts.deferred():
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    done.append("inner block finished")
-                done.append("outer block finished")
-        assert done == ["inner block finished", "outer block finished"]
-        with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("not deferred: never reached")
-        with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
+def test_a_signal_inside_deferred_blocks_is_raised_when_the_outermost_ends(project_signal_handlers):
+    done = []
+    with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"):
+        with interrupts.deferred():
             with interrupts.deferred():
                 os.kill(os.getpid(), signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGINT)  # a second signal: out at once (a hung write)
-                done.append("never reached either")
-        assert len(done) == 2
+                done.append("inner block finished")
+            done.append("outer block finished")
+    assert done == ["inner block finished", "outer block finished"]
+    with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("not deferred: never reached")
+    with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
         with interrupts.deferred():
-            pass  # the signal raised at once is not raised again here
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal: out at once (a hung write)
+            done.append("never reached either")
+    assert len(done) == 2
+    with interrupts.deferred():
+        pass  # the signal raised at once is not raised again here
 
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job starts
-        interrupts.install_handlers()
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job starts
+    interrupts.install_handlers()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 @pytest.fixture
-def signal_inside_a_metric_write(request):
+def signal_inside_a_metric_write(request, project_signal_handlers):
     """Sends ``request.param`` from inside MLflow's first metric INSERT (the write begun, not committed).
 
     The window a real signal hits when it arrives as an epoch's metrics are written; without
@@ -231,12 +225,9 @@ def signal_inside_a_metric_write(request):
             sent.append(statement)
             os.kill(os.getpid(), sig)  # its handler runs at the next bytecode: inside SQLAlchemy
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     sqlalchemy.event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", send)
     yield sent
     sqlalchemy.event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", send)
-    for s, handler in handlers.items():  # main() installed the project's
-        signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("signal_inside_a_metric_write", [signal.SIGTERM, signal.SIGINT], indirect=True)

@@ -281,11 +281,10 @@ def test_a_stale_run_and_its_parent_are_closed_as_killed(tracking_store):
     assert "why" not in client.get_run(child).data.tags
 
 
-def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(tracking_store, monkeypatch):
+def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(tracking_store, monkeypatch,
+                                                                              project_signal_handlers):
     import os
     import signal
-
-    from cifar_exp import interrupts
 
     log_model = mlflow.pytorch.log_model
 
@@ -295,16 +294,10 @@ def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(trackin
         return info
 
     monkeypatch.setattr(mlflow.pytorch, "log_model", log_then_signal)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    interrupts.install_handlers()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with tracking.start_run("interrupted") as run_id:
-                tracking.log_model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)),
-                                   "interrupted-model")
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run("interrupted") as run_id:
+            tracking.log_model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)),
+                               "interrupted-model")
     client = MlflowClient()
     assert client.get_run(run_id).info.status == "KILLED"
     assert client.search_model_versions("name='interrupted-model'") == []
