@@ -414,11 +414,12 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
 
     QDQ format, uint8 activations and per-channel int8 weights without range reduction (this CPU
     has VNNI); activation ranges come from running ``calibration`` (float (N, 3, 32, 32)) through
-    the model (MinMax). Three rewrites cut the operators a batch-1 call pays for: convolutions get
+    the model (MinMax). Four rewrites cut the operators a batch-1 call pays for: convolutions get
     their input channels padded to a multiple of ``INT8_CHANNEL_GROUP`` (exact: the added channels
-    and weights are zero), a linear head on a 1x1 feature map becomes 1x1 convolutions (exact), and
-    the input normalisation is folded into the input's quantisation (on a grid of its own, as fine
-    as the calibrated one).
+    and weights are zero), a linear head on a 1x1 feature map runs in NHWC with its hidden layers as
+    1x1 convolutions (exact), the last Gemm writes the logits in float instead of 8-bit, and the input
+    normalisation is folded into the input's quantisation (on a grid of its own, as fine as the
+    calibrated one).
     """
     import onnx
     from onnxruntime.quantization import (
@@ -459,17 +460,18 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
                 op_types_to_quantize=list(INT8_OP_TYPES),
             )
             quantized = onnx.load(str(int8_path))
+            float_logits = _float_logits(quantized)
             folded = _fold_normalisation_into_input_quantisation(quantized)
-            if folded:
+            if folded or float_logits:
                 onnx.save(quantized, str(int8_path))
         except OSError as error:
             raise ExportError(f"cannot write {int8_path}: {error.strerror or error}") from None
         except Exception as error:  # ONNX Runtime's tools refuse a graph: say so in one line
             raise ExportError(f"cannot quantise {Path(fp32_path).name} to int8: {first_line(error)}") from None
     log.info("quantised %s to int8 (%d calibration images; input channels padded to a multiple of %d: %s; "
-             "linear layers run as 1x1 convs: %d; normalisation folded into the input quantisation: %s)",
-             Path(fp32_path).name, len(calibration), INT8_CHANNEL_GROUP, ", ".join(padded) or "none", pointwise,
-             "yes" if folded else "no")
+             "linear layers run as 1x1 convs: %d; float logits: %s; normalisation folded into the input "
+             "quantisation: %s)", Path(fp32_path).name, len(calibration), INT8_CHANNEL_GROUP,
+             ", ".join(padded) or "none", pointwise, "yes" if float_logits else "no", "yes" if folded else "no")
     return int8_path
 
 
@@ -542,13 +544,15 @@ def _drop_unused_initializers(graph: Any) -> None:
 
 
 def _linear_head_as_pointwise_convs(model: Any) -> int:
-    """Run a linear head on a 1x1 feature map as 1x1 convolutions; returns how many Gemms moved.
+    """Run a linear head on a 1x1 feature map in NHWC order; returns how many Gemms became convs.
 
-    ``x (B, C, 1, 1) -> Flatten -> Gemm [-> Relu -> Gemm ...]`` becomes ``x -> Conv1x1 [-> Relu ->
-    Conv1x1 ...] -> Transpose to NHWC -> Flatten``, the same values: a (B, N, 1, 1) map holds its N
-    features in the same order in NCHW and NHWC. ONNX Runtime runs int8 convolutions in NHWC and
-    puts a Transpose back to NCHW before a Flatten; the explicit one to NHWC cancels it. At batch 1
-    the 1x1 QLinearConvs also beat QGemm (a matrix-vector product either way).
+    ``x (B, C, 1, 1) -> Flatten -> Gemm [-> Relu -> Gemm ...]`` becomes ``x [-> Conv1x1 -> Relu ...]
+    -> Transpose to NHWC -> Flatten -> Gemm``, the same values: a (B, N, 1, 1) map holds its N features
+    in the same order in NCHW and NHWC. ONNX Runtime runs int8 convolutions in NHWC and puts a
+    Transpose back to NCHW before a Flatten; the explicit one to NHWC cancels it. Every Gemm but the
+    last becomes a 1x1 convolution (at batch 1 a QLinearConv beats a QGemm: a matrix-vector product
+    either way); the last stays a Gemm, the one int8 operator that can write float logits
+    (``_float_logits``), unless it is the head's only layer.
     """
     import onnx
     from onnx import helper
@@ -589,11 +593,15 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
                 break
             chain.append(node)
             name = node.output[0]
-        if not any(node.op_type == "Gemm" for node in chain):
+        gemms = [i for i, node in enumerate(chain) if node.op_type == "Gemm"]
+        if not gemms:
             continue
-        feature_map = flatten.input[0]  # (B, C, 1, 1)
-        replaced[flatten.output[0]] = []
-        for node in chain:
+        # A lone Gemm right after a global pool becomes a conv as well: read by a conv, the pooled
+        # map stays int8, where a Flatten -> Gemm would have ONNX Runtime run the pool in float.
+        converted = chain[: gemms[-1]] if len(gemms) > 1 else chain
+        feature_map, flat_name = flatten.input[0], flatten.output[0]  # (B, C, 1, 1), what follows reads
+        replaced[flat_name] = []
+        for node in converted:
             output = f"{node.output[0]}_1x1"  # node names derive from (unique) tensor names
             if node.op_type == "Gemm":
                 weight = weights[node.input[1]]
@@ -604,19 +612,49 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
             else:
                 new = helper.make_node("Relu", [feature_map], [output], name=output)
             replaced[node.output[0]] = [new]
-            feature_map = output
-        nhwc, last = f"{feature_map}_nhwc", chain[-1].output[0]
-        replaced[last] += [
+            feature_map, flat_name = output, node.output[0]
+        nhwc = f"{feature_map}_nhwc"
+        replaced[flat_name] += [
             helper.make_node("Transpose", [feature_map], [nhwc], perm=[0, 2, 3, 1], name=nhwc),
-            helper.make_node("Flatten", [nhwc], [last], axis=1, name=f"{last}_flatten"),
+            helper.make_node("Flatten", [nhwc], [flat_name], axis=1, name=f"{flat_name}_flatten"),
         ]
-    if moved:
+    if replaced:
         nodes = [new for node in graph.node for new in replaced.get(node.output[0], [node])]
         del graph.node[:]
         graph.node.extend(nodes)
         _drop_unused_initializers(graph)  # e.g. the Reshapes' target shapes
         onnx.checker.check_model(model)
     return moved
+
+
+def _float_logits(model: Any) -> bool:
+    """Let a Gemm that computes a graph output write it in float; returns whether the graph changed.
+
+    The quantiser ends the graph ``Gemm -> QuantizeLinear -> DequantizeLinear -> logits``: the logits
+    rounded to 256 levels, where close classes can tie. Without that pair ONNX Runtime runs the Gemm
+    as a QGemm with float output: one operator less, and logits as precise as its int32 accumulator.
+    """
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    users = _consumers(graph)
+    changed = False
+    for output in graph.output:
+        dequantize = producers.get(output.name)
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        quantize = producers.get(dequantize.input[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear" or len(users[quantize.output[0]]) != 1:
+            continue
+        gemm = producers.get(quantize.input[0])
+        if gemm is None or gemm.op_type != "Gemm" or len(users[gemm.output[0]]) != 1:
+            continue
+        gemm.output[0] = output.name
+        graph.node.remove(quantize)
+        graph.node.remove(dequantize)
+        changed = True
+    if changed:
+        _drop_unused_initializers(graph)
+    return changed
 
 
 def _fold_normalisation_into_input_quantisation(model: Any) -> bool:

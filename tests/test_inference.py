@@ -265,14 +265,14 @@ def test_int8_preparation_pads_the_first_conv_exactly(seed_onnx, tmp_path):
     assert np.abs(after - before).max() < 1e-5
 
 
-def test_int8_preparation_runs_the_linear_head_as_1x1_convs_exactly(seed_onnx, tmp_path):
-    # (B, 64, 1, 1) -> Flatten -> Gemm -> Relu -> Gemm becomes Conv1x1 -> Relu -> Conv1x1 -> Transpose -> Flatten.
+def test_int8_preparation_runs_the_linear_head_in_nhwc_exactly(seed_onnx, tmp_path):
+    # (B, 64, 1, 1) -> Flatten -> Gemm -> Relu -> Gemm becomes Conv1x1 -> Relu -> Transpose -> Flatten -> Gemm.
     model, path = seed_onnx
     graph = onnx.load(str(path))
-    assert inference._linear_head_as_pointwise_convs(graph) == 2
+    assert inference._linear_head_as_pointwise_convs(graph) == 1
     ops = [n.op_type for n in graph.graph.node]
-    assert "Gemm" not in ops and "Reshape" not in ops
-    assert ops[-5:] == ["Conv", "Relu", "Conv", "Transpose", "Flatten"]
+    assert ops.count("Gemm") == 1 and "Reshape" not in ops
+    assert ops[-5:] == ["Conv", "Relu", "Transpose", "Flatten", "Gemm"]
     onnx.save(graph, str(tmp_path / "head.onnx"))
     for batch_size in (1, 5):
         images = np.random.default_rng(batch_size).random((batch_size, 3, 32, 32), dtype=np.float32)
@@ -282,20 +282,24 @@ def test_int8_preparation_runs_the_linear_head_as_1x1_convs_exactly(seed_onnx, t
         assert np.abs(after - before).max() < 1e-5
 
 
-def test_int8_seed_runs_nhwc_from_the_first_conv_to_the_logits(seed_onnx, tmp_path):
-    # After ONNX Runtime's layout pass the int8 seed has one Transpose (the image to NHWC) and no
-    # QGemm: the head's explicit NHWC Transpose cancelled the one the runtime would add.
+def test_int8_seed_runs_nhwc_from_the_first_conv_to_float_logits(seed_onnx, tmp_path):
+    # After ONNX Runtime's layout pass the int8 seed has one Transpose (the image to NHWC): the head's
+    # explicit NHWC Transpose cancelled the one the runtime would add. It ends in a QGemm that writes
+    # the logits in float: no DequantizeLinear, and more than the 256 values 8-bit logits could take.
     import onnxruntime as ort
 
     _, path = seed_onnx
     calibration = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
     int8 = inference.quantize_int8(path, tmp_path / "model.int8.onnx", calibration)
+    assert [n.op_type for n in onnx.load(str(int8)).graph.node][-1] == "Gemm"
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
     options.log_severity_level = 3
     ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
-    assert ops.count("Transpose") == 1 and "QGemm" not in ops
+    assert ops.count("Transpose") == 1 and ops[-2:] == ["Flatten", "QGemm"] and "DequantizeLinear" not in ops
+    logits = inference.onnx_session(int8, 1).run(None, {"images": calibration})[0]  # (64, 10)
+    assert len(np.unique(logits)) > 256
 
 
 @pytest.mark.parametrize(("mean", "std"), [(0.5, 0.5), (0.25, 0.2)])
@@ -341,22 +345,34 @@ def test_int8_keeps_a_normalisation_it_cannot_fold(tmp_path):
     assert check.top1_agreement >= 0.9
 
 
-def _linear_head(trans_b=1, bias_shape=(4,), shared_weight=False):
-    """(B, 8, 1, 1) -> Flatten -> Gemm(W, b) [+ the same W in a second Gemm] as an ONNX model."""
+def _linear_head(trans_b=1, bias_shape=(4,), shared_weight=False, layers=2):
+    """(B, 8, 1, 1) -> Flatten -> Gemm(W, b) [-> Relu -> Gemm(W2, b2)] as an ONNX model; with
+    ``shared_weight`` another node reads W too."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((4, 8) if trans_b else (8, 4)).astype(np.float32)
     nodes = [helper.make_node("Flatten", ["x"], ["flat"], axis=1),
-             helper.make_node("Gemm", ["flat", "w", "b"], ["y"], transB=trans_b)]
+             helper.make_node("Gemm", ["flat", "w", "b"], ["h"], transB=trans_b)]
+    initializers = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.ones(bias_shape, np.float32), "b")]
+    if layers == 2:
+        nodes += [helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)]
+        initializers += [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w2"),
+                         numpy_helper.from_array(np.zeros(3, np.float32), "b2")]
+    outputs = [helper.make_tensor_value_info("y" if layers == 2 else "h", TensorProto.FLOAT, ["batch", 3 if layers == 2 else 4])]
     if shared_weight:
-        nodes += [helper.make_node("Gemm", ["flat", "w", "b"], ["y2"], transB=trans_b),
-                  helper.make_node("Add", ["y", "y2"], ["out"])]
+        nodes.append(helper.make_node("Identity", ["w"], ["w_copy"]))
+        outputs.append(helper.make_tensor_value_info("w_copy", TensorProto.FLOAT, list(weight.shape)))
     graph = helper.make_graph(
-        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 1, 1])],
-        [helper.make_tensor_value_info("out" if shared_weight else "y", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.ones(bias_shape, np.float32), "b")])
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 1, 1])], outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run_onnx(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
 
 
 @pytest.mark.parametrize(("head", "moved"), [
@@ -367,8 +383,21 @@ def _linear_head(trans_b=1, bias_shape=(4,), shared_weight=False):
 ])
 def test_linear_head_rewrite_takes_only_plain_linear_layers(head, moved):
     model = _linear_head(**head)
+    x = np.random.default_rng(1).standard_normal((2, 8, 1, 1)).astype(np.float32)
+    before = _run_onnx(model, x)
     assert inference._linear_head_as_pointwise_convs(model) == moved
-    assert ("Gemm" in [n.op_type for n in model.graph.node]) == (moved == 0)
+    assert [n.op_type for n in model.graph.node].count("Gemm") == 2 - moved
+    assert np.abs(_run_onnx(model, x) - before).max() < 1e-5
+
+
+def test_a_one_layer_head_becomes_a_1x1_conv():
+    # Its pooled input then stays int8 (a conv reads it); its logits stay 8-bit.
+    model = _linear_head(layers=1)
+    x = np.random.default_rng(1).standard_normal((2, 8, 1, 1)).astype(np.float32)
+    before = _run_onnx(model, x)
+    assert inference._linear_head_as_pointwise_convs(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Conv", "Transpose", "Flatten"]
+    assert np.abs(_run_onnx(model, x) - before).max() < 1e-5
 
 
 def test_relu_runs_before_max_pool_in_the_onnx_file(seed_onnx):
