@@ -356,12 +356,17 @@ def export_onnx(model: nn.Module, path: Path) -> Path:
     except Exception as error:
         raise ExportError(f"cannot export the model to ONNX: {first_line(error)}") from None
     log.debug("torch.onnx: %s", chatter.getvalue().strip())
-    _move_relu_before_max_pool(path)
+    import onnx
+
+    graph = onnx.load(str(path))
+    if _move_relu_before_max_pool(graph) + _trim_padding_no_pool_reads(graph):
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(path))
     return path
 
 
-def _move_relu_before_max_pool(path: Path) -> int:
-    """Rewrite every MaxPool -> Relu of the ONNX file as Relu -> MaxPool; returns how many.
+def _move_relu_before_max_pool(model: Any) -> int:
+    """Rewrite every MaxPool -> Relu of the ONNX model as Relu -> MaxPool; returns how many.
 
     Both orders compute the same values (ReLU is monotonic, so it commutes with max). PyTorch
     trains faster pooling first (ReLU on fewer elements), but ONNX Runtime fuses a Conv -> Relu
@@ -370,9 +375,6 @@ def _move_relu_before_max_pool(path: Path) -> int:
     the pool makes the quantiser give the pool's input and output different scales, so the pool
     falls back to dequantise -> fp32 MaxPool -> quantise.
     """
-    import onnx
-
-    model = onnx.load(str(path))
     graph = model.graph
     nodes = list(graph.node)
     graph_outputs = {output.name for output in graph.output}
@@ -394,9 +396,60 @@ def _move_relu_before_max_pool(path: Path) -> int:
     if moved:
         del graph.node[:]
         graph.node.extend(nodes)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(path))
     return moved
+
+
+def _trim_padding_no_pool_reads(model: Any) -> int:
+    """Drop the end padding of a Conv whose extra output rows/columns its MaxPool never reads.
+
+    A MaxPool with stride = kernel k and no padding reads the first ``floor(O / k) * k`` of the
+    conv's ``O`` output rows: the seed's MaxPool2d(3) reads 30 of conv1's 32 and 9 of conv2's 10.
+    Taking up to ``O mod k`` off the conv's bottom/right zero padding computes fewer of the unread
+    rows (31 and 9 here) and changes no value the pool sees (the seed: 5.86 -> 5.05 M MACs per
+    image). Handles ``Conv [-> Relu] -> MaxPool`` with nothing else reading the conv; returns how many
+    convs changed.
+    """
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {info.name: [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+              for info in inferred.value_info}
+    users = _consumers(graph)
+    graph_outputs = {output.name for output in graph.output}
+
+    def attribute(node: Any, name: str, default: Any) -> Any:
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+    def only_user(name: str) -> Any | None:
+        return users[name][0] if name not in graph_outputs and len(users.get(name, [])) == 1 else None
+
+    trimmed = 0
+    for conv in graph.node:
+        shape = shapes.get(conv.output[0]) if conv.op_type == "Conv" else None
+        pool = only_user(conv.output[0]) if shape else None
+        if pool is not None and pool.op_type == "Relu":
+            pool = only_user(pool.output[0])
+        if pool is None or pool.op_type != "MaxPool" or len(shape) != 4 or None in shape[2:]:
+            continue
+        kernel = attribute(pool, "kernel_shape", [])
+        pads = list(attribute(conv, "pads", [0, 0, 0, 0]))
+        if (len(kernel) != 2 or attribute(pool, "strides", kernel) != kernel or any(attribute(pool, "pads", []))
+                or attribute(pool, "ceil_mode", 0) or any(d != 1 for d in attribute(pool, "dilations", [1, 1]))
+                or attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or len(pads) != 4):
+            continue
+        unread = [min(pads[2 + axis], shape[2 + axis] % kernel[axis]) for axis in range(2)]  # rows, columns
+        if not any(unread):
+            continue
+        pads[2], pads[3] = pads[2] - unread[0], pads[3] - unread[1]
+        for old in [a for a in conv.attribute if a.name == "pads"]:
+            conv.attribute.remove(old)
+        conv.attribute.append(helper.make_attribute("pads", pads))
+        for info in [info for info in graph.value_info if info.name == conv.output[0]]:
+            graph.value_info.remove(info)  # it records the old shape
+        trimmed += 1
+    return trimmed
 
 
 def calibration_images(train: ImageSet, count: int, seed: int = 0) -> np.ndarray:

@@ -408,6 +408,53 @@ def test_relu_runs_before_max_pool_in_the_onnx_file(seed_onnx):
     assert [ops[i + 1] for i, op in enumerate(ops) if op == "Conv"] == ["Relu"] * 3
 
 
+def test_onnx_convs_skip_the_rows_their_pool_never_reads(seed_onnx):
+    # MaxPool2d(3) reads rows 0-29 of conv1's 32 and 0-8 of conv2's 10: one row and column less of
+    # end padding computes 31 and 9 (the values the pool reads are the same); conv3's 3 are all read.
+    model, path = seed_onnx
+    convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    assert [list(next(a.ints for a in n.attribute if a.name == "pads")) for n in convs] == [
+        [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    images = torch.rand(3, 3, 32, 32)
+    onnx_logits = inference.onnx_session(path, 1).run(None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(onnx_logits - model(images).numpy()).max() < 1e-5
+
+
+class _ConvPool(torch.nn.Module):
+    def __init__(self, pool: torch.nn.Module, side_branch: bool = False) -> None:
+        super().__init__()
+        self.conv, self.pool, self.side_branch = torch.nn.Conv2d(3, 4, 3, padding=1), pool, side_branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)  # (B, 4, 7, 7)
+        pooled = self.pool(y).flatten(1)
+        return torch.cat([pooled, y.mean((2, 3))], 1) if self.side_branch else pooled
+
+
+@pytest.mark.parametrize(("pool", "side_branch", "end_pads"), [
+    (torch.nn.MaxPool2d(2), False, [0, 0]),  # reads 6 of 7 rows
+    (torch.nn.MaxPool2d(2, stride=1), False, [1, 1]),  # overlapping windows read every row
+    (torch.nn.MaxPool2d(2, padding=1), False, [1, 1]),
+    (torch.nn.MaxPool2d(2), True, [1, 1]),  # another node reads every row
+    (torch.nn.MaxPool2d(7), False, [1, 1]),  # 7 mod 7 = 0: reads all
+])
+def test_conv_padding_trim_only_where_no_value_changes(pool, side_branch, end_pads, tmp_path):
+    torch.manual_seed(0)
+    model = _ConvPool(pool, side_branch).eval()
+    x = torch.rand(2, 3, 7, 7)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=True, input_names=["images"])
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    inference._trim_padding_no_pool_reads(graph)
+    conv = next(n for n in graph.graph.node if n.op_type == "Conv")
+    assert list(next(a.ints for a in conv.attribute if a.name == "pads"))[2:] == end_pads
+    onnx.save(graph, str(tmp_path / "trimmed.onnx"))
+    out = inference.onnx_session(tmp_path / "trimmed.onnx", 1).run(None, {"images": x.numpy()})[0]
+    assert np.abs(out - expected).max() < 1e-5
+
+
 class _TwoPooledBranches(torch.nn.Module):
     """conv -> (MaxPool -> ReLU, MaxPool -> ReLU) -> concat: two pools read one tensor."""
 
