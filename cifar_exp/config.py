@@ -244,7 +244,8 @@ class TuneConfig:
     )
     storage: str | None = option(
         None, "Optuna storage URL (sqlite:///..., postgresql://user:pass@host/db, ...) or a journal "
-        "file path (default or empty: sqlite:///<tracking store folder>/mlruns/optuna.db).",
+        "file path, in a folder that exists (default or empty: sqlite:///<tracking store "
+        "folder>/mlruns/optuna.db).",
     )
     sampler: str = option("tpe", "Search strategy.", SAMPLERS)
     pruner: str = option("median", "Stops hopeless trials early on validation accuracy.", PRUNERS)
@@ -263,7 +264,8 @@ class TuneConfig:
     prune_warmup_epochs: int = option(1, "Epochs every trial trains before it can be pruned.")
     heartbeat_interval: int = option(
         30, "Seconds between a running trial's heartbeats on a database storage; a trial silent for "
-        "2x as long (its worker died) is failed and retried once by the next worker.",
+        "2x as long (its worker died) is failed and retried once by the next worker. (A journal file "
+        "has none: a new worker fails the trials of this machine's dead worker processes.)",
     )
     retrain_best: bool = option(
         False, "After the search, train the best trial's lr/decay with the full `train` pipeline "

@@ -15,7 +15,8 @@ Studies live in an Optuna storage: by default a SQLite file ``mlruns/optuna.db``
 tracking store (fine for one process at a time); ``--storage postgresql://...`` lets N workers on N
 machines share one study (same ``--study-name``). On a database storage every running trial sends
 heartbeats; the trial of a worker that died (SIGKILL, lost machine) is marked FAIL by the next
-worker that starts a trial, and its parameters are retried once.
+worker that starts a trial, and its parameters are retried once. A journal file has no heartbeats:
+a new worker does the same for the trials of this machine's workers whose process is gone.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+import sqlalchemy.engine  # noqa: E402
 import sqlalchemy.exc  # noqa: E402
 import torch  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
@@ -181,11 +183,12 @@ def tune(
     study_name = tune_cfg.study_name or default_study_name(cfg, tune_cfg)
     storage_url = tune_cfg.storage or default_storage()
     shown_url = tracking.hide_password(storage_url)
-    check_storage(storage_url, tune_cfg.heartbeat_interval)  # before the data: loading it can take minutes
+    check_storage(storage_url, tune_cfg.heartbeat_interval, default=not tune_cfg.storage)  # before the data
     splits = load_splits(cfg.data)  # once: every trial trains on the same tensors
     teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)  # once, for every trial
     # After the data and teachers: a study is created (with its settings) only for input that works.
     study = open_study(cfg, tune_cfg, study_name, storage_url)
+    fail_trials_of_dead_workers(study, storage_url)
 
     before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     if tune_cfg.baseline:
@@ -211,8 +214,10 @@ def tune(
     ran: list[TrialSummary] = []
     run_name = cfg.tracking.run_name or f"tune-{study_name}"
     with tracking.start_run(cfg.tracking.experiment_name, run_name, tags=parent_tags) as run_id:
-        tracking.log_params({**cfg.flat(), **{f"tune.{k}": v for k, v in dataclasses.asdict(tune_cfg).items()
-                                              if k != "storage"}})
+        tune_params = {k: v for k, v in dataclasses.asdict(tune_cfg).items() if k != "storage"}
+        if tune_cfg.multi_objective:
+            tune_params["pruner"] = "none"  # Optuna cannot prune multi-objective trials
+        tracking.log_params({**cfg.flat(), **{f"tune.{k}": v for k, v in tune_params.items()}})
         tracking.log_datasets({"train": splits.train, "val": splits.val}, splits.source)
         report(f"study {study_name} on {shown_url}: {tune_cfg.n_trials} trials of {cfg.train.epochs} "
                f"epochs; {before} finished trials in the study before this run")
@@ -389,7 +394,7 @@ class _Objective:
                 trial.set_user_attr("epochs", stats.epoch)
                 return
             trial.report(stats.val_accuracy, stats.epoch)
-        if trial.should_prune():
+        if stats.epoch < self.cfg.train.epochs and trial.should_prune():  # a finished trial has its value
             raise optuna.TrialPruned(
                 f"pruned after epoch {stats.epoch}: {OBJECTIVE} {stats.val_accuracy:.4f}"
             )
@@ -415,15 +420,31 @@ def default_storage() -> str:
     return f"sqlite:///{path}"
 
 
-def check_storage(storage_url: str, heartbeat_interval: int) -> None:
-    """Connect to an Optuna database server (a new database gets its tables, not a study) or fail in one line.
+def check_storage(storage_url: str, heartbeat_interval: int, *, default: bool = False) -> None:
+    """Fail in one line, before the data loads, on a storage that cannot be used.
 
-    Done before the data loads, since a server may be out of reach. A local file (SQLite, journal)
-    is opened by ``open_study`` only, which creates the study once the data and the teachers have
-    loaded, so that refused input leaves no new file behind.
+    A database server is connected to (a new database gets its tables, not a study): it may be out
+    of reach. A URL's database driver must exist, and a storage file's folder must exist and be
+    writable, unless it is the ``default`` storage, whose folder is made. A local file (SQLite,
+    journal) is opened by ``open_study`` only, which creates the study once the data and the
+    teachers have loaded, so that refused input leaves no new file behind.
     """
     if _is_database_server(storage_url):
         _with_storage_retries(storage_url, lambda: _storage(storage_url, heartbeat_interval))
+        return
+    if "://" in storage_url:
+        try:
+            sqlalchemy.engine.make_url(storage_url).get_dialect()
+        except Exception as error:  # an unknown scheme or driver
+            raise _unusable(storage_url, error) from None
+    path = _storage_file(storage_url)
+    if path is None or default:
+        return
+    if not path.parent.is_dir():
+        problem = "is not a folder" if path.parent.exists() else "does not exist"
+        raise StorageError(f"Optuna storage {storage_url} cannot be used: {path.parent} {problem}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StorageError(f"Optuna storage {storage_url} cannot be used: {path.parent} is not writable")
 
 
 def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str) -> optuna.Study:
@@ -433,7 +454,8 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
 
     def create() -> tuple[optuna.Study, int]:
         study = optuna.create_study(
-            storage=_storage(storage_url, tune_cfg.heartbeat_interval), study_name=study_name,
+            storage=_storage(storage_url, tune_cfg.heartbeat_interval, make_folder=not tune_cfg.storage),
+            study_name=study_name,
             directions=wanted, load_if_exists=True, pruner=_pruner(tune_cfg, cfg.train.epochs),
         )
         return study, len(study.get_trials(deepcopy=False))
@@ -549,10 +571,21 @@ def _is_database_server(storage_url: str) -> bool:
     return storage_url.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql")
 
 
-def _storage(url: str, heartbeat_interval: int) -> optuna.storages.BaseStorage:
-    if "://" not in url:  # a journal file, as optuna-dashboard also reads them
-        path = Path(url).expanduser()
+def _storage_file(url: str) -> Path | None:
+    """The file of a local storage: a journal file path, or a SQLite URL's database file."""
+    if "://" not in url:
+        return Path(url).expanduser()
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url[len("sqlite:///"):]).expanduser()
+    return None
+
+
+def _storage(url: str, heartbeat_interval: int, make_folder: bool = False) -> optuna.storages.BaseStorage:
+    """The Optuna storage at ``url``; ``make_folder`` creates its file's folder (the default storage's)."""
+    path = _storage_file(url)
+    if make_folder and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if "://" not in url:  # a journal file, as optuna-dashboard also reads them
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgresql://"):
@@ -560,8 +593,6 @@ def _storage(url: str, heartbeat_interval: int) -> optuna.storages.BaseStorage:
         url = "postgresql+psycopg2://" + url[len("postgresql://"):]
     if url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
@@ -576,24 +607,62 @@ with warnings.catch_warnings():
     _retry_stale_trial = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 
-def _stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """A trial whose worker died (no heartbeat): Optuna marked it FAIL; run it again, once.
+def fail_trials_of_dead_workers(study: optuna.Study, storage_url: str) -> list[int]:
+    """On a journal file, fail (and retry once) the RUNNING trials of this machine's dead workers.
+
+    Journal storages have no heartbeats: a worker killed without a word (SIGKILL, out of memory)
+    would leave its trial RUNNING for good, and a baseline it ran would never run again. Each trial
+    records its worker as ``host:pid``; a trial of this host whose process is gone is marked FAIL and
+    handled like a stale trial on a database (``_stale_trial``). Workers on other machines cannot be
+    checked from here. Returns the trial numbers failed.
+    """
+    if "://" in storage_url:
+        return []  # a database storage: Optuna's heartbeats find them
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if host != os.uname().nodename or not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        try:
+            with deferred():
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker starting now got to it first
+        _stale_trial(study, trial, why=f"process {pid} is gone")
+        failed.append(trial.number)
+    return failed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, run by another user
+    return True
+
+
+def _stale_trial(study: optuna.Study, trial: FrozenTrial, why: str = "no heartbeat") -> None:
+    """A trial whose worker died: Optuna (or ``fail_trials_of_dead_workers``) marked it FAIL; run it
+    again, once.
 
     Its MLflow run and the dead worker's parent run are closed as KILLED instead of staying RUNNING.
     """
-    _retry_stale_trial(study, trial)
+    with deferred():
+        _retry_stale_trial(study, trial)
     closed = []
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id:
         try:
             closed = tracking.kill_stale_run(
-                run_id, tags={"optuna_state": "FAIL", "optuna_reason": "worker lost (no heartbeat)"}
+                run_id, tags={"optuna_state": "FAIL", "optuna_reason": f"worker lost ({why})"}
             )
         except Exception as error:  # the tracking store of a dead worker may be out of reach
             log.warning("could not close MLflow run %s of stale trial %d: %s", run_id, trial.number,
                         first_line(error))
-    log.warning("trial %d of study %s lost its worker (no heartbeat): marked FAIL and queued again%s",
-                trial.number, study.study_name, f"; MLflow runs {', '.join(closed)} closed as KILLED"
+    log.warning("trial %d of study %s lost its worker (%s): marked FAIL and queued again%s",
+                trial.number, study.study_name, why, f"; MLflow runs {', '.join(closed)} closed as KILLED"
                 if closed else "")
 
 

@@ -148,6 +148,19 @@ def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp
     assert client.get_run(outcome.run_id).data.metrics["trials_pruned"] == 1
 
 
+def test_a_trial_is_not_pruned_after_its_last_epoch(tiny_data, tracking_store, cache_dir, tmp_path):
+    # Pruning then saves nothing and would throw the trained trial's value away.
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="last", storage=storage, direction="maximize")
+    for lr in (0.08, 0.12, 1e-5):  # the last one learns nothing: the median pruner's pick at any epoch
+        study.enqueue_trial({"lr": lr, "lr_decay": 0.95})
+    tune_cfg = TuneConfig(n_trials=3, study_name="last", storage=storage, sampler="random", lr_min=1e-5,
+                          pruner="median", prune_startup_trials=2, prune_warmup_epochs=0, baseline=False)
+    outcome = tune(tiny_config(tiny_data, cache_dir, epochs=1), tune_cfg, report=lambda line: None)
+    assert [t.state for t in outcome.trials] == ["COMPLETE"] * 3
+    assert outcome.trials[2].value < outcome.trials[0].value
+
+
 def test_nan_trial_fails_cleanly_and_the_study_goes_on(tiny_data, tracking_store, cache_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="nan", storage=storage, direction="maximize")
@@ -273,27 +286,28 @@ def test_the_study_run_counts_the_parameters_of_the_datasets_classes(tiny_data, 
     assert parent.data.tags["parameter_count"] == str(count_parameters(build_model("seed", 3)))  # not 10 outputs
 
 
-def test_an_unusable_storage_server_is_reported_before_the_data_loads(tiny_data, tracking_store, cache_dir,
-                                                                      tmp_path, monkeypatch):
+def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracking_store, cache_dir,
+                                                              tmp_path, monkeypatch):
     from cifar_exp import tune as tune_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the data was loaded before the storage was checked")
 
-    with monkeypatch.context() as patched:
-        patched.setattr(tune_module, "load_splits", no_loading)
-        result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS,
-                         "--storage", "postgresql://who:secret@127.0.0.1:9/db")
-    assert result.exit_code == 1 and "Error: Optuna storage postgresql://who:***@127.0.0.1:9/db cannot be used: " \
-        in result.output, result.output
-    # A local file is opened once the data has loaded (so refused input leaves no new file behind).
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS,
-                     "--storage", f"sqlite:///{blocker}/optuna.db")
-    assert result.exit_code == 1 and f"Error: Optuna storage sqlite:///{blocker}/optuna.db cannot be used: " \
-        in result.output, result.output
-    assert all_runs() == []
+    monkeypatch.setattr(tune_module, "load_splits", no_loading)
+    for storage, problem in [
+        ("postgresql://who:secret@127.0.0.1:9/db", ""),  # nothing listens on port 9
+        ("foo://bar", "Can't load plugin: sqlalchemy.dialects:foo"),
+        (f"sqlite:///{blocker}/optuna.db", f"{blocker} is not a folder"),
+        (f"sqlite:///{tmp_path}/typo/optuna.db", f"{tmp_path}/typo does not exist"),
+        (f"{tmp_path}/typo/journal.log", f"{tmp_path}/typo does not exist"),  # a journal file
+    ]:
+        result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--storage", storage)
+        shown = storage.replace("secret", "***")
+        assert result.exit_code == 1 and f"Error: Optuna storage {shown} cannot be used: {problem}" \
+            in result.output, result.output
+    assert all_runs() == [] and not (tmp_path / "typo").exists()
 
 
 def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tracking_store, cache_dir, tmp_path):
@@ -578,21 +592,25 @@ def test_grid_sampler_and_hyperband(tiny_data, tracking_store, cache_dir):
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_store, cache_dir, tmp_path):
-    """SIGKILL: no handler runs. The next worker finds the trial's heartbeat stale, fails and retries it."""
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
+@pytest.mark.parametrize("journal", [False, True])
+def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_store, cache_dir, tmp_path, journal):
+    """SIGKILL: no handler runs. The next worker finds the trial's heartbeat stale (a database) or its
+    process gone (a journal file, which has no heartbeats), fails and retries it."""
+    storage = str(tmp_path / "study.log") if journal else f"sqlite:///{tmp_path / 'study.db'}"
     common = ["--data-dir", tiny_data, "--cache-dir", cache_dir, "--val-size", "50", "--batch-size", "32",
               "--storage", storage, "--study-name", "killed", "--heartbeat-interval", "1", "--pruner", "none"]
     # 10 epochs: the killed worker is many epochs from done; the next one trains them all.
     common += ["--epochs", "10", "--n-trials", "1"]
     signal_cli_mid_training(["tune", *common], epochs=10, sig=signal.SIGKILL)  # mid first trial
-    study = optuna.load_study(study_name="killed", storage=storage)
+    study = optuna.load_study(study_name="killed", storage=_optuna_storage(storage))
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
-    time.sleep(3)  # > 2 heartbeat intervals
+    dead_pid = study.trials[0].user_attrs["worker"].rpartition(":")[2]
+    if not journal:
+        time.sleep(3)  # > 2 heartbeat intervals
 
     result = run_cli("tune", *common)
     assert result.exit_code == 0, result.output
-    study = optuna.load_study(study_name="killed", storage=storage)
+    study = optuna.load_study(study_name="killed", storage=_optuna_storage(storage))
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[1].system_attrs["failed_trial"] == 0  # the dead worker's trial, run again
     assert study.trials[1].params == study.trials[0].params
@@ -602,7 +620,45 @@ def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_s
     assert sorted(r.info.run_name for r in dead) == ["trial-0", "tune-killed"]
     trial_run = next(r for r in dead if r.info.run_name == "trial-0")
     assert trial_run.data.tags["optuna_state"] == "FAIL"
-    assert trial_run.data.tags["optuna_reason"] == "worker lost (no heartbeat)"
+    assert trial_run.data.tags["optuna_reason"] == (
+        f"worker lost (process {dead_pid} is gone)" if journal else "worker lost (no heartbeat)")
+
+
+def _optuna_storage(storage):
+    if "://" in storage:
+        return storage
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+
+
+def test_only_trials_of_dead_workers_on_this_machine_are_failed(tracking_store, tmp_path):
+    from cifar_exp import tracking
+    from cifar_exp.tune import fail_trials_of_dead_workers
+
+    storage = str(tmp_path / "study.log")
+    study = optuna.create_study(study_name="workers", storage=_optuna_storage(storage), direction="maximize")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a process id no process has now
+    host = os.uname().nodename
+    workers = {"dead here": f"{host}:{gone}", "alive here": f"{host}:{os.getpid()}", "elsewhere": f"other-host:{gone}"}
+    run_ids = {}
+    for name, worker in workers.items():
+        trial = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.5)})
+        trial.set_user_attr("worker", worker)
+        with tracking.start_run("tests", name) as run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            run_ids[name] = run_id
+    client = MlflowClient()
+    for run_id in run_ids.values():  # the runs as their workers left them: RUNNING
+        client.update_run(run_id, status="RUNNING")
+
+    assert fail_trials_of_dead_workers(study, storage) == [0]
+    assert fail_trials_of_dead_workers(study, storage) == []  # done once
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING, TrialState.WAITING]
+    assert trials[3].params == trials[0].params  # queued again
+    statuses = {name: client.get_run(run_id).info.status for name, run_id in run_ids.items()}
+    assert statuses == {"dead here": "KILLED", "alive here": "RUNNING", "elsewhere": "RUNNING"}
+    assert fail_trials_of_dead_workers(study, f"sqlite:///{tmp_path / 'db'}") == []  # databases have heartbeats
 
 
 @pytest.mark.slow
