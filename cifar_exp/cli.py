@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import signal
 import sys
 import typing
 from collections.abc import Callable, Iterable
@@ -102,7 +103,11 @@ def _explicit_options(options: dict[str, Any]) -> set[str]:
 
 
 def reports_errors(command: Callable) -> Callable:
-    """Turn the project's errors into click's one-line ``Error: ...`` and a non-zero exit."""
+    """Turn the project's errors into click's one-line ``Error: ...`` and a non-zero exit.
+
+    An interrupt (Ctrl-C, SIGTERM) exits as shells report a process killed by that signal: status
+    128 + its number (130, 143), after one line saying so.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -110,6 +115,10 @@ def reports_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except CifarExpError as error:
             raise click.ClickException(str(error)) from None
+        except KeyboardInterrupt as interrupt:
+            signum = getattr(interrupt, "signum", signal.SIGINT)
+            click.echo(f"Aborted: {signal.Signals(signum).name}.", err=True)
+            raise click.exceptions.Exit(128 + signum) from None
 
     return wrapper
 

@@ -23,6 +23,14 @@ _depth = 0  # how many deferred() blocks the main thread is inside
 _pending: int | None = None  # a signal that arrived inside one, raised when the outermost ends
 
 
+class Interrupted(KeyboardInterrupt):
+    """The ``KeyboardInterrupt`` a signal raises; ``signum`` says which (the exit status: 128 + it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def install_handlers() -> None:
     """Make SIGINT (Ctrl-C) and SIGTERM raise ``KeyboardInterrupt``, deferred inside ``deferred()``.
 
@@ -40,7 +48,7 @@ def _interrupt(signum: int, frame: Any) -> None:
         _pending = signum
         return
     _pending = None  # raised now: no deferred block may raise it again
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    raise Interrupted(signum)
 
 
 @contextlib.contextmanager
@@ -59,4 +67,4 @@ def deferred() -> Iterator[None]:
         _depth -= 1
         if _depth == 0 and _pending is not None:
             signum, _pending = _pending, None
-            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+            raise Interrupted(signum)

@@ -920,12 +920,23 @@ def _plot_scatter(study: optuna.Study, bounds: tuple[tuple[float, float], tuple[
 
 @contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    """Optuna's own INFO lines repeat ours; its warnings stay."""
+    """Optuna's own INFO lines repeat ours; its warnings stay, but for a trial stopped by an interrupt.
+
+    Optuna logs that trial as failed, with the ``KeyboardInterrupt``'s traceback: the trial's run and
+    user attributes record it as interrupted, and the CLI says so in one line.
+    """
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial_failures = logging.getLogger("optuna.study._optimize")
+    trial_failures.addFilter(_not_an_interrupt)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             yield
     finally:
+        trial_failures.removeFilter(_not_an_interrupt)
         optuna.logging.set_verbosity(verbosity)
+
+
+def _not_an_interrupt(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))

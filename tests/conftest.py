@@ -44,8 +44,11 @@ def write_image_folder(root: Path, train_per_class: int = TRAIN_PER_CLASS,
     return root
 
 
-def signal_cli_mid_training(args: list[str], epochs: int, sig: signal.Signals) -> int:
-    """Run ``python -m cifar_exp *args``, send ``sig`` once its ``epoch 1/<epochs>`` line is out; exit code."""
+def signal_cli_mid_training(args: list[str], epochs: int, sig: signal.Signals) -> tuple[int, str]:
+    """Run ``python -m cifar_exp *args``, send ``sig`` once its ``epoch 1/<epochs>`` line is out.
+
+    Returns the exit status and what the process wrote (stdout and stderr) after the signal.
+    """
     process = subprocess.Popen([sys.executable, "-m", "cifar_exp", *map(str, args)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -53,7 +56,8 @@ def signal_cli_mid_training(args: list[str], epochs: int, sig: signal.Signals) -
             if line.startswith(f"epoch 1/{epochs}"):
                 break
         process.send_signal(sig)
-        return process.wait(timeout=60)
+        rest = process.communicate(timeout=60)[0]
+        return process.returncode, rest
     finally:
         process.kill()
 

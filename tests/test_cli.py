@@ -177,11 +177,11 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
 
 @pytest.mark.slow
 def test_terminated_training_is_marked_killed(tiny_data, tracking_store, cache_dir):
-    returncode = signal_cli_mid_training(
+    returncode, output = signal_cli_mid_training(
         ["train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--epochs", 500, "--val-size", 50],
         epochs=500, sig=signal.SIGTERM,
     )
-    assert returncode != 0
+    assert returncode == 128 + signal.SIGTERM and output.strip().endswith("Aborted: SIGTERM."), output
     assert [r.info.status for r in all_runs()] == ["KILLED"]
 
 

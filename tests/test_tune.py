@@ -161,6 +161,19 @@ def test_a_trial_is_not_pruned_after_its_last_epoch(tiny_data, tracking_store, c
     assert outcome.trials[2].value < outcome.trials[0].value
 
 
+def test_ctrl_c_ends_a_study_in_one_line_with_status_130(tiny_data, cache_dir, tmp_path):
+    # Optuna would log the interrupted trial as failed, with the KeyboardInterrupt's traceback.
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    returncode, output = signal_cli_mid_training(
+        ["tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--val-size", 50, "--batch-size", 32,
+         "--epochs", 500, "--n-trials", 1, "--storage", storage], epochs=500, sig=signal.SIGINT)
+    assert returncode == 130, output
+    assert "Traceback" not in output and "failed with parameters" not in output, output
+    assert output.strip().endswith("Aborted: SIGINT."), output
+    trial = optuna.load_study(study_name="cifar10-seed-500ep", storage=storage).trials[0]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["reason"] == "interrupted"
+
+
 def test_nan_trial_fails_cleanly_and_the_study_goes_on(tiny_data, tracking_store, cache_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="nan", storage=storage, direction="maximize")
@@ -601,7 +614,8 @@ def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_s
               "--storage", storage, "--study-name", "killed", "--heartbeat-interval", "1", "--pruner", "none"]
     # 10 epochs: the killed worker is many epochs from done; the next one trains them all.
     common += ["--epochs", "10", "--n-trials", "1"]
-    signal_cli_mid_training(["tune", *common], epochs=10, sig=signal.SIGKILL)  # mid first trial
+    returncode, _ = signal_cli_mid_training(["tune", *common], epochs=10, sig=signal.SIGKILL)  # mid first trial
+    assert returncode == -signal.SIGKILL
     study = optuna.load_study(study_name="killed", storage=_optuna_storage(storage))
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
     dead_pid = study.trials[0].user_attrs["worker"].rpartition(":")[2]
