@@ -307,6 +307,9 @@ class TuneConfig:
         _require_at_least(self, 0, "tpe_startup_trials", "prune_startup_trials", "prune_warmup_epochs")
         _require_at_least(self, 1, "heartbeat_interval", note=" second")
         _require_choice(self, "sampler", "pruner", "objectives")
+        for name in ("study_name", "storage"):  # empty: the default; blank: a typo
+            if getattr(self, name):
+                _require_nonempty(self, name)
         self.width_choice_list()
         self.hidden_choice_list()
         _require_at_least(self, 0, "latency_threads", note=" (0: all cores)")

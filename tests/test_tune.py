@@ -273,6 +273,8 @@ def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, trac
      "the baseline trial's hidden size 1024 (model seed) is not among --hidden-choices 128,256"),
     (["--width-choices", "16,x"], "width-choices must be comma-separated positive integers, got '16,x'"),
     (["--latency-threads", "-1"], "latency-threads must be >= 0 (0: all cores), got -1"),
+    (["--study-name", "  "], "study-name must not be empty, got '  '"),
+    (["--storage", " "], "storage must not be empty, got ' '"),
     (["--model", "pico", "--hidden", "128"], "model pico has no hidden layer (--hidden 128)"),
     (["--widths", "32,48"], "widths must be three positive integers, e.g. 32,48,64; got '32,48'"),
     (["--teacher", "runs:/0123456789abcdef/model"], "cannot load model runs:/0123456789abcdef/model"),
