@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHAMPION_METRIC = "val_accuracy"
 VALIDATION_DIGEST = "validation_digest"  # version tag: which images CHAMPION_METRIC was measured on
+PREVIOUS_CHAMPION = "previous_champion"  # version tag: the champion it replaced, restored if it is deleted
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 
@@ -289,6 +290,8 @@ def promote_if_champion(
     else:
         best = float("-inf")
     if val_accuracy > best:
+        if holder is not None:  # what delete_model_version gives the alias back to
+            client.set_model_version_tag(name, str(version), PREVIOUS_CHAMPION, str(holder.version))
         client.set_registered_model_alias(name, CHAMPION, str(version))
         log.info("%s version %s (validation accuracy %.4f) is the new champion", name, version, val_accuracy)
         return True
@@ -298,12 +301,22 @@ def promote_if_champion(
 
 @deferred()
 def delete_model_version(name: str, version: str | int) -> None:
-    """Remove a registered version (of a run that failed after registering it); best effort."""
+    """Remove a registered version (of a run that failed or was interrupted after registering it);
+    best effort. If it had become champion, the alias goes back to the version that held it before."""
+    client = MlflowClient()
     try:
-        MlflowClient().delete_model_version(name, str(version))
-        log.warning("deleted %s version %s: its run failed", name, version)
+        doomed = client.get_model_version(name, str(version))
+        previous = doomed.tags.get(PREVIOUS_CHAMPION)
+        if CHAMPION in doomed.aliases and previous:
+            try:
+                client.set_registered_model_alias(name, CHAMPION, previous)
+                log.warning("%s champion is version %s again", name, previous)
+            except MlflowException:  # that version was deleted since: the alias goes with this one
+                pass
+        client.delete_model_version(name, str(version))
+        log.warning("deleted %s version %s: its run did not finish", name, version)
     except MlflowException as error:
-        log.warning("could not delete %s version %s of a failed run: %s", name, version, error.message)
+        log.warning("could not delete %s version %s of an unfinished run: %s", name, version, error.message)
 
 
 def load_model(model_uri: str) -> nn.Module:

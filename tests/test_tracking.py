@@ -301,3 +301,30 @@ def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(trackin
     client = MlflowClient()
     assert client.get_run(run_id).info.status == "KILLED"
     assert client.search_model_versions("name='interrupted-model'") == []
+
+
+def test_an_interrupt_as_a_version_becomes_champion_gives_the_alias_back(tiny_data, cache_dir, tracking_store,
+                                                                         monkeypatch, project_signal_handlers):
+    import os
+    import signal
+
+    cfg = dataclasses.replace(tiny_config(tiny_data, cache_dir, epochs=1),
+                              tracking=TrackingConfig(experiment_name="tests", registered_model_name="alias"))
+    first = train_and_track(cfg)
+    client = MlflowClient()
+    client.set_model_version_tag("alias", first.model_version, "val_accuracy", "-1")  # any run beats it now
+    set_alias = MlflowClient.set_registered_model_alias
+
+    def set_then_signal(self, *args):  # SIGTERM arrives just as the alias has moved
+        set_alias(self, *args)
+        if str(args[2]) != first.model_version:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", set_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_track(cfg)
+    versions = client.search_model_versions("name='alias'")
+    assert [str(v.version) for v in versions] == [first.model_version]  # the interrupted run's is gone
+    assert str(client.get_model_version_by_alias("alias", "champion").version) == first.model_version
+    experiment_id = client.get_run(first.run_id).info.experiment_id
+    assert sorted(r.info.status for r in client.search_runs([experiment_id])) == ["FINISHED", "KILLED"]
