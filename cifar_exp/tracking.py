@@ -442,11 +442,33 @@ def _record(run: Any) -> RunRecord:
     )
 
 
+UI_STOP_SECONDS = 15  # how long a stopping `mlflow ui` gets to stop its server before it is killed
+
+
 def launch_ui(host: str, port: int) -> int:
-    """Run ``mlflow ui`` on the store this tool logs to; returns its exit code."""
+    """Run ``mlflow ui`` on the store this tool logs to; returns its exit code.
+
+    An interrupt stops it gracefully: ``mlflow ui`` runs its web server as processes of its own, which
+    it stops on Ctrl-C or SIGTERM, but killed outright (as ``subprocess.call`` does on an interrupt)
+    it leaves them serving. A Ctrl-C typed at the terminal reached it too; any other interrupt (a
+    SIGTERM to this process alone) is passed on as SIGTERM.
+    """
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
                "--host", host, "--port", str(port)]
-    return subprocess.call(command)
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        try:
+            process.wait(timeout=1)  # already stopping, if the terminal's Ctrl-C reached it
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(timeout=UI_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        raise
 
 
 def _git_commit() -> str:

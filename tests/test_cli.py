@@ -1,5 +1,6 @@
 """The command line: help, one-line errors for bad input, and no run ever left RUNNING."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -269,3 +270,32 @@ def test_ui_on_a_tracking_server_points_at_the_servers_own_ui(monkeypatch):
     result = run_cli("ui")
     assert result.exit_code == 0 and "open http://tracking.example:5000 in a browser" in result.output
     assert launched == []
+
+
+def test_a_terminated_ui_stops_the_mlflow_server_it_started(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    ui = subprocess.Popen([sys.executable, "-m", "cifar_exp", "ui", "--port", str(port)], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the server answers
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, ui.stdout.read()
+                time.sleep(0.5)
+        ui.send_signal(signal.SIGTERM)  # to cifar-exp alone, not its process group
+        output = ui.communicate(timeout=60)[0]
+        assert ui.returncode == 128 + signal.SIGTERM and "Aborted: SIGTERM." in output, output
+        with pytest.raises(OSError):  # nothing serves the port any more
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ui.pid, signal.SIGKILL)  # whatever is left of its session (MLflow's job consumers)
