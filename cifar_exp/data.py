@@ -91,6 +91,10 @@ def stratified_split(data: ImageSet, val_size: int, seed: int) -> tuple[ImageSet
 
     if val_size >= len(data):
         raise ConfigError(f"val-size {val_size} must be smaller than the {len(data)} training images")
+    classes = len(data.labels.unique())
+    if val_size < classes:
+        raise ConfigError(f"val-size {val_size} must be at least the number of classes ({classes}): "
+                          "a stratified split holds an image of each")
     try:
         train_idx, val_idx = train_test_split(
             np.arange(len(data)),
@@ -98,7 +102,7 @@ def stratified_split(data: ImageSet, val_size: int, seed: int) -> tuple[ImageSet
             stratify=data.labels.numpy(),
             random_state=seed,
         )
-    except ValueError as error:  # e.g. fewer validation images than classes
+    except ValueError as error:  # e.g. a class with a single image
         raise ConfigError(f"cannot carve a stratified val-size of {val_size}: {error}") from None
     train_idx, val_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
     return (

@@ -409,18 +409,12 @@ def _trim_padding_no_pool_reads(model: Any) -> int:
     image). Handles ``Conv [-> Relu] -> MaxPool`` with nothing else reading the conv; returns how many
     convs changed.
     """
-    import onnx
     from onnx import helper
 
     graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    shapes = {info.name: [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
-              for info in inferred.value_info}
+    shapes = _inferred_shapes(model)
     users = _consumers(graph)
     graph_outputs = {output.name for output in graph.output}
-
-    def attribute(node: Any, name: str, default: Any) -> Any:
-        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
     def only_user(name: str) -> Any | None:
         return users[name][0] if name not in graph_outputs and len(users.get(name, [])) == 1 else None
@@ -429,15 +423,19 @@ def _trim_padding_no_pool_reads(model: Any) -> int:
     for conv in graph.node:
         shape = shapes.get(conv.output[0]) if conv.op_type == "Conv" else None
         pool = only_user(conv.output[0]) if shape else None
+        resized = [conv.output[0]]  # the tensors whose recorded shape the trim changes
         if pool is not None and pool.op_type == "Relu":
+            resized.append(pool.output[0])
             pool = only_user(pool.output[0])
         if pool is None or pool.op_type != "MaxPool" or len(shape) != 4 or None in shape[2:]:
             continue
-        kernel = attribute(pool, "kernel_shape", [])
-        pads = list(attribute(conv, "pads", [0, 0, 0, 0]))
-        if (len(kernel) != 2 or attribute(pool, "strides", kernel) != kernel or any(attribute(pool, "pads", []))
-                or attribute(pool, "ceil_mode", 0) or any(d != 1 for d in attribute(pool, "dilations", [1, 1]))
-                or attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or len(pads) != 4):
+        kernel = _attribute(pool, "kernel_shape", [])
+        pads = list(_attribute(conv, "pads", [0, 0, 0, 0]))
+        if (len(kernel) != 2 or list(_attribute(pool, "strides", [1, 1])) != list(kernel)  # ONNX default: 1
+                or any(_attribute(pool, "pads", [])) or _attribute(pool, "ceil_mode", 0) or len(pool.output) != 1
+                or any(d != 1 for d in _attribute(pool, "dilations", [1, 1]))
+                or any(_attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for node in (conv, pool))
+                or len(pads) != 4):
             continue
         unread = [min(pads[2 + axis], shape[2 + axis] % kernel[axis]) for axis in range(2)]  # rows, columns
         if not any(unread):
@@ -446,7 +444,7 @@ def _trim_padding_no_pool_reads(model: Any) -> int:
         for old in [a for a in conv.attribute if a.name == "pads"]:
             conv.attribute.remove(old)
         conv.attribute.append(helper.make_attribute("pads", pads))
-        for info in [info for info in graph.value_info if info.name == conv.output[0]]:
+        for info in [info for info in graph.value_info if info.name in resized]:
             graph.value_info.remove(info)  # it records the old shape
         trimmed += 1
     return trimmed
@@ -469,10 +467,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
     has VNNI); activation ranges come from running ``calibration`` (float (N, 3, 32, 32)) through
     the model (MinMax). Four rewrites cut the operators a batch-1 call pays for: convolutions get
     their input channels padded to a multiple of ``INT8_CHANNEL_GROUP`` (exact: the added channels
-    and weights are zero), a linear head on a 1x1 feature map runs in NHWC with its hidden layers as
-    1x1 convolutions (exact), the last Gemm writes the logits in float instead of 8-bit, and the input
-    normalisation is folded into the input's quantisation (on a grid of its own, as fine as the
-    calibrated one).
+    and weights are zero), a linear head on a 1x1 feature map runs in NHWC with its Gemms as 1x1
+    convolutions (exact) but for the last of a head with hidden layers, which writes the logits in
+    float instead of 8-bit, and the input normalisation is folded into the input's quantisation (on
+    a grid of its own, as fine as the calibrated one).
     """
     import onnx
     from onnxruntime.quantization import (
@@ -566,6 +564,22 @@ def _pad_conv_input_channels(model: Any) -> list[str]:
     return padded
 
 
+def _attribute(node: Any, name: str, default: Any) -> Any:
+    """The value of ONNX ``node``'s attribute ``name``, or ``default`` where it has none."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _inferred_shapes(model: Any) -> dict[str, list[int | None]]:
+    """Tensor name -> its shape by ONNX shape inference (None for a dynamic dimension)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    return {info.name: [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+            for info in [*inferred.value_info, *inferred.input]}
+
+
 def _consumers(graph: Any) -> dict[str, list[Any]]:
     """Tensor name -> the nodes of ``graph`` that read it."""
     users: dict[str, list[Any]] = {}
@@ -611,15 +625,10 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    shapes = {info.name: [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
-              for info in [*inferred.value_info, *inferred.input]}
+    shapes = _inferred_shapes(model)
     users = _consumers(graph)
     graph_outputs = {output.name for output in graph.output}
     weights = {tensor.name: tensor for tensor in graph.initializer}
-
-    def attribute(node: Any, name: str, default: Any) -> Any:
-        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
     def plain_linear(node: Any) -> bool:  # y = x @ W.T + b with constants W (N, C), b (N,), W used once
         weight = weights.get(node.input[1]) if node.op_type == "Gemm" else None
@@ -628,8 +637,8 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
         bias = weights.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if len(node.input) > 2 and node.input[2] and (bias is None or list(bias.dims) != [weight.dims[0]]):
             return False
-        return (attribute(node, "transA", 0) == 0 and attribute(node, "transB", 0) == 1
-                and attribute(node, "alpha", 1.0) == 1.0 and attribute(node, "beta", 1.0) == 1.0)
+        return (_attribute(node, "transA", 0) == 0 and _attribute(node, "transB", 0) == 1
+                and _attribute(node, "alpha", 1.0) == 1.0 and _attribute(node, "beta", 1.0) == 1.0)
 
     replaced: dict[str, list[Any]] = {}  # output of an original node -> the nodes that take its place
     moved = 0

@@ -312,7 +312,8 @@ def delete_model_version(name: str, version: str | int) -> None:
                 client.set_registered_model_alias(name, CHAMPION, previous)
                 log.warning("%s champion is version %s again", name, previous)
             except MlflowException:  # that version was deleted since: the alias goes with this one
-                pass
+                log.warning("%s has no champion now: version %s, which held it before version %s, is gone; "
+                            "set the alias by hand", name, previous, version)
         client.delete_model_version(name, str(version))
         log.warning("deleted %s version %s: its run did not finish", name, version)
     except MlflowException as error:

@@ -291,6 +291,7 @@ class _Objective:
         self.multi_objective = tune_cfg.multi_objective
         self.has_hidden = architecture(cfg.train.model).hidden is not None
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
+        self.process = worker_process()
 
     def _suggest(self, trial: optuna.Trial) -> TrainConfig:
         searched: dict[str, Any] = {
@@ -318,8 +319,9 @@ class _Objective:
 
     def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
         with deferred():  # each suggestion and attribute is a write to the Optuna storage
-            cfg = dataclasses.replace(self.cfg, train=self._suggest(trial))
             trial.set_user_attr("worker", self.worker)
+            trial.set_user_attr("worker_process", self.process)
+            cfg = dataclasses.replace(self.cfg, train=self._suggest(trial))
         baseline = bool(trial.user_attrs.get("baseline"))
         tags = {"run_kind": "tune-trial", "optuna_study_name": self.study_name,
                 "optuna_trial_number": str(trial.number), "optuna_state": "RUNNING",
@@ -434,7 +436,7 @@ def check_storage(storage_url: str, heartbeat_interval: int, *, default: bool = 
         return
     if "://" in storage_url:
         try:
-            sqlalchemy.engine.make_url(storage_url).get_dialect()
+            sqlalchemy.engine.make_url(storage_url).get_dialect().import_dbapi()
         except Exception as error:  # an unknown scheme or driver
             raise _unusable(storage_url, error) from None
     path = _storage_file(storage_url)
@@ -602,9 +604,34 @@ def _storage(url: str, heartbeat_interval: int, make_folder: bool = False) -> op
     )
 
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    _retry_stale_trial = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+WORKER_ATTRS = ("worker", "worker_process", "mlflow_run_id", "reason")  # what a trial's worker records
+
+
+def worker_process(pid: int | None = None) -> str | None:
+    """``pid`` (default: this process) as ``boot/pid-namespace/pid/start-time``, unique on a machine.
+
+    A process id alone is not: it is reused, and containers on one host (sharing its host name with
+    ``--network host``) number their processes each in a namespace of their own. None off Linux.
+    """
+    pid = os.getpid() if pid is None else pid
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino  # the reader's: pid must be in the same one
+        started = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]  # field 22, after comm
+    except (OSError, IndexError):
+        return None
+    return f"{boot}/{namespace}/{pid}/{started}"
+
+
+def _worker_is_gone(recorded: str) -> bool:
+    """Whether the process ``worker_process`` described as ``recorded`` has ended: only decidable for a
+    process of this machine's boot and this process' pid namespace."""
+    boot, _, rest = recorded.partition("/")
+    namespace, _, pid = rest.partition("/")
+    mine = worker_process()
+    if mine is None or not pid.split("/")[0].isdigit() or mine.split("/")[:2] != [boot, namespace]:
+        return False
+    return worker_process(int(pid.split("/")[0])) != recorded  # ended, or its id reused since
 
 
 def fail_trials_of_dead_workers(study: optuna.Study, storage_url: str) -> list[int]:
@@ -612,35 +639,41 @@ def fail_trials_of_dead_workers(study: optuna.Study, storage_url: str) -> list[i
 
     Journal storages have no heartbeats: a worker killed without a word (SIGKILL, out of memory)
     would leave its trial RUNNING for good, and a baseline it ran would never run again. Each trial
-    records its worker as ``host:pid``; a trial of this host whose process is gone is marked FAIL and
-    handled like a stale trial on a database (``_stale_trial``). Workers on other machines cannot be
-    checked from here. Returns the trial numbers failed.
+    records its worker process (``worker_process``); a trial whose process, on this machine and in
+    this pid namespace, is gone is marked FAIL and handled like a stale trial on a database
+    (``_stale_trial``). Other machines' workers cannot be checked from here. Returns the trials failed.
     """
     if "://" in storage_url:
         return []  # a database storage: Optuna's heartbeats find them
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if host != os.uname().nodename or not pid.isdigit() or _process_exists(int(pid)):
+        recorded = trial.user_attrs.get("worker_process")
+        if not recorded or not _worker_is_gone(recorded):
             continue
         try:
-            with deferred():
+            with deferred():  # failed, queued again and its runs closed, or none of it
                 study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                _stale_trial(study, trial, why=f"process {recorded.split('/')[2]} is gone")
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker starting now got to it first
-        _stale_trial(study, trial, why=f"process {pid} is gone")
         failed.append(trial.number)
     return failed
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, run by another user
-    return True
+def _queue_again(study: optuna.Study, trial: FrozenTrial, max_retry: int = 1) -> None:
+    """Queue a dead worker's trial again (at most ``max_retry`` times over), as Optuna's
+    ``RetryHeartbeatStaleTrialCallback`` does, but without what its dead worker recorded (its process,
+    MLflow run): a retry carrying them could pass for the dead worker's trial until its new worker
+    records its own."""
+    system_attrs = {"failed_trial": trial.number, "retry_history": [], **trial.system_attrs}
+    system_attrs["retry_history"] = [*system_attrs["retry_history"], trial.number]
+    if len(system_attrs["retry_history"]) > max_retry:
+        return
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS},
+        system_attrs=system_attrs,
+    ))
 
 
 def _stale_trial(study: optuna.Study, trial: FrozenTrial, why: str = "no heartbeat") -> None:
@@ -650,7 +683,7 @@ def _stale_trial(study: optuna.Study, trial: FrozenTrial, why: str = "no heartbe
     Its MLflow run and the dead worker's parent run are closed as KILLED instead of staying RUNNING.
     """
     with deferred():
-        _retry_stale_trial(study, trial)
+        _queue_again(study, trial)
     closed = []
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id:
@@ -928,15 +961,31 @@ def _quiet_optuna() -> Iterator[None]:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trial_failures = logging.getLogger("optuna.study._optimize")
-    trial_failures.addFilter(_not_an_interrupt)
+    interrupted = _InterruptedTrialLines()
+    trial_failures.addFilter(interrupted)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             yield
     finally:
-        trial_failures.removeFilter(_not_an_interrupt)
+        trial_failures.removeFilter(interrupted)
         optuna.logging.set_verbosity(verbosity)
 
 
-def _not_an_interrupt(record: logging.LogRecord) -> bool:
-    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+class _InterruptedTrialLines(logging.Filter):
+    """Drops Optuna's two lines about a trial an interrupt stopped: "Trial N failed with parameters:
+    ... because of ... KeyboardInterrupt" (with the traceback) and "Trial N failed with value None."."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trial_line: str | None = None  # the second line, expected next
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.trial_line = message.split(" failed with parameters")[0] + " failed with value None."
+            return False
+        if message == self.trial_line:
+            self.trial_line = None
+            return False
+        return True

@@ -162,6 +162,14 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     names = {a.path for a in MlflowClient().list_artifacts(eval_run.info.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/sample_predictions.png"} <= names
     assert train_run.data.params["data.classes"] == ",".join(CLASSES)
+    # With flip TTA both accuracies are printed, each as logged.
+    mirrored = run_cli("evaluate", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--tta")
+    assert mirrored.exit_code == 0, mirrored.output
+    tta_run = next(r for r in all_runs() if r.info.run_id not in runs)
+    logged = tta_run.data.metrics
+    assert (f"test accuracy {logged['test_accuracy']:.4f} with flip TTA "
+            f"({logged['test_accuracy_without_tta']:.4f} one pass)") in mirrored.output
+    assert logged["test_accuracy_without_tta"] == eval_run.data.metrics["test_accuracy"]
 
     # A folder whose class names number the labels differently is refused before any run starts.
     renamed = Path(tracking_store.split("///")[1]).parent / "renamed"
@@ -173,7 +181,7 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     assert refused.exit_code == 1
     assert (f"Error: models:/cifar10-seed@champion was trained on classes {','.join(CLASSES)}; {renamed} holds "
             "automobile,bird,") in refused.output
-    assert len(all_runs()) == 2
+    assert len(all_runs()) == 3
 
 
 @pytest.mark.slow

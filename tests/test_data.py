@@ -157,6 +157,12 @@ def test_val_size_not_smaller_than_train(tiny_data, cache_dir):
         load_splits(DataConfig(data_dir=str(tiny_data), val_size=400, cache_dir=cache_dir))
 
 
+def test_val_size_below_the_class_count_is_refused_in_the_projects_words(tiny_data, cache_dir):
+    with pytest.raises(ConfigError, match=r"^val-size 5 must be at least the number of classes \(10\): a stratified "
+                                          r"split holds an image of each$"):
+        load_splits(DataConfig(data_dir=str(tiny_data), val_size=5, cache_dir=cache_dir))
+
+
 # -- batches on the device ------------------------------------------------------------------------
 
 def _indexed_set(n: int) -> ImageSet:

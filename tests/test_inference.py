@@ -412,9 +412,11 @@ def test_onnx_convs_skip_the_rows_their_pool_never_reads(seed_onnx):
     # MaxPool2d(3) reads rows 0-29 of conv1's 32 and 0-8 of conv2's 10: one row and column less of
     # end padding computes 31 and 9 (the values the pool reads are the same); conv3's 3 are all read.
     model, path = seed_onnx
-    convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    graph = onnx.load(str(path))
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
     assert [list(next(a.ints for a in n.attribute if a.name == "pads")) for n in convs] == [
         [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    onnx.shape_inference.infer_shapes(graph, strict_mode=True)  # no shape recorded from before the trim
     images = torch.rand(3, 3, 32, 32)
     onnx_logits = inference.onnx_session(path, 1).run(None, {"images": images.numpy()})[0]
     with torch.no_grad():
@@ -453,6 +455,21 @@ def test_conv_padding_trim_only_where_no_value_changes(pool, side_branch, end_pa
     onnx.save(graph, str(tmp_path / "trimmed.onnx"))
     out = inference.onnx_session(tmp_path / "trimmed.onnx", 1).run(None, {"images": x.numpy()})[0]
     assert np.abs(out - expected).max() < 1e-5
+
+
+def test_a_pool_without_strides_moves_by_one_and_reads_every_row():
+    # ONNX MaxPool's strides default to 1, not to the kernel: its windows cover the conv's last rows.
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("MaxPool", ["y"], ["out"], kernel_shape=[2, 2])],
+        "conv-pool", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 7, 7])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert inference._trim_padding_no_pool_reads(model) == 0
+    assert list(model.graph.node[0].attribute[1].ints) == [1, 1, 1, 1]
 
 
 class _TwoPooledBranches(torch.nn.Module):
