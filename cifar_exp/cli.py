@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import sys
 import typing
@@ -145,6 +146,8 @@ def main(verbose: bool) -> None:
     for noisy in ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils", "mlflow.models",
                   "onnxscript", "onnx_ir", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not sys.stderr.isatty():  # MLflow's download progress bars would fill logs (and one-line errors)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @main.command()

@@ -181,6 +181,14 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     assert refused.exit_code == 1
     assert (f"Error: models:/cifar10-seed@champion was trained on classes {','.join(CLASSES)}; {renamed} holds "
             "automobile,bird,") in refused.output
+    # As a command whose stderr is no terminal: MLflow's download progress bars stay off.
+    command = subprocess.run([sys.executable, "-m", "cifar_exp", "evaluate", "--model-uri",
+                              f"runs:/{train_run.info.run_id}/model", "--data-dir", renamed, "--cache-dir", cache_dir],
+                             capture_output=True, text=True, env={**{k: v for k, v in os.environ.items()
+                                                                  if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"},
+                                                               "MLFLOW_TRACKING_URI": tracking_store})
+    assert command.returncode == 1 and "Downloading artifacts" not in command.stderr, command.stderr
+    assert command.stderr.splitlines()[-1].startswith(f"Error: runs:/{train_run.info.run_id}/model was trained on")
     assert len(all_runs()) == 3
 
 
