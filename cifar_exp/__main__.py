@@ -1,3 +1,3 @@
-from cifar_exp.cli import main
+from cifar_exp.cli import run
 
-main(prog_name="cifar-exp")
+run()

@@ -106,8 +106,8 @@ def _explicit_options(options: dict[str, Any]) -> set[str]:
 def reports_errors(command: Callable) -> Callable:
     """Turn the project's errors into click's one-line ``Error: ...`` and a non-zero exit.
 
-    An interrupt (Ctrl-C, SIGTERM) exits as shells report a process killed by that signal: status
-    128 + its number (130, 143), after one line saying so.
+    An interrupt (Ctrl-C, SIGTERM) prints one line saying so and exits with status 128 + the
+    signal's number (130, 143), which ``run`` turns into death by that signal.
     """
 
     @functools.wraps(command)
@@ -334,3 +334,28 @@ def ui(host: str, port: int) -> None:
         return
     click.echo(f"MLflow UI for {tracking.hide_password(uri)} at http://{host}:{port}")
     sys.exit(tracking.launch_ui(host, port))
+
+
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def run() -> None:
+    """The ``cifar-exp`` program: ``main``, and a command an interrupt stopped ends killed by it.
+
+    A shell tells a program that handled Ctrl-C (exit status 130) from one that Ctrl-C killed, and
+    goes on with a loop of commands only after the former. So once the command has closed its runs and
+    said ``Aborted: SIGINT.``, the process dies by that signal with its default action (Python's own
+    way with an uncaught ``KeyboardInterrupt``; the exit functions then do not run: nothing of ours
+    is left to them).
+    """
+    try:
+        main(prog_name="cifar-exp")
+    except SystemExit as done:
+        stopped_by = done.code - 128 if isinstance(done.code, int) else None
+        if stopped_by not in STOPPING_SIGNALS:
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(stopped_by, signal.SIG_DFL)
+        os.kill(os.getpid(), stopped_by)
+        raise  # only if the signal is blocked
