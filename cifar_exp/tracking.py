@@ -50,11 +50,19 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (its query, if any, left off); None for others."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
+        return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+    return None
+
+
 def local_store_folder() -> Path:
     """The folder of a local SQLite or file tracking store; the working directory otherwise."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
-        return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve().parent
+    database = sqlite_file(uri)
+    if database is not None:
+        return database.resolve().parent
     if uri.startswith("file:") or "://" not in uri:
         path = Path(uri.removeprefix("file://").removeprefix("file:")).expanduser().resolve()
         return path.parent  # the folder holding ./mlruns

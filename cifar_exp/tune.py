@@ -434,7 +434,7 @@ def check_storage(storage_url: str, heartbeat_interval: int, *, default: bool = 
     if _is_database_server(storage_url):
         _with_storage_retries(storage_url, lambda: _storage(storage_url, heartbeat_interval))
         return
-    if "://" in storage_url:
+    if not _is_journal_file(storage_url):
         try:
             sqlalchemy.engine.make_url(storage_url).get_dialect().import_dbapi()
         except Exception as error:  # an unknown scheme or driver
@@ -444,9 +444,9 @@ def check_storage(storage_url: str, heartbeat_interval: int, *, default: bool = 
         return
     if not path.parent.is_dir():
         problem = "is not a folder" if path.parent.exists() else "does not exist"
-        raise StorageError(f"Optuna storage {storage_url} cannot be used: {path.parent} {problem}")
+        raise _unusable(storage_url, f"{path.parent} {problem}")
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise StorageError(f"Optuna storage {storage_url} cannot be used: {path.parent} is not writable")
+        raise _unusable(storage_url, f"{path.parent} is not writable")
 
 
 def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str) -> optuna.Study:
@@ -500,8 +500,9 @@ def _with_storage_retries(storage_url: str, action: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _unusable(storage_url: str, error: BaseException) -> StorageError:
-    return StorageError(f"Optuna storage {tracking.hide_password(storage_url)} cannot be used: {first_line(error)}")
+def _unusable(storage_url: str, problem: BaseException | str) -> StorageError:
+    why = first_line(problem) if isinstance(problem, BaseException) else problem
+    return StorageError(f"Optuna storage {tracking.hide_password(storage_url)} cannot be used: {why}")
 
 
 def study_directions(tune_cfg: TuneConfig) -> list[str]:
@@ -565,7 +566,7 @@ def sampler_seed(seed: int, storage_url: str, trials_so_far: int) -> int:
 
 def _is_shared_storage(storage_url: str) -> bool:
     """A storage that several workers may use at once: a database server or a journal file."""
-    return "://" not in storage_url or _is_database_server(storage_url)
+    return _is_journal_file(storage_url) or _is_database_server(storage_url)
 
 
 def _is_database_server(storage_url: str) -> bool:
@@ -573,13 +574,14 @@ def _is_database_server(storage_url: str) -> bool:
     return storage_url.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql")
 
 
+def _is_journal_file(storage_url: str) -> bool:
+    """A path, not a URL: a journal file, as optuna-dashboard also reads them."""
+    return "://" not in storage_url
+
+
 def _storage_file(url: str) -> Path | None:
     """The file of a local storage: a journal file path, or a SQLite URL's database file."""
-    if "://" not in url:
-        return Path(url).expanduser()
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return Path(url[len("sqlite:///"):]).expanduser()
-    return None
+    return Path(url).expanduser() if _is_journal_file(url) else tracking.sqlite_file(url)
 
 
 def _storage(url: str, heartbeat_interval: int, make_folder: bool = False) -> optuna.storages.BaseStorage:
@@ -587,7 +589,7 @@ def _storage(url: str, heartbeat_interval: int, make_folder: bool = False) -> op
     path = _storage_file(url)
     if make_folder and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    if "://" not in url:  # a journal file, as optuna-dashboard also reads them
+    if _is_journal_file(url):
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgresql://"):
@@ -623,15 +625,13 @@ def worker_process(pid: int | None = None) -> str | None:
     return f"{boot}/{namespace}/{pid}/{started}"
 
 
-def _worker_is_gone(recorded: str) -> bool:
+def _worker_is_gone(recorded: str, mine: str) -> bool:
     """Whether the process ``worker_process`` described as ``recorded`` has ended: only decidable for a
-    process of this machine's boot and this process' pid namespace."""
-    boot, _, rest = recorded.partition("/")
-    namespace, _, pid = rest.partition("/")
-    mine = worker_process()
-    if mine is None or not pid.split("/")[0].isdigit() or mine.split("/")[:2] != [boot, namespace]:
+    process of ``mine``'s (this process') boot and pid namespace."""
+    parts = recorded.split("/")  # boot, namespace, pid, start time
+    if len(parts) != 4 or not parts[2].isdigit() or parts[:2] != mine.split("/")[:2]:
         return False
-    return worker_process(int(pid.split("/")[0])) != recorded  # ended, or its id reused since
+    return worker_process(int(parts[2])) != recorded  # ended, or its id reused since
 
 
 def fail_trials_of_dead_workers(study: optuna.Study, storage_url: str) -> list[int]:
@@ -643,12 +643,13 @@ def fail_trials_of_dead_workers(study: optuna.Study, storage_url: str) -> list[i
     this pid namespace, is gone is marked FAIL and handled like a stale trial on a database
     (``_stale_trial``). Other machines' workers cannot be checked from here. Returns the trials failed.
     """
-    if "://" in storage_url:
+    if not _is_journal_file(storage_url):
         return []  # a database storage: Optuna's heartbeats find them
+    mine = worker_process()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         recorded = trial.user_attrs.get("worker_process")
-        if not recorded or not _worker_is_gone(recorded):
+        if mine is None or not recorded or not _worker_is_gone(recorded, mine):
             continue
         try:
             with deferred():  # failed, queued again and its runs closed, or none of it
