@@ -11,6 +11,11 @@ batch-1 CPU latency of the model next to the `seed` model's, measured side by si
     python benchmarks/accuracy.py --recipe pico --latency-only   # just the latency comparison, no training
     python benchmarks/accuracy.py --recipe pico --set cutout=8 --set widths=24,56,80   # recipe variants
     python benchmarks/accuracy.py --recipe pico --untracked --skip-latency   # e.g. on a GPU box without MLflow
+    python benchmarks/accuracy.py --recipe pico --teacher-set model=pico-res --teacher-set widths=64,256,256
+
+With ``--teacher-set``, each seed first trains a teacher (the recipe with those overrides, the same
+seed), reports it, and then distils the seed's model from it (``--teacher``): tracked, the student
+loads the teacher's logged model as `cifar-exp train --teacher runs:/ID/model` would.
 
 Run the latency comparison on a quiet machine: it alternates the two models, but other jobs on the
 same cores still distort both.
@@ -23,6 +28,7 @@ import dataclasses
 import logging
 import statistics
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -53,7 +59,7 @@ def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None
               f"{max(latencies['seed']):.3f}); ratio {model_ms / seed_ms:.2f}x")
 
 
-def parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str, flag: str = "--set") -> tuple[str, object]:
     """``"cutout=8"`` -> ("cutout", 8), converted as `cifar-exp train`'s option for that setting would."""
     import click
 
@@ -62,35 +68,58 @@ def parse_override(text: str) -> tuple[str, object]:
     name, separator, value = text.partition("=")
     name = name.strip().replace("-", "_")
     if name not in {f.name for f in dataclasses.fields(TrainConfig)} or not separator:
-        raise ConfigError(f"--set needs FIELD=VALUE with a train setting as FIELD, got {text!r}")
+        raise ConfigError(f"{flag} needs FIELD=VALUE with a train setting as FIELD, got {text!r}")
     if name in ("recipe", "seed"):
-        raise ConfigError(f"--set {name}: use --{name}{'s' if name == 'seed' else ''} instead")
+        raise ConfigError(f"{flag} {name}: use --{name}{'s' if name == 'seed' else ''} instead")
     option = next(param for param in train.params if param.name == name)
     try:
         return name, option.type_cast_value(click.Context(train), value)
     except click.BadParameter as error:
-        raise ConfigError(f"--set {name}: {error.format_message()}") from None
+        raise ConfigError(f"{flag} {name}: {error.format_message()}") from None
 
 
-Outcome = tuple[float, float, float | None, float, str]  # val, test, test in one pass (with TTA), seconds, run
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    val_accuracy: float  # final epoch
+    test_accuracy: float
+    one_pass_accuracy: float | None  # the test accuracy without TTA, where the recipe has TTA
+    seconds: float
+    run: str  # the MLflow run id, or "untracked"
+    model: torch.nn.Module
+    teacher_uri: str  # what a student's TrainConfig.teacher names to learn from this model
 
 
-def train_untracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
+def train_untracked(cfg: ExperimentConfig, splits: Splits, teacher: torch.nn.Module | None = None) -> Outcome:
     """``fit`` and the test evaluation of ``train_and_track`` without MLflow, for machines that train
-    but do not track: (final val accuracy, test accuracy, one-pass test accuracy with TTA, train
-    seconds, "untracked")."""
-    result = fit(cfg.train, splits)
+    but do not track."""
+    result = fit(cfg.train, splits, teacher=teacher)
     test = evaluate(result.model, splits.test, batch_size=cfg.train.eval_batch_size, amp_dtype=result.amp_dtype,
                     channels_last=cfg.train.channels_last, tta=cfg.train.tta)
-    return result.history[-1].val_accuracy, test.accuracy, test.one_pass_accuracy, result.train_seconds, "untracked"
+    return Outcome(result.history[-1].val_accuracy, test.accuracy, test.one_pass_accuracy, result.train_seconds,
+                   "untracked", result.model, teacher_uri=f"untracked:{cfg.tracking.run_name}")
 
 
-def train_tracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
+def train_tracked(cfg: ExperimentConfig, splits: Splits, teacher: torch.nn.Module | None = None) -> Outcome:
+    """A tracked `cifar-exp train` run; a teacher is loaded from the run ``cfg.train.teacher`` names
+    (``teacher``, the same model in memory, is not used: the CLI's path is what is measured)."""
     from cifar_exp.experiment import train_and_track  # MLflow only where runs are tracked
 
     outcome = train_and_track(cfg, splits=splits, tags={"benchmark": "accuracy"})
-    return (outcome.fit.history[-1].val_accuracy, outcome.test.accuracy, outcome.test.one_pass_accuracy,
-            outcome.fit.train_seconds, outcome.run_id)
+    return Outcome(outcome.fit.history[-1].val_accuracy, outcome.test.accuracy, outcome.test.one_pass_accuracy,
+                   outcome.fit.train_seconds, outcome.run_id, outcome.fit.model,
+                   teacher_uri=f"runs:/{outcome.run_id}/model")
+
+
+def save(model: torch.nn.Module, folder: str | None, name: str) -> None:
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), Path(folder) / f"{name}.pt")
+
+
+def describe(outcome: Outcome) -> str:
+    return (f"val {outcome.val_accuracy:.4f}  test {outcome.test_accuracy:.4f}"
+            + (f" (one pass {outcome.one_pass_accuracy:.4f})" if outcome.one_pass_accuracy is not None else "")
+            + f"  {outcome.seconds:.0f} s  run {outcome.run}")
 
 
 def main() -> None:
@@ -100,6 +129,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="Override the recipe's epochs.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="Override any train setting of the recipe, e.g. --set cutout=8 (repeatable).")
+    parser.add_argument("--teacher-set", dest="teacher_overrides", action="append", default=[],
+                        metavar="FIELD=VALUE",
+                        help="Distil each seed's model from a teacher trained first with the same seed: the recipe "
+                        "with these overrides (repeatable; --model and --set do not apply to it).")
+    parser.add_argument("--save-dir", help="Also save each trained model's state_dict here as RUN_NAME.pt "
+                        "(e.g. to check untracked models elsewhere).")
     parser.add_argument("--untracked", action="store_true",
                         help="Train and test without MLflow (no runs logged), e.g. where MLflow is not installed.")
     parser.add_argument("--skip-latency", action="store_true",
@@ -122,13 +157,24 @@ def main() -> None:
             raise ConfigError(f"--seeds must differ, got {' '.join(map(str, args.seeds))}")
         overrides = dict(parse_override(text) for text in args.overrides)
         overrides.update({k: v for k, v in (("model", args.model), ("epochs", args.epochs)) if v is not None})
+        teacher_base = None
+        if args.teacher_overrides:
+            if "teacher" in overrides:
+                raise ConfigError("--teacher-set trains the teacher: drop --set teacher")
+            teacher_overrides = dict(parse_override(t, "--teacher-set") for t in args.teacher_overrides)
+            try:
+                teacher_base = recipe_config(args.recipe, **teacher_overrides)
+                build_network(teacher_base)
+            except ConfigError as error:
+                raise ConfigError(f"--teacher-set: {error}") from None
+            overrides["teacher"] = "untracked:teacher"  # stands in for each seed's teacher, named per seed
         base = ExperimentConfig(
             data=DataConfig(data_dir=args.data_dir, val_size=args.val_size),
             train=recipe_config(args.recipe, **overrides),
             tracking=TrackingConfig(experiment_name=args.experiment, register=False),
         )
         build_network(base.train)  # an unknown model or knob fails here, before the data loads
-        if args.untracked and base.train.teacher_uris():
+        if args.untracked and base.train.teacher_uris() and teacher_base is None:
             raise ConfigError("--set teacher needs MLflow to load the teacher's models: drop --untracked")
     except ConfigError as error:
         parser.error(str(error))
@@ -144,15 +190,22 @@ def main() -> None:
     except CifarExpError as error:
         parser.error(str(error))
     train = train_untracked if args.untracked else train_tracked
-    rows = []
+    rows: list[Outcome] = []
+    teachers: list[Outcome] = []
     for seed in args.seeds:
-        cfg = replace(base, train=replace(base.train, seed=seed),
-                      tracking=replace(base.tracking, run_name=f"{args.recipe}-{base.train.model}-seed{seed}"))
-        val_accuracy, test_accuracy, one_pass, seconds, run = train(cfg, splits)
-        rows.append((seed, val_accuracy, test_accuracy, one_pass, seconds))
-        print(f"seed {seed}: val {val_accuracy:.4f}  test {test_accuracy:.4f}"
-              + (f" (one pass {one_pass:.4f})" if one_pass is not None else "")
-              + f"  {seconds:.0f} s  run {run}", flush=True)
+        run_name = f"{args.recipe}-{base.train.model}-seed{seed}"
+        cfg = replace(base, train=replace(base.train, seed=seed), tracking=replace(base.tracking, run_name=run_name))
+        teacher = None
+        if teacher_base is not None:
+            teacher = train(replace(cfg, train=replace(teacher_base, seed=seed),
+                                    tracking=replace(cfg.tracking, run_name=f"{run_name}-teacher")), splits)
+            teachers.append(teacher)
+            save(teacher.model, args.save_dir, f"{run_name}-teacher")
+            print(f"seed {seed} teacher: {describe(teacher)}", flush=True)
+            cfg = replace(cfg, train=replace(cfg.train, teacher=teacher.teacher_uri))
+        rows.append(train(cfg, splits, teacher=teacher.model if teacher else None))
+        save(rows[-1].model, args.save_dir, run_name)
+        print(f"seed {seed}: {describe(rows[-1])}", flush=True)
 
     model = build_classifier(base.train, len(splits.classes)).eval()
 
@@ -164,11 +217,15 @@ def main() -> None:
     tta = " (mirror TTA: two passes per image)" if base.train.tta else ""
     print(f"\nrecipe {args.recipe}, model {base.train.model}, {base.train.epochs} epochs, seeds {args.seeds}"
           + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""))
-    print(f"validation accuracy (final epoch){tta}: {mean_std([r[1] for r in rows])}")
-    print(f"test accuracy{tta}: {mean_std([r[2] for r in rows])}")
+    if teachers:
+        print(f"teachers ({' '.join(args.teacher_overrides)}, {count_parameters(teachers[0].model):,} parameters), "
+              f"test accuracy{tta}: {mean_std([t.test_accuracy for t in teachers])}; "
+              f"training time per teacher: {statistics.mean(t.seconds for t in teachers):.0f} s")
+    print(f"validation accuracy (final epoch){tta}: {mean_std([r.val_accuracy for r in rows])}")
+    print(f"test accuracy{tta}: {mean_std([r.test_accuracy for r in rows])}")
     if base.train.tta:
-        print(f"test accuracy in one pass (as exported): {mean_std([r[3] for r in rows])}")
-    print(f"training time per run:              {statistics.mean(r[4] for r in rows):.0f} s")
+        print(f"test accuracy in one pass (as exported): {mean_std([r.one_pass_accuracy for r in rows])}")
+    print(f"training time per run:              {statistics.mean(r.seconds for r in rows):.0f} s")
     print(f"parameters:                         {count_parameters(model):,}")
     print(f"MACs per image:                     {count_macs(model) / 1e6:.2f} M")
     if not args.skip_latency:

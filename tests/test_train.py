@@ -174,11 +174,12 @@ def test_cuda_graphs_distill_like_eager_steps(splits):
     # The teacher's forward pass is captured in the graph with the student's step: replayed, it must
     # predict each new batch (not the captured one), so graphed and eager distillation agree.
     teacher = PaletteTeacher(shift=1)
-    cfg = TrainConfig(**{**TINY, "epochs": 3}, device="cuda", amp=False, teacher="a teacher", distill_weight=1.0,
+    # 6 epochs, as the CPU test: after 3, eager steps on CPU too predict the shifted class only 40% of the time
+    cfg = TrainConfig(**{**TINY, "epochs": 6}, device="cuda", amp=False, teacher="a teacher", distill_weight=1.0,
                       distill_temperature=2.0)
     graphed = fit(cfg, splits, teacher=teacher)
     eager = fit(dataclasses.replace(cfg, cuda_graphs=False), splits, teacher=teacher)
-    for a, b in zip(eager.history, graphed.history):
+    for a, b in zip(eager.history[:3], graphed.history[:3]):  # later, float noise has had time to grow
         assert b.train_loss == pytest.approx(a.train_loss, rel=0.05, abs=1e-3)
     shifted = (splits.val.labels + 1) % 10
     assert (torch.from_numpy(evaluate(graphed.model, splits.val).predictions) == shifted).float().mean() > 0.8

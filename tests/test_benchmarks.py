@@ -1,0 +1,62 @@
+"""The benchmark scripts' own logic (their timings are not tested: see benchmarks/)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cifar_exp.config import recipe_config
+from cifar_exp.train import build_classifier
+
+ACCURACY = Path(__file__).parent.parent / "benchmarks" / "accuracy.py"
+SHORT = ["--recipe", "pico", "--epochs", "1", "--set", "warmup_epochs=0", "--skip-latency", "--val-size", "50"]
+TEACHER = ["--teacher-set", "model=pico-res", "--teacher-set", "widths=8,16,16", "--teacher-set", "epochs=1",
+           "--teacher-set", "warmup_epochs=0"]
+
+
+def run_accuracy(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ACCURACY), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+
+
+@pytest.mark.slow
+def test_accuracy_distils_each_seed_from_its_own_tracked_teacher(tiny_data, tracking_store, tmp_path):
+    saved = tmp_path / "models"
+    result = run_accuracy(*SHORT, *TEACHER, "--seeds", "0", "1", "--data-dir", str(tiny_data),
+                          "--save-dir", str(saved), cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert "seed 0 teacher: val" in result.stdout and "seed 1 teacher: val" in result.stdout
+    assert "teachers (model=pico-res widths=8,16,16 epochs=1 warmup_epochs=0, " in result.stdout
+
+    client = MlflowClient()
+    runs = {run.info.run_name: run for run in client.search_runs(
+        [client.get_experiment_by_name("accuracy").experiment_id])}
+    assert set(runs) == {"pico-pico-seed0", "pico-pico-seed0-teacher", "pico-pico-seed1", "pico-pico-seed1-teacher"}
+    for seed in (0, 1):
+        student, teacher = runs[f"pico-pico-seed{seed}"], runs[f"pico-pico-seed{seed}-teacher"]
+        # the student learnt from its own seed's teacher, loaded from MLflow as `train --teacher` loads it
+        assert student.data.params["train.teacher"] == f"runs:/{teacher.info.run_id}/model"
+        assert student.data.tags["teacher_run_ids"] == teacher.info.run_id
+        assert teacher.data.params["train.model"] == "pico-res" and teacher.data.params["train.seed"] == str(seed)
+        assert teacher.data.params["train.teacher"] == ""
+
+    # --save-dir keeps weights that load into each run's architecture
+    teacher = build_classifier(recipe_config("pico", model="pico-res", widths="8,16,16"), 10)
+    teacher.load_state_dict(torch.load(saved / "pico-pico-seed1-teacher.pt", weights_only=True))
+    student = build_classifier(recipe_config("pico"), 10)
+    student.load_state_dict(torch.load(saved / "pico-pico-seed1.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "teacher=runs:/abc/model"], "--teacher-set trains the teacher: drop --set teacher"),
+    (["--teacher-set", "widths=1,2"], "--teacher-set: widths must be three positive integers"),
+    (["--teacher-set", "lr=fast"], "--teacher-set lr: "),
+])
+def test_accuracy_refuses_bad_teacher_settings_before_loading_data(tmp_path, extra, message):
+    result = run_accuracy(*SHORT, *TEACHER, *extra, "--data-dir", str(tmp_path / "missing"), cache=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "missing" not in result.stderr
