@@ -414,19 +414,14 @@ def _trim_padding_no_pool_reads(model: Any) -> int:
     graph = model.graph
     shapes = _inferred_shapes(model)
     users = _consumers(graph)
-    graph_outputs = {output.name for output in graph.output}
-
-    def only_user(name: str) -> Any | None:
-        return users[name][0] if name not in graph_outputs and len(users.get(name, [])) == 1 else None
-
     trimmed = 0
     for conv in graph.node:
         shape = shapes.get(conv.output[0]) if conv.op_type == "Conv" else None
-        pool = only_user(conv.output[0]) if shape else None
+        pool = _sole_reader(graph, users, conv.output[0]) if shape else None
         resized = [conv.output[0]]  # the tensors whose recorded shape the trim changes
         if pool is not None and pool.op_type == "Relu":
             resized.append(pool.output[0])
-            pool = only_user(pool.output[0])
+            pool = _sole_reader(graph, users, pool.output[0])
         if pool is None or pool.op_type != "MaxPool" or len(shape) != 4 or None in shape[2:]:
             continue
         kernel = _attribute(pool, "kernel_shape", [])
@@ -589,6 +584,15 @@ def _consumers(graph: Any) -> dict[str, list[Any]]:
     return users
 
 
+def _sole_reader(graph: Any, users: dict[str, list[Any]], name: str, op_type: str | None = None) -> Any | None:
+    """The one node that reads tensor ``name`` (of ``op_type``, if given), where nothing else does and
+    it is no graph output: what a rewrite may change together with the node that writes ``name``."""
+    found = users.get(name, [])
+    if len(found) != 1 or name in {output.name for output in graph.output}:
+        return None
+    return found[0] if op_type is None or found[0].op_type == op_type else None
+
+
 def _initializer_value(graph: Any, name: str) -> np.ndarray | None:
     from onnx import numpy_helper
 
@@ -627,7 +631,6 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
     graph = model.graph
     shapes = _inferred_shapes(model)
     users = _consumers(graph)
-    graph_outputs = {output.name for output in graph.output}
     weights = {tensor.name: tensor for tensor in graph.initializer}
 
     def plain_linear(node: Any) -> bool:  # y = x @ W.T + b with constants W (N, C), b (N,), W used once
@@ -649,8 +652,7 @@ def _linear_head_as_pointwise_convs(model: Any) -> int:
         if not flat or len(flat) != 2 or flat[1] is None or flat[1] != shape[1]:  # (B, C), nothing else
             continue
         chain, name = [], flatten.output[0]
-        while name not in graph_outputs and len(users.get(name, [])) == 1:
-            node = users[name][0]
+        while (node := _sole_reader(graph, users, name)) is not None:
             if not (plain_linear(node) or node.op_type == "Relu"):
                 break
             chain.append(node)
@@ -705,10 +707,11 @@ def _float_logits(model: Any) -> bool:
         if dequantize is None or dequantize.op_type != "DequantizeLinear":
             continue
         quantize = producers.get(dequantize.input[0])
-        if quantize is None or quantize.op_type != "QuantizeLinear" or len(users[quantize.output[0]]) != 1:
+        if (quantize is None or quantize.op_type != "QuantizeLinear"
+                or _sole_reader(graph, users, quantize.output[0]) is None):
             continue
         gemm = producers.get(quantize.input[0])
-        if gemm is None or gemm.op_type != "Gemm" or len(users[gemm.output[0]]) != 1:
+        if gemm is None or gemm.op_type != "Gemm" or _sole_reader(graph, users, gemm.output[0]) is None:
             continue
         gemm.output[0] = output.name
         graph.node.remove(quantize)
@@ -736,29 +739,22 @@ def _fold_normalisation_into_input_quantisation(model: Any) -> bool:
 
     graph = model.graph
     users = _consumers(graph)
-    graph_outputs = {output.name for output in graph.output}
     image = graph.input[0].name
-
-    def only_user(name: str, op_type: str) -> Any | None:
-        found = users.get(name, [])
-        if name in graph_outputs or len(found) != 1 or found[0].op_type != op_type:
-            return None
-        return found[0]
 
     def uniform_constant(name: str) -> float | None:
         value = _initializer_value(graph, name)
         return float(value.flat[0]) if value is not None and value.size and np.all(value == value.flat[0]) else None
 
-    sub = only_user(image, "Sub")
+    sub = _sole_reader(graph, users, image, "Sub")
     if sub is None or sub.input[0] != image:
         return False
-    div = only_user(sub.output[0], "Div")
+    div = _sole_reader(graph, users, sub.output[0], "Div")
     if div is None or div.input[0] != sub.output[0]:
         return False
     mean, std = uniform_constant(sub.input[1]), uniform_constant(div.input[1])
-    pad = only_user(div.output[0], "Pad")
-    quantize = only_user((pad or div).output[0], "QuantizeLinear")
-    dequantize = quantize and only_user(quantize.output[0], "DequantizeLinear")
+    pad = _sole_reader(graph, users, div.output[0], "Pad")
+    quantize = _sole_reader(graph, users, (pad or div).output[0], "QuantizeLinear")
+    dequantize = quantize and _sole_reader(graph, users, quantize.output[0], "DequantizeLinear")
     if mean is None or std is None or not dequantize or std <= 0 or not 0 <= mean < 1:
         return False
     zero_point = _initializer_value(graph, quantize.input[2]) if len(quantize.input) > 2 else None
