@@ -324,8 +324,21 @@ def delete_model_version(name: str, version: str | int) -> None:
                             "set the alias by hand", name, previous, version)
         client.delete_model_version(name, str(version))
         log.warning("deleted %s version %s: its run did not finish", name, version)
+        _delete_if_created_by(client, name, doomed.run_id)
     except MlflowException as error:
         log.warning("could not delete %s version %s of an unfinished run: %s", name, version, error.message)
+
+
+def _delete_if_created_by(client: MlflowClient, name: str, run_id: str | None) -> None:
+    """Delete registered model ``name`` if it has no version left and came into being during run
+    ``run_id`` (that run's registration created it): a failed first registration leaves no empty name.
+    A model that existed before the run started is the user's, and stays, versions or not."""
+    if not run_id or client.search_model_versions(f"name='{name}'", max_results=1):
+        return
+    created = client.get_registered_model(name).creation_timestamp
+    if created is not None and created >= client.get_run(run_id).info.start_time:
+        client.delete_registered_model(name)
+        log.warning("deleted registered model %s: its only version's run did not finish", name)
 
 
 def load_model(model_uri: str) -> nn.Module:

@@ -249,6 +249,7 @@ def test_a_run_failing_after_registration_leaves_no_registered_version(tiny_data
     assert [r.info.status for r in client.search_runs([client.get_experiment_by_name("tests").experiment_id])] == [
         "FAILED"]
     assert client.search_model_versions("name='cifar10-seed'") == []
+    assert client.search_registered_models() == []  # this run's registration created the name: gone too
 
 
 def test_a_champion_from_before_validation_decided_keeps_its_test_accuracy_as_score(tracking_store):
@@ -281,10 +282,16 @@ def test_a_stale_run_and_its_parent_are_closed_as_killed(tracking_store):
     assert "why" not in client.get_run(child).data.tags
 
 
+@pytest.mark.parametrize("registered_before", [False, True])
 def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(tracking_store, monkeypatch,
-                                                                              project_signal_handlers):
+                                                                              project_signal_handlers,
+                                                                              registered_before):
     import os
     import signal
+
+    client = MlflowClient()
+    if registered_before:  # the user's name, created before the run: it stays, even with no version
+        client.create_registered_model("interrupted-model", description="the user's")
 
     log_model = mlflow.pytorch.log_model
 
@@ -298,9 +305,9 @@ def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(trackin
         with tracking.start_run("interrupted") as run_id:
             tracking.log_model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)),
                                "interrupted-model")
-    client = MlflowClient()
     assert client.get_run(run_id).info.status == "KILLED"
     assert client.search_model_versions("name='interrupted-model'") == []
+    assert [m.description for m in client.search_registered_models()] == (["the user's"] if registered_before else [])
 
 
 def test_an_interrupt_as_a_version_becomes_champion_gives_the_alias_back(tiny_data, cache_dir, tracking_store,
