@@ -99,9 +99,9 @@ def train_untracked(cfg: ExperimentConfig, splits: Splits, teacher: torch.nn.Mod
                    "untracked", result.model, teacher_uri=f"untracked:{cfg.tracking.run_name}")
 
 
-def train_tracked(cfg: ExperimentConfig, splits: Splits, teacher: torch.nn.Module | None = None) -> Outcome:
-    """A tracked `cifar-exp train` run; a teacher is loaded from the run ``cfg.train.teacher`` names
-    (``teacher``, the same model in memory, is not used: the CLI's path is what is measured)."""
+def train_tracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
+    """A tracked `cifar-exp train` run; a teacher is loaded from the run ``cfg.train.teacher`` names,
+    as `cifar-exp train --teacher` loads it."""
     from cifar_exp.experiment import train_and_track  # MLflow only where runs are tracked
 
     outcome = train_and_track(cfg, splits=splits, tags={"benchmark": "accuracy"})
@@ -189,7 +189,6 @@ def main() -> None:
         splits = load_splits(base.data)
     except CifarExpError as error:
         parser.error(str(error))
-    train = train_untracked if args.untracked else train_tracked
     rows: list[Outcome] = []
     teachers: list[Outcome] = []
     for seed in args.seeds:
@@ -197,13 +196,16 @@ def main() -> None:
         cfg = replace(base, train=replace(base.train, seed=seed), tracking=replace(base.tracking, run_name=run_name))
         teacher = None
         if teacher_base is not None:
-            teacher = train(replace(cfg, train=replace(teacher_base, seed=seed),
-                                    tracking=replace(cfg.tracking, run_name=f"{run_name}-teacher")), splits)
+            teacher_cfg = replace(cfg, train=replace(teacher_base, seed=seed),
+                                  tracking=replace(cfg.tracking, run_name=f"{run_name}-teacher"))
+            teacher = train_untracked(teacher_cfg, splits) if args.untracked else train_tracked(teacher_cfg, splits)
             teachers.append(teacher)
             save(teacher.model, args.save_dir, f"{run_name}-teacher")
             print(f"seed {seed} teacher: {describe(teacher)}", flush=True)
             cfg = replace(cfg, train=replace(cfg.train, teacher=teacher.teacher_uri))
-        rows.append(train(cfg, splits, teacher=teacher.model if teacher else None))
+        # Untracked, the teacher is handed over in memory; tracked, the run loads it through its URI.
+        rows.append(train_untracked(cfg, splits, teacher.model if teacher else None) if args.untracked
+                    else train_tracked(cfg, splits))
         save(rows[-1].model, args.save_dir, run_name)
         print(f"seed {seed}: {describe(rows[-1])}", flush=True)
 
