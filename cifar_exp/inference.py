@@ -375,27 +375,29 @@ def _move_relu_before_max_pool(model: Any) -> int:
     the pool makes the quantiser give the pool's input and output different scales, so the pool
     falls back to dequantise -> fp32 MaxPool -> quantise.
     """
+    import onnx
+
     graph = model.graph
-    nodes = list(graph.node)
-    graph_outputs = {output.name for output in graph.output}
+    users = _consumers(graph)
     moved = 0
-    for index, pool in enumerate(nodes):
-        if pool.op_type != "MaxPool" or len(pool.output) != 1 or pool.output[0] in graph_outputs:
+    for pool in [node for node in graph.node if node.op_type == "MaxPool" and len(node.output) == 1]:
+        relu = _sole_reader(graph, users, pool.output[0], "Relu")
+        if relu is None:
             continue
-        users = [i for i, node in enumerate(nodes) if pool.output[0] in node.input]
-        if len(users) != 1 or nodes[users[0]].op_type != "Relu":
-            continue
-        relu = nodes[users[0]]
-        pooled, activated = pool.output[0], f"{relu.output[0]}_before_pool"  # unique: relu's output is
-        relu.input[0], relu.output[0], pool.input[0], pool.output[0] = pool.input[0], activated, activated, relu.output[0]
-        nodes[index], nodes[users[0]] = relu, pool  # relu now reads what the pool read: it goes first
-        stale = [info for info in graph.value_info if info.name == pooled]
-        for info in stale:
-            graph.value_info.remove(info)
+        source, pooled, result = pool.input[0], pool.output[0], relu.output[0]
+        activated = f"{result}_before_pool"  # unique: relu's output is
+        # The two nodes trade contents, not places: the pool's place (first) gets the Relu, reading
+        # what the pool read, and the Relu's place the MaxPool, so the nodes stay topologically sorted.
+        relu_first, pool_second = onnx.NodeProto(), onnx.NodeProto()
+        relu_first.CopyFrom(relu)
+        pool_second.CopyFrom(pool)
+        relu_first.input[0], relu_first.output[0] = source, activated
+        pool_second.input[0], pool_second.output[0] = activated, result
+        pool.CopyFrom(relu_first)
+        relu.CopyFrom(pool_second)
+        for info in [info for info in graph.value_info if info.name == pooled]:
+            graph.value_info.remove(info)  # that tensor is gone
         moved += 1
-    if moved:
-        del graph.node[:]
-        graph.node.extend(nodes)
     return moved
 
 
