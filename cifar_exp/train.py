@@ -520,20 +520,24 @@ def evaluate(
     """
     device = next(model.parameters()).device
     batches = DeviceBatches(data, batch_size, device=device, channels_last=channels_last)
-    probabilities, one_pass_predictions = [], []
+    log_probabilities, one_pass_predictions = [], []
     with eval_mode(model):
         for images, _ in batches:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                batch_probabilities = model(images).float().softmax(1)  # (B, classes)
+                # Log-probabilities, not log(softmax): float32 softmax underflows to 0 past a ~100-nat
+                # margin, which would cap a confidently wrong image's loss.
+                batch_log_probabilities = model(images).float().log_softmax(1)  # (B, classes)
                 if tta:
-                    one_pass_predictions.append(batch_probabilities.argmax(1))
-                    mirrored = model(images.flip(-1)).float().softmax(1)
-                    batch_probabilities = (batch_probabilities + mirrored) / 2
-            probabilities.append(batch_probabilities)
-    probabilities = torch.cat(probabilities)  # (N, classes)
+                    one_pass_predictions.append(batch_log_probabilities.argmax(1))
+                    mirrored = model(images.flip(-1)).float().log_softmax(1)
+                    # log((p + p_mirrored) / 2), computed in log space
+                    batch_log_probabilities = torch.logaddexp(batch_log_probabilities, mirrored) - math.log(2)
+            log_probabilities.append(batch_log_probabilities)
+    log_probabilities = torch.cat(log_probabilities)  # (N, classes)
     labels = batches.labels
-    loss = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
-    predictions = probabilities.argmax(1)
+    loss = F.nll_loss(log_probabilities, labels).item()
+    probabilities = log_probabilities.exp()
+    predictions = log_probabilities.argmax(1)
     return EvalResult(
         loss=loss,
         accuracy=(predictions == labels).float().mean().item(),

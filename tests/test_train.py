@@ -262,3 +262,17 @@ def test_mirror_tta_averages_the_probabilities_of_each_image_and_its_mirror():
     plain = evaluate(model, data, batch_size=8)
     assert not torch.allclose(torch.from_numpy(plain.probabilities), expected)
     assert result.one_pass_accuracy == plain.accuracy and plain.one_pass_accuracy is None
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_the_loss_of_a_confidently_wrong_model_is_its_cross_entropy(tta):
+    # A 300-nat margin for the wrong class: float32 softmax gives the label probability 0 exactly,
+    # so a loss computed as log(softmax) would be capped; the cross-entropy is 300 per image.
+    data = ImageSet("test", torch.zeros((6, 3, 32, 32), dtype=torch.uint8), torch.ones(6, dtype=torch.long))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([300.0] + [0.0] * 9))
+    result = evaluate(model, data, batch_size=4, tta=tta)
+    assert result.loss == pytest.approx(300.0)
+    assert (result.predictions == 0).all() and result.probabilities[:, 0] == pytest.approx(1.0)
