@@ -146,6 +146,8 @@ def main(verbose: bool) -> None:
     for noisy in ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils", "mlflow.models",
                   "onnxscript", "onnx_ir", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A stale font cache makes every plot warn, font by font, that it falls back to DejaVu Sans.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     if not sys.stderr.isatty():  # MLflow's download progress bars would fill logs (and one-line errors)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -189,7 +191,8 @@ def tune(**options: Any) -> None:
     """Search lr and lr decay with Optuna: one parent MLflow run, a nested run per trial.
 
     The objective is the validation accuracy (split carved from train) after --epochs epochs.
-    The baseline trial (--lr, --lr-decay) runs first; every other option is train's. Workers that
+    The decay is searched with --schedule exp only (with cosine or onecycle, lr alone is). The
+    baseline trial (--lr, --lr-decay) runs first; every other option is train's. Workers that
     share --storage and --study-name share the study. With --objectives accuracy,latency the conv
     widths (and hidden size) are searched too, the trained model's batch-1 CPU latency is minimised
     as well, and the Pareto set is printed and logged.
@@ -213,13 +216,12 @@ def tune(**options: Any) -> None:
             click.echo(f"  trial {trial.number}: val_accuracy {trial.value:.4f}, latency {trial.latency_ms:.3f} ms, "
                        f"{trial.parameter_count:,} parameters; train with {trial.train_options()}")
     else:
-        click.echo(f"best: trial {best.number}, lr {best.params['lr']:.4g}, "
-                   f"lr_decay {best.params['lr_decay']:.4g}, val_accuracy {best.value:.4f}")
+        click.echo(f"best: trial {best.number}, {best.searched()}, val_accuracy {best.value:.4f}")
     if baseline is not None and baseline.value is not None:
         gain = f" ({best.value - baseline.value:+.4f} for the best)" if best and not tune_cfg.multi_objective else ""
         latency = f", latency {baseline.latency_ms:.3f} ms" if baseline.latency_ms is not None else ""
-        click.echo(f"baseline: trial {baseline.number}, lr {baseline.params['lr']:.4g}, "
-                   f"lr_decay {baseline.params['lr_decay']:.4g}, val_accuracy {baseline.value:.4f}{latency}{gain}")
+        click.echo(f"baseline: trial {baseline.number}, {baseline.searched()}, "
+                   f"val_accuracy {baseline.value:.4f}{latency}{gain}")
     elif baseline is not None:
         click.echo(f"baseline: trial {baseline.number} {baseline.state} {baseline.reason or ''}".rstrip())
     if outcome.retrained is not None:

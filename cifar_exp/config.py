@@ -70,7 +70,7 @@ class DataConfig:
     )
     split_seed: int = option(0, "Seed of the stratified train/validation split.")
     cache_dir: str | None = option(
-        None, "Where decoded uint8 tensors are cached (default: ~/.cache/cifar-exp)."
+        None, "Where decoded uint8 tensors are cached (default: $XDG_CACHE_HOME/cifar-exp, else ~/.cache/cifar-exp)."
     )
 
     def __post_init__(self) -> None:
@@ -133,7 +133,7 @@ class TrainConfig:
         "small model's step is mostly kernel-launch overhead. Steps run eagerly on CPU, with --compile "
         "and with fp16 autocast (its GradScaler reads the GPU every step).",
     )
-    device: str = option("auto", "Training device.", DEVICES)
+    device: str = option("auto", "Device to train (evaluate: to run the model) on; auto: CUDA if present.", DEVICES)
     seed: int = option(
         0, "Seed of weights, shuffling and augmentation; equal seeds give equal runs (on CUDA, up to "
         "cuDNN's choice of algorithms).",
@@ -204,7 +204,9 @@ class TrackingConfig:
         "cifar-exp",
         "MLflow experiment to log into (under `mlflow run`: the run it made, whatever this says); pareto reads it.",
     )
-    run_name: str | None = option(None, "MLflow run name (default: MLflow's generated name).")
+    run_name: str | None = option(
+        None, "MLflow run name (default: tune-<study name> for tune, pareto for pareto, MLflow's generated "
+        "name for the others).")
     register: bool = option(True, "Register the trained model in the MLflow Model Registry.")
     registered_model_name: str | None = option(
         None, "Registered model name (default: cifar10-<model>)."
@@ -223,7 +225,8 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """The Optuna search of ``cifar-exp tune``: lr (log scale) and per-epoch decay around the seed's.
+    """The Optuna search of ``cifar-exp tune``: lr (log scale) and per-epoch decay around the seed's
+    (the decay only with ``--schedule exp``, the one schedule it acts in).
 
     Every other setting of a trial, ``--epochs`` included, comes from the train/data options; the
     baseline trial (``--lr``, ``--lr-decay``: the seed's 0.1 / 0.95 by default) is enqueued first.
@@ -240,7 +243,7 @@ class TuneConfig:
     )
     study_name: str | None = option(
         None, "Optuna study; loaded if it exists, so reruns and workers add to it "
-        "(default or empty: cifar10-<model>-<epochs>ep)."
+        "(default or empty: cifar10-<model>-<epochs>ep, plus -acc-lat with --objectives accuracy,latency)."
     )
     storage: str | None = option(
         None, "Optuna storage URL (sqlite:///..., postgresql://user:pass@host/db, ...) or a journal "
@@ -251,8 +254,8 @@ class TuneConfig:
     pruner: str = option("median", "Stops hopeless trials early on validation accuracy.", PRUNERS)
     lr_min: float = option(0.01, "Smallest learning rate searched (log scale).")
     lr_max: float = option(0.5, "Largest learning rate searched (log scale).")
-    decay_min: float = option(0.85, "Smallest per-epoch learning-rate decay searched.")
-    decay_max: float = option(0.99, "Largest per-epoch learning-rate decay searched.")
+    decay_min: float = option(0.85, "Smallest per-epoch learning-rate decay searched (--schedule exp only).")
+    decay_max: float = option(0.99, "Largest per-epoch learning-rate decay searched (--schedule exp only).")
     baseline: bool = option(
         True, "Enqueue the baseline trial (--lr, --lr-decay) first, unless the study has it already."
     )
@@ -332,9 +335,15 @@ class TuneConfig:
     def hidden_choice_list(self) -> tuple[int, ...]:
         return tuple(sorted(set(_positive_ints(self.hidden_choices, "hidden-choices"))))
 
-    def check_baseline(self, lr: float, lr_decay: float) -> None:
-        """Reject a baseline trial that lies outside the searched ranges."""
+    def check_baseline(self, lr: float, lr_decay: float | None) -> None:
+        """Reject a baseline trial that lies outside the searched ranges (``lr_decay`` None: a study
+        that searches no decay)."""
         if not self.baseline:
+            return
+        if lr_decay is None:
+            if not self.lr_min <= lr <= self.lr_max:
+                raise ConfigError(f"the baseline trial (--lr {lr}) lies outside the searched range lr "
+                                  f"[{self.lr_min}, {self.lr_max}]: widen it, move --lr inside, or pass --no-baseline")
             return
         if not self.lr_min <= lr <= self.lr_max or not self.decay_min <= lr_decay <= self.decay_max:
             raise ConfigError(

@@ -1,5 +1,8 @@
 """Optuna sweeps of the learning rate and its per-epoch decay, each trial a nested MLflow run.
 
+The decay is searched with ``--schedule exp`` (the seed's), the only schedule it acts in; a study
+of a cosine or one-cycle schedule (``--recipe pico``) searches the (peak) learning rate alone.
+
 The only module that imports optuna. One ``tune`` invocation is one parent MLflow run; each trial it
 runs is a child run ``trial-<n>`` holding the trial's params, the per-epoch metrics ``train`` logs
 and its Optuna state as a tag. The objective is the validation accuracy after the last epoch, on
@@ -70,6 +73,7 @@ LATENCY_OBJECTIVE = "latency_ms"  # batch-1 CPU latency p50 of the trained model
 MULTI_OBJECTIVE_STUDY_SUFFIX = "-acc-lat"  # default study names of the two modes never collide
 WIDTH_PARAMS = ("width1", "width2", "width3")  # channels of the three conv stages
 HIDDEN_PARAM = "hidden"
+DECAY_PARAM = "lr_decay"  # searched where it acts: with the exp schedule
 INTERRUPTED = "interrupted"  # the reason a trial stopped by Ctrl-C or SIGTERM is marked FAIL with
 # Timing of the latency objective. A batch-1 call of these models takes about 0.1-2 ms, so each
 # 0.3 s repeat takes hundreds of calls; 3 repeats and the warm-up add about 1 s to a trial, little
@@ -81,7 +85,7 @@ LATENCY_BACKEND = "pytorch-fp32"  # eager PyTorch, fp32, on the CPU: what measur
 DEFAULT_STORAGE_FILE = "optuna.db"
 # A study only takes trials that agree on every setting that changes what a trial's value means:
 # all training settings but the searched ones and those that only change speed or where it runs.
-NOT_STUDY_SETTINGS = {"lr", "lr_decay", "device", "amp_dtype", "channels_last", "compile",
+NOT_STUDY_SETTINGS = {"lr", "lr_decay", "device", "amp_dtype", "channels_last", "compile", "cuda_graphs",
                       "eval_batch_size", "recipe"}
 SEARCHED_WIDTH_SETTINGS = {"widths", "hidden"}  # searched, not fixed, in accuracy,latency studies
 DATA_STUDY_SETTINGS = ("val_size", "split_seed")
@@ -115,8 +119,12 @@ class TrialSummary:
             reason=trial.user_attrs.get("reason"),
         )
 
+    def searched(self) -> str:
+        """``lr 0.1, lr_decay 0.95``: the trial's searched settings, as this module's lines show them."""
+        return ", ".join(f"{k} {v:.4g}" for k, v in self.params.items())
+
     def describe(self) -> str:
-        params = ", ".join(f"{k} {v:.4g}" for k, v in self.params.items())
+        params = self.searched()
         if self.state == TrialState.COMPLETE.name:
             result = f"{OBJECTIVE} {self.value:.4f}"
             if self.latency_ms is not None:
@@ -128,7 +136,9 @@ class TrialSummary:
 
     def train_options(self) -> str:
         """The ``cifar-exp train`` options that give this trial's searched settings (full precision)."""
-        options = [f"--lr {self.params['lr']!r}", f"--lr-decay {self.params['lr_decay']!r}"]
+        options = [f"--lr {self.params['lr']!r}"]
+        if DECAY_PARAM in self.params:
+            options.append(f"--lr-decay {self.params[DECAY_PARAM]!r}")
         if WIDTH_PARAMS[0] in self.params:
             options.append("--widths " + ",".join(str(self.params[name]) for name in WIDTH_PARAMS))
         if HIDDEN_PARAM in self.params:
@@ -156,8 +166,8 @@ def tune(
     report: Callable[[str], None] = log.info,
     progress: bool = False,
 ) -> TuneOutcome:
-    """Search lr and decay (and, for accuracy,latency, the width knobs) for ``cfg`` as one parent
-    MLflow run; ``report`` gets a line per trial.
+    """Search lr and decay (decay with the exp schedule only; for accuracy,latency, the width knobs
+    too) for ``cfg`` as one parent MLflow run; ``report`` gets a line per trial.
 
     Everything that can be checked is checked before a run is opened or a model trained: the
     config, the tracking store, the device, the model name, the Optuna storage, the data, the
@@ -166,12 +176,12 @@ def tune(
     if cfg.data.val_on_test:
         raise ConfigError("tune optimises validation accuracy on a split carved from train; "
                           "--val-on-test would tune on the test split")
-    if cfg.train.schedule != "exp":
-        raise ConfigError(f"tune searches --lr and --lr-decay, and lr-decay only acts with --schedule exp "
-                          f"(got {cfg.train.schedule})")
-    tune_cfg.check_baseline(cfg.train.lr, cfg.train.lr_decay)
+    decay = searches_decay(cfg.train)
+    tune_cfg.check_baseline(cfg.train.lr, cfg.train.lr_decay if decay else None)
     build_network(cfg.train)  # rejects unknown names and knobs before anything slow
-    baseline_params: dict[str, float | int] = {"lr": cfg.train.lr, "lr_decay": cfg.train.lr_decay}
+    baseline_params: dict[str, float | int] = {"lr": cfg.train.lr}
+    if decay:
+        baseline_params[DECAY_PARAM] = cfg.train.lr_decay
     if tune_cfg.multi_objective:
         width_params = baseline_width_params(cfg.train)
         tune_cfg.check_baseline_widths(cfg.train.model, tuple(width_params[name] for name in WIDTH_PARAMS),
@@ -187,7 +197,7 @@ def tune(
     splits = load_splits(cfg.data)  # once: every trial trains on the same tensors
     teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)  # once, for every trial
     # After the data and teachers: a study is created (with its settings) only for input that works.
-    study = open_study(cfg, tune_cfg, study_name, storage_url)
+    study = open_study(cfg, tune_cfg, study_name, storage_url, data=splits)
     fail_trials_of_dead_workers(study, storage_url)
 
     before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
@@ -251,8 +261,7 @@ def tune(
             report(f"no trial of study {study_name} has completed yet")
         retrained = None
         if tune_cfg.retrain_best and best is not None:
-            report(f"retraining trial {best.number} (lr {best.params['lr']:.4g}, "
-                   f"lr_decay {best.params['lr_decay']:.4g}) with the full train pipeline")
+            report(f"retraining trial {best.number} ({best.searched()}) with the full train pipeline")
             best_cfg = dataclasses.replace(
                 cfg,
                 train=dataclasses.replace(cfg.train, **best.params),
@@ -266,6 +275,11 @@ def tune(
             tracking.set_tags({"retrained_run_id": retrained.run_id})
     return TuneOutcome(study_name, shown_url, run_id, ran, best, baseline, retrained,
                        [TrialSummary.of(t) for t in pareto])
+
+
+def searches_decay(train: TrainConfig) -> bool:
+    """Whether a study of ``train`` searches the lr decay: the exp schedule is the one it acts in."""
+    return train.schedule == "exp"
 
 
 def baseline_width_params(train: TrainConfig) -> dict[str, int]:
@@ -290,14 +304,16 @@ class _Objective:
         self.study_name, self.progress, self.teacher = study_name, progress, teacher
         self.multi_objective = tune_cfg.multi_objective
         self.has_hidden = architecture(cfg.train.model).hidden is not None
+        self.searches_decay = searches_decay(cfg.train)
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
         self.process = worker_process()
 
     def _suggest(self, trial: optuna.Trial) -> TrainConfig:
         searched: dict[str, Any] = {
-            "lr": trial.suggest_float("lr", self.tune_cfg.lr_min, self.tune_cfg.lr_max, log=True),
-            "lr_decay": trial.suggest_float("lr_decay", self.tune_cfg.decay_min, self.tune_cfg.decay_max),
-        }
+            "lr": trial.suggest_float("lr", self.tune_cfg.lr_min, self.tune_cfg.lr_max, log=True)}
+        if self.searches_decay:
+            searched[DECAY_PARAM] = trial.suggest_float(DECAY_PARAM, self.tune_cfg.decay_min,
+                                                        self.tune_cfg.decay_max)
         if self.multi_objective:
             choices = self.tune_cfg.width_choice_list()
             widths = [trial.suggest_categorical(name, choices) for name in WIDTH_PARAMS]
@@ -449,8 +465,13 @@ def check_storage(storage_url: str, heartbeat_interval: int, *, default: bool = 
         raise _unusable(storage_url, f"{path.parent} is not writable")
 
 
-def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str) -> optuna.Study:
-    """Create the study or load it; a storage that cannot be used fails here, before any training."""
+def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str, *,
+               data: Splits | None = None) -> optuna.Study:
+    """Create the study or load it; a storage that cannot be used fails here, before any training.
+
+    ``data``: the images the trials train and validate on, which a study records (as digests) with
+    its other settings, so that a worker on other images cannot add trials to it.
+    """
     shown = tracking.hide_password(storage_url)
     wanted = study_directions(tune_cfg)
 
@@ -463,7 +484,8 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
         return study, len(study.get_trials(deepcopy=False))
 
     study, trials_so_far = _with_storage_retries(storage_url, create)
-    study.sampler = _sampler(tune_cfg, sampler_seed(cfg.train.seed, storage_url, trials_so_far))
+    study.sampler = _sampler(tune_cfg, sampler_seed(cfg.train.seed, storage_url, trials_so_far),
+                             decay=searches_decay(cfg.train))
     directions = [d.name.lower() for d in study.directions]
     if directions != wanted:
         aims = (f"--objectives accuracy,latency maximises {OBJECTIVE} and minimises {LATENCY_OBJECTIVE}"
@@ -475,7 +497,7 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
     if tune_cfg.multi_objective:
         with _quiet_optuna():  # set_metric_names is experimental
             study.set_metric_names([OBJECTIVE, LATENCY_OBJECTIVE])  # names the plots' objectives
-    _check_study_settings(study, cfg, tune_cfg, study_name)
+    _check_study_settings(study, cfg, tune_cfg, study_name, data)
     return study
 
 
@@ -509,11 +531,14 @@ def study_directions(tune_cfg: TuneConfig) -> list[str]:
     return ["maximize", "minimize"] if tune_cfg.multi_objective else ["maximize"]
 
 
-def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig) -> dict[str, Any]:
-    """The settings every trial of the study must share, as ``section.name -> value``."""
+def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig, data: Splits | None = None) -> dict[str, Any]:
+    """The settings every trial of the study must share, as ``section.name -> value``; with ``data``,
+    the digests of its training and validation images too (the same data folder, elsewhere, agrees)."""
     not_settings = NOT_STUDY_SETTINGS | (SEARCHED_WIDTH_SETTINGS if tune_cfg.multi_objective else set())
     settings = {f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items() if k not in not_settings}
     settings.update({f"data.{k}": getattr(cfg.data, k) for k in DATA_STUDY_SETTINGS})
+    if data is not None:
+        settings.update({"data.train_digest": data.train.digest(), "data.val_digest": data.val.digest()})
     if tune_cfg.multi_objective:
         # What else its values depend on: the choices searched (Optuna refuses other categorical
         # choices for a parameter within a study), the threads latency is timed with and the CPU it
@@ -528,8 +553,8 @@ def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig) -> dict[str, Any
 
 
 def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: TuneConfig,
-                          study_name: str) -> None:
-    settings = study_settings(cfg, tune_cfg)
+                          study_name: str, data: Splits | None) -> None:
+    settings = study_settings(cfg, tune_cfg, data)
     stored = study.user_attrs.get("settings")
     if stored is None:
         with deferred():
@@ -700,15 +725,14 @@ def _stale_trial(study: optuna.Study, trial: FrozenTrial, why: str = "no heartbe
                 if closed else "")
 
 
-def _sampler(tune_cfg: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
+def _sampler(tune_cfg: TuneConfig, seed: int, *, decay: bool = True) -> optuna.samplers.BaseSampler:
     if tune_cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if tune_cfg.sampler == "grid":
         n = tune_cfg.grid_size
-        space = {
-            "lr": [float(f"{v:.6g}") for v in np.geomspace(tune_cfg.lr_min, tune_cfg.lr_max, n)],
-            "lr_decay": [float(f"{v:.6g}") for v in np.linspace(tune_cfg.decay_min, tune_cfg.decay_max, n)],
-        }
+        space = {"lr": [float(f"{v:.6g}") for v in np.geomspace(tune_cfg.lr_min, tune_cfg.lr_max, n)]}
+        if decay:
+            space[DECAY_PARAM] = [float(f"{v:.6g}") for v in np.linspace(tune_cfg.decay_min, tune_cfg.decay_max, n)]
         return optuna.samplers.GridSampler(space, seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune_cfg.tpe_startup_trials)
 
@@ -873,7 +897,8 @@ def write_study_plots(
     intermediate: bool,
     bounds: tuple[tuple[float, float], tuple[float, float]] | None = None,
 ) -> list[Path]:
-    """Optuna's matplotlib plots of the study, plus a scatter of every trial over lr x decay.
+    """Optuna's matplotlib plots of the study, plus a scatter of every trial over lr x decay (a study
+    that searched no decay gets Optuna's slice plot over lr instead of both lr x decay plots).
 
     ``bounds`` ((lr_min, lr_max), (decay_min, decay_max)) frames the scatter on the searched space.
     A plot the study cannot support yet (importances need two completed trials) is skipped. In an
@@ -889,10 +914,13 @@ def write_study_plots(
     plots: dict[str, Callable[[], Any]] = {
         "optimization_history": lambda: oplt.plot_optimization_history(study, **accuracy),
         "param_importances": lambda: oplt.plot_param_importances(study),
-        "lr_decay_contour": lambda: oplt.plot_contour(study, params=["lr", "lr_decay"], **accuracy),
-        "lr_decay_scatter": lambda: _plot_scatter(study, bounds),
-        "timeline": lambda: oplt.plot_timeline(study),
     }
+    if any(DECAY_PARAM in t.params for t in study.get_trials(deepcopy=False)):
+        plots["lr_decay_contour"] = lambda: oplt.plot_contour(study, params=["lr", DECAY_PARAM], **accuracy)
+        plots["lr_decay_scatter"] = lambda: _plot_scatter(study, bounds)
+    else:
+        plots["lr_slice"] = lambda: oplt.plot_slice(study, params=["lr"], **(accuracy or {"target_name": OBJECTIVE}))
+    plots["timeline"] = lambda: oplt.plot_timeline(study)
     if intermediate:
         plots["intermediate_values"] = lambda: oplt.plot_intermediate_values(study)
     written = []

@@ -15,16 +15,18 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from cifar_exp.cli import main
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig
+from cifar_exp.data import ImageSet, Splits
 from cifar_exp.errors import ConfigError, StorageError
 from cifar_exp.experiment import Teacher
 from cifar_exp.models import build_model, count_parameters
-from cifar_exp.tune import baseline_width_params, default_study_name, open_study, study_settings, tune
+from cifar_exp.tune import TrialSummary, baseline_width_params, default_study_name, open_study, study_settings, tune
 from conftest import signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +122,31 @@ def test_three_trial_study(tiny_data, tracking_store, cache_dir, tmp_path):
     assert "3 finished trials in the study before this run" in again.output
     study = optuna.load_study(study_name="cifar10-seed-2ep", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     assert len(study.trials) == 4 and not study.trials[3].user_attrs.get("baseline")
+
+
+def test_a_study_of_another_schedule_searches_lr_alone(tiny_data, tracking_store, cache_dir, tmp_path):
+    # The decay acts only in the exp schedule: a cosine study searches the learning rate alone.
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--schedule", "cosine",
+                     "--n-trials", "3", "--sampler", "grid", "--grid-size", "2", "--pruner", "none")
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="cifar10-seed-2ep", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert [t.params for t in study.trials][0] == {"lr": 0.1}  # the baseline
+    assert sorted(t.params["lr"] for t in study.trials[1:]) == [0.01, 0.5]  # the grid: lr alone
+    assert all(t.params.keys() == {"lr"} and t.state == TrialState.COMPLETE for t in study.trials)
+    best = study.best_trial
+    assert f"best: trial {best.number}, lr {best.params['lr']:.4g}, val_accuracy {best.value:.4f}" in result.output
+    assert "baseline: trial 0, lr 0.1, val_accuracy " in result.output and "lr_decay" not in result.output
+
+    client = MlflowClient()
+    parent = next(r for r in all_runs(client) if r.data.tags.get("run_kind") == "tune-study")
+    assert {r.data.params["train.schedule"] for r in children_of(parent.info.run_id, client)} == {"cosine"}
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, dst_path=str(tmp_path / "a")))
+    plots = {p.stem for p in (folder / "plots").glob("*.png")}
+    assert "lr_slice" in plots and not plots & {"lr_decay_contour", "lr_decay_scatter"}
+    with open(folder / "trials.csv") as f:
+        assert {row["lr_decay"] for row in csv.DictReader(f)} == {""}
+    summary = TrialSummary.of(best)
+    assert summary.train_options() == f"--lr {best.params['lr']!r}"
 
 
 def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp_path):
@@ -260,6 +287,8 @@ def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, trac
     (["--n-trials", "0"], "n-trials must be >= 1, got 0"),
     (["--lr", "0.9"], "the baseline trial (--lr 0.9, --lr-decay 0.95) lies outside the searched ranges"),
     (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
+    (["--schedule", "cosine", "--lr", "0.9"],
+     "the baseline trial (--lr 0.9) lies outside the searched range lr [0.01, 0.5]: widen it"),
     (["--storage", "postgresql://who:secret@127.0.0.1:9/db"],
      "Optuna storage postgresql://who:***@127.0.0.1:9/db cannot be used: "),
     (["--storage", "nosuch://host/db"], "Optuna storage nosuch://host/db cannot be used: "),
@@ -385,6 +414,23 @@ def test_a_setting_a_study_never_recorded_counts_as_its_default(tmp_path):
     distilled = ExperimentConfig(train=TrainConfig(teacher="runs:/abc/model"))
     with pytest.raises(StorageError, match=r"other settings \(teacher  -> runs:/abc/model\)"):
         open_study(distilled, TuneConfig(), "old", storage)
+
+
+def test_a_study_refuses_trials_on_other_images(tmp_path):
+    # Same settings, same study name, but another data folder (here: other labels): not comparable.
+    def splits(label_shift: int) -> Splits:
+        labels = (torch.arange(40) + label_shift) % 10
+        images = ImageSet("train", torch.arange(40 * 3 * 32 * 32, dtype=torch.int32).reshape(40, 3, 32, 32)
+                          .remainder(256).to(torch.uint8), labels)
+        return Splits(images, images, images, tuple("abcdefghij"), "synthetic", val_is_test=False)
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    open_study(ExperimentConfig(), TuneConfig(), "data", storage, data=splits(0))
+    open_study(ExperimentConfig(), TuneConfig(), "data", storage, data=splits(0))  # the same images agree
+    with pytest.raises(StorageError, match=r"other settings \(train-digest [0-9a-f]{16} -> [0-9a-f]{16}, val-digest "):
+        open_study(ExperimentConfig(), TuneConfig(), "data", storage, data=splits(1))
+    # cuda_graphs only changes how a CUDA step is launched: a worker may differ in it.
+    open_study(ExperimentConfig(train=TrainConfig(cuda_graphs=False)), TuneConfig(), "data", storage, data=splits(0))
 
 
 def test_a_teacher_that_does_not_load_leaves_no_study(tiny_data, tracking_store, cache_dir, tmp_path):
