@@ -143,7 +143,8 @@ def _benchmark_data(
         reason = f"no calibration images ({error})"
         log.warning("measuring without the dataset: %s", reason)
         return None, None, reason
-    check_class_count(classes, names, data_cfg.data_dir)
+    if trained:  # its accuracy is measured; an untrained architecture only takes calibration images
+        check_class_count(classes, names, data_cfg.data_dir)
     calibration = calibration_images(train, bench.calibration_images) if wants_int8 else None
     return calibration, test if trained else None, ""
 

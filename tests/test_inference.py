@@ -901,3 +901,22 @@ def test_pareto_needs_benchmarked_runs(in_store):
     assert ("experiment 'no-benchmarks' has no finished run with both a test accuracy and a benchmark"
             in empty.output)
     assert len(all_runs()) == before
+
+
+def test_an_untrained_architecture_takes_calibration_images_from_any_dataset(tiny_data, tmp_path):
+    # Three of the ten classes: a trained 10-class model's accuracy cannot be measured on them, but an
+    # untrained architecture only needs images to calibrate its int8 file.
+    from cifar_exp.deployment import _benchmark_data
+    from cifar_exp.errors import DataError
+
+    three = tmp_path / "three"
+    for split in ("train", "test"):
+        for name in sorted(p.name for p in (tiny_data / split).iterdir())[:3]:
+            (three / split).mkdir(parents=True, exist_ok=True)
+            (three / split / name).symlink_to(tiny_data / split / name)
+    data = DataConfig(data_dir=str(three), cache_dir=str(tmp_path / "cache"))
+    bench = BenchmarkConfig(backends="onnxruntime-int8", calibration_images=16)
+    calibration, test, reason = _benchmark_data(bench, data, 10, trained=False)
+    assert calibration.shape == (16, 3, 32, 32) and test is None and reason == ""
+    with pytest.raises(DataError, match=f"the model predicts 10 classes but {three} holds 3"):
+        _benchmark_data(bench, data, 10, trained=True)
