@@ -1247,7 +1247,7 @@ def export_and_verify(
     threads = threads or available_cores()
     model = shipped_copy(model)
     out_dir = check_writable_folder(out_dir)
-    created = not out_dir.exists()
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # innermost first
     make_folder(out_dir)
     try:
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
@@ -1255,9 +1255,9 @@ def export_and_verify(
                                            threads=threads)
             _move_exported_files(Path(staging), out_dir)
     except BaseException:
-        if created:  # made for this export, which wrote nothing into it
+        for folder in created:  # made for this export, which wrote nothing into them
             with contextlib.suppress(OSError):
-                out_dir.rmdir()
+                folder.rmdir()
         raise
     return replace(
         staged,

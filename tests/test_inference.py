@@ -213,8 +213,8 @@ def test_a_failed_export_leaves_the_folder_as_it_was(tiny_trained, tmp_path, mon
         inference.export_and_verify(build_classifier(TrainConfig(), 10), out, test=splits.test, threads=1)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     with pytest.raises(ExportError):
-        inference.export_and_verify(model, tmp_path / "new", test=splits.test, threads=1)
-    assert not (tmp_path / "new").exists()  # made for the export, removed with it
+        inference.export_and_verify(model, tmp_path / "new" / "deeper", test=splits.test, threads=1)
+    assert not (tmp_path / "new").exists()  # made for the export, removed with it, parents included
 
     monkeypatch.undo()
     # fp32 only: the int8 file of the earlier export would sit beside a model it was not made from
