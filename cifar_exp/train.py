@@ -164,7 +164,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_classifier(cfg, len(splits.classes)).to(device, memory_format=memory_format)
     optimizer = build_optimizer(cfg, model)
@@ -562,8 +562,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring ``peak_memory_bytes`` afresh: each fit of a process (a tuning trial) its own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux resets the process's peak resident set (VmHWM) to its current size on "5" (since 4.0).
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated by PyTorch on CUDA; peak resident memory of the process on CPU."""
+    """Peak GPU memory allocated by PyTorch on CUDA; on CPU the process's peak resident memory since
+    ``reset_peak_memory`` (where the system cannot reset it, over the process's lifetime)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024  # in kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -276,3 +276,18 @@ def test_the_loss_of_a_confidently_wrong_model_is_its_cross_entropy(tta):
     result = evaluate(model, data, batch_size=4, tta=tta)
     assert result.loss == pytest.approx(300.0)
     assert (result.predictions == 0).all() and result.probabilities[:, 0] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="resetting the peak resident set is Linux's")
+def test_each_fit_reports_its_own_peak_memory_on_cpu(splits):
+    # A tuning process runs fit after fit: each trial's peak must be its own, not the process's
+    # lifetime peak (here: a 1 GiB tensor freed before the fit).
+    def process_peak() -> int:
+        status = open("/proc/self/status").read().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
+
+    big = torch.ones(2**28)  # 1 GiB, resident
+    del big
+    before = process_peak()
+    result = fit(TrainConfig(**{**TINY, "epochs": 1}, device="cpu"), splits)
+    assert 0 < result.peak_memory_bytes < before - 2**29
