@@ -188,11 +188,11 @@ def evaluate(**options: Any) -> None:
 @config_options(sections=TUNE_SECTIONS, exclude=("val_on_test",))
 @reports_errors
 def tune(**options: Any) -> None:
-    """Search lr and lr decay with Optuna: one parent MLflow run, a nested run per trial.
+    """Search lr and its decay with Optuna: one parent MLflow run, a nested run per trial.
 
     The objective is the validation accuracy (split carved from train) after --epochs epochs.
     The decay is searched with --schedule exp only (with cosine or onecycle, lr alone is). The
-    baseline trial (--lr, --lr-decay) runs first; every other option is train's. Workers that
+    baseline trial (--lr, and --lr-decay where searched) runs first; every other option is train's. Workers that
     share --storage and --study-name share the study. With --objectives accuracy,latency the conv
     widths (and hidden size) are searched too, the trained model's batch-1 CPU latency is minimised
     as well, and the Pareto set is printed and logged.

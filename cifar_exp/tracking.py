@@ -43,6 +43,7 @@ CHAMPION = "champion"
 CHAMPION_METRIC = "val_accuracy"
 VALIDATION_DIGEST = "validation_digest"  # version tag: which images CHAMPION_METRIC was measured on
 PREVIOUS_CHAMPION = "previous_champion"  # version tag: the champion it replaced, restored if it is deleted
+CREATED_NAME = "created_registered_model"  # version tag: its registration created the registered model
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 
@@ -241,6 +242,8 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
     example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)  # batch >= 2: dynamic
     with torch.inference_mode():
         output = exported(torch.from_numpy(example)).numpy()
+    client = MlflowClient()
+    name_existed = registered_model_name is not None and _registered_model_exists(client, registered_model_name)
     info = None
     try:
         with deferred():
@@ -253,8 +256,13 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
                 # Given explicitly: inferring them would start a subprocess that imports the model.
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
             )
-    except KeyboardInterrupt:
-        # Raised as the logging ended: the run will be KILLED, and no registered version may point at it.
+            if info.registered_model_version is not None and not name_existed:
+                # Marked so that, if this run fails, the name it created goes with its version.
+                client.set_model_version_tag(registered_model_name, str(info.registered_model_version),
+                                             CREATED_NAME, "true")
+    except BaseException:
+        # Ctrl-C raised as the logging ended, or the tag failed: the run will be KILLED or FAILED, and
+        # no registered version may point at it.
         if info is not None and info.registered_model_version is not None:
             delete_model_version(registered_model_name, info.registered_model_version)
         raise
@@ -324,21 +332,37 @@ def delete_model_version(name: str, version: str | int) -> None:
                             "set the alias by hand", name, previous, version)
         client.delete_model_version(name, str(version))
         log.warning("deleted %s version %s: its run did not finish", name, version)
-        _delete_if_created_by(client, name, doomed.run_id)
     except MlflowException as error:
         log.warning("could not delete %s version %s of an unfinished run: %s", name, version, error.message)
-
-
-def _delete_if_created_by(client: MlflowClient, name: str, run_id: str | None) -> None:
-    """Delete registered model ``name`` if it has no version left and came into being during run
-    ``run_id`` (that run's registration created it): a failed first registration leaves no empty name.
-    A model that existed before the run started is the user's, and stays, versions or not."""
-    if not run_id or client.search_model_versions(f"name='{name}'", max_results=1):
         return
-    created = client.get_registered_model(name).creation_timestamp
-    if created is not None and created >= client.get_run(run_id).info.start_time:
+    if doomed.tags.get(CREATED_NAME) == "true":
+        _delete_name_left_empty(client, name)
+
+
+def _registered_model_exists(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
+def _delete_name_left_empty(client: MlflowClient, name: str) -> None:
+    """Delete registered model ``name``, which the registration of a version just deleted created, if
+    no other version was registered since. (One registered between this check and the deletion would
+    go with the name: MLflow has no atomic delete-if-empty.) Best effort."""
+    quote = "'" if "'" not in name else '"'
+    try:
+        if quote in name:  # a name with both quotes cannot be written in a filter: it stays
+            return
+        if client.search_model_versions(f"name={quote}{name}{quote}", max_results=1):
+            return
         client.delete_registered_model(name)
-        log.warning("deleted registered model %s: its only version's run did not finish", name)
+        log.warning("deleted registered model %s: the run whose registration created it did not finish", name)
+    except MlflowException as error:
+        log.warning("could not delete registered model %s, left without versions: %s", name, error.message)
 
 
 def load_model(model_uri: str) -> nn.Module:

@@ -98,7 +98,7 @@ class TrialSummary:
     value: float | None  # validation accuracy after the last epoch, for COMPLETE trials
     latency_ms: float | None  # batch-1 CPU latency p50, for COMPLETE trials of an accuracy,latency study
     parameter_count: int | None  # of the trial's model, in an accuracy,latency study
-    params: dict[str, float | int]  # lr, lr_decay and, in an accuracy,latency study, width1-3 and hidden
+    params: dict[str, float | int]  # lr, lr_decay (exp schedule) and, in an accuracy,latency study, width1-3, hidden
     epochs: int  # epochs it trained
     baseline: bool
     reason: str | None  # why it was pruned or failed
@@ -256,7 +256,7 @@ def tune(
                            callbacks=[after_trial], gc_after_trial=True)
         best, baseline = best_trial(study), baseline_trial(study)
         pareto = pareto_trials(study) if tune_cfg.multi_objective else []
-        _log_study_summary(study, best, baseline, ran, tune_cfg, pareto)
+        _log_study_summary(study, best, baseline, ran, tune_cfg, pareto, decay=decay)
         if best is None:
             report(f"no trial of study {study_name} has completed yet")
         retrained = None
@@ -572,6 +572,11 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
             f"study {study_name!r} holds trials trained with other settings ({changes}); their values "
             "are not comparable: pass another --study-name"
         )
+    unrecorded = {k: v for k, v in settings.items() if k not in stored}
+    if unrecorded:  # from now on they are checked too (the image digests, for a study from before them)
+        with deferred():
+            study.set_user_attr("settings", {**stored, **unrecorded})
+        log.info("study %s now also records %s", study_name, ", ".join(unrecorded))
 
 
 def sampler_seed(seed: int, storage_url: str, trials_so_far: int) -> int:
@@ -816,9 +821,12 @@ def _log_study_summary(
     ran: list[TrialSummary],
     tune_cfg: TuneConfig,
     pareto: list[FrozenTrial],
+    *,
+    decay: bool,
 ) -> None:
-    """Into the parent run: best params and value, the baseline's value, trials.csv and the plots;
-    for an accuracy,latency study the Pareto set too (``pareto.csv``, ``plots/pareto.png``)."""
+    """Into the parent run: best params and value, the baseline's value, trials.csv and the plots
+    (``decay``: the study searches the lr decay); for an accuracy,latency study the Pareto set too
+    (``pareto.csv``, ``plots/pareto.png``)."""
     counts = {state: sum(t.state == state for t in ran) for state in ("COMPLETE", "PRUNED", "FAIL")}
     tracking.log_metrics({f"trials_{state.lower()}": n for state, n in counts.items()})
     tracking.log_metrics({"study_trials": len(study.trials)})
@@ -835,7 +843,7 @@ def _log_study_summary(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_trials_csv(study, folder / "trials.csv")
-        write_study_plots(study, folder / "plots",
+        write_study_plots(study, folder / "plots", decay=decay,
                           intermediate=not tune_cfg.multi_objective and tune_cfg.pruner != "none",
                           bounds=((tune_cfg.lr_min, tune_cfg.lr_max), (tune_cfg.decay_min, tune_cfg.decay_max)))
         if tune_cfg.multi_objective:
@@ -895,10 +903,12 @@ def write_study_plots(
     folder: Path,
     *,
     intermediate: bool,
+    decay: bool = True,
     bounds: tuple[tuple[float, float], tuple[float, float]] | None = None,
 ) -> list[Path]:
     """Optuna's matplotlib plots of the study, plus a scatter of every trial over lr x decay (a study
-    that searched no decay gets Optuna's slice plot over lr instead of both lr x decay plots).
+    that searches no decay, ``decay`` False, gets Optuna's slice plot over lr instead of both lr x
+    decay plots).
 
     ``bounds`` ((lr_min, lr_max), (decay_min, decay_max)) frames the scatter on the searched space.
     A plot the study cannot support yet (importances need two completed trials) is skipped. In an
@@ -915,7 +925,7 @@ def write_study_plots(
         "optimization_history": lambda: oplt.plot_optimization_history(study, **accuracy),
         "param_importances": lambda: oplt.plot_param_importances(study),
     }
-    if any(DECAY_PARAM in t.params for t in study.get_trials(deepcopy=False)):
+    if decay:
         plots["lr_decay_contour"] = lambda: oplt.plot_contour(study, params=["lr", DECAY_PARAM], **accuracy)
         plots["lr_decay_scatter"] = lambda: _plot_scatter(study, bounds)
     else:

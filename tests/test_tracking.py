@@ -282,16 +282,17 @@ def test_a_stale_run_and_its_parent_are_closed_as_killed(tracking_store):
     assert "why" not in client.get_run(child).data.tags
 
 
-@pytest.mark.parametrize("registered_before", [False, True])
+@pytest.mark.parametrize(("name", "registered_before"),
+                         [("interrupted-model", False), ("interrupted-model", True), ("it's-a-model", False)])
 def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(tracking_store, monkeypatch,
-                                                                              project_signal_handlers,
+                                                                              project_signal_handlers, name,
                                                                               registered_before):
     import os
     import signal
 
     client = MlflowClient()
     if registered_before:  # the user's name, created before the run: it stays, even with no version
-        client.create_registered_model("interrupted-model", description="the user's")
+        client.create_registered_model(name, description="the user's")
 
     log_model = mlflow.pytorch.log_model
 
@@ -303,10 +304,9 @@ def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(trackin
     monkeypatch.setattr(mlflow.pytorch, "log_model", log_then_signal)
     with pytest.raises(KeyboardInterrupt):
         with tracking.start_run("interrupted") as run_id:
-            tracking.log_model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)),
-                               "interrupted-model")
+            tracking.log_model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)), name)
     assert client.get_run(run_id).info.status == "KILLED"
-    assert client.search_model_versions("name='interrupted-model'") == []
+    assert client.search_model_versions() == []
     assert [m.description for m in client.search_registered_models()] == (["the user's"] if registered_before else [])
 
 

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from cifar_exp.cli import main
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig
-from cifar_exp.data import ImageSet, Splits
+from cifar_exp.data import ImageSet, Splits, load_splits
 from cifar_exp.errors import ConfigError, StorageError
 from cifar_exp.experiment import Teacher
 from cifar_exp.models import build_model, count_parameters
@@ -431,6 +431,23 @@ def test_a_study_refuses_trials_on_other_images(tmp_path):
         open_study(ExperimentConfig(), TuneConfig(), "data", storage, data=splits(1))
     # cuda_graphs only changes how a CUDA step is launched: a worker may differ in it.
     open_study(ExperimentConfig(train=TrainConfig(cuda_graphs=False)), TuneConfig(), "data", storage, data=splits(0))
+    # A study from before the digests were recorded takes the first worker's and then checks them.
+    open_study(ExperimentConfig(), TuneConfig(), "older", storage)
+    open_study(ExperimentConfig(), TuneConfig(), "older", storage, data=splits(1))
+    with pytest.raises(StorageError, match="train-digest"):
+        open_study(ExperimentConfig(), TuneConfig(), "older", storage, data=splits(0))
+
+
+def test_a_two_objective_study_of_another_schedule_searches_no_decay(tiny_data, cache_dir):
+    from cifar_exp.tune import _Objective
+
+    cfg = tiny_config(tiny_data, cache_dir, schedule="onecycle")
+    tune_cfg = TuneConfig(objectives="accuracy,latency", width_choices="16,32", hidden_choices="128")
+    objective = _Objective(cfg, tune_cfg, load_splits(cfg.data), "study", False, None)
+    # A FixedTrial refuses to suggest a parameter it was not given: lr_decay must not be asked for.
+    trial = optuna.trial.FixedTrial({"lr": 0.2, "width1": 16, "width2": 32, "width3": 16, "hidden": 128})
+    train = objective._suggest(trial)
+    assert (train.lr, train.lr_decay, train.widths, train.hidden) == (0.2, cfg.train.lr_decay, "16,32,16", 128)
 
 
 def test_a_teacher_that_does_not_load_leaves_no_study(tiny_data, tracking_store, cache_dir, tmp_path):
