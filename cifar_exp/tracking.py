@@ -434,6 +434,17 @@ def get_run(run_id: str) -> RunRecord | None:
         return None
 
 
+def running_runs(experiment_name: str, run_kinds: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:
+    """(id, tags) of the RUNNING runs of the experiment whose tag ``run_kind`` is one of ``run_kinds``."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    return [(run.info.run_id, dict(run.data.tags)) for kind in run_kinds  # MLflow filters have no OR
+            for run in client.search_runs([experiment.experiment_id],
+                                          f"attributes.status = 'RUNNING' AND tags.run_kind = '{kind}'")]
+
+
 def find_runs(experiment_name: str) -> list[RunRecord]:
     """Every run of an experiment (active ones only, newest first)."""
     client = MlflowClient()

@@ -199,6 +199,7 @@ def tune(
     # After the data and teachers: a study is created (with its settings) only for input that works.
     study = open_study(cfg, tune_cfg, study_name, storage_url, data=splits)
     fail_trials_of_dead_workers(study, storage_url)
+    close_runs_of_dead_workers(cfg.tracking.experiment_name, study_name)
 
     before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     if tune_cfg.baseline:
@@ -214,6 +215,7 @@ def tune(
         "parameter_count": str(count_parameters(build_network(cfg.train, len(splits.classes)))),
         "run_kind": "tune-study",
         "optuna_study_name": study_name,
+        **_worker_process_tag(),
         "optuna_storage": shown_url,
         "optuna_sampler": tune_cfg.sampler,
         "optuna_pruner": "none (multi-objective)" if tune_cfg.multi_objective else tune_cfg.pruner,
@@ -269,7 +271,7 @@ def tune(
             )
             retrained = train_and_track(
                 best_cfg, splits=splits, progress=progress, nested=True, teacher=teacher,
-                tags={"run_kind": "tune-retrain", "tune_parent_run_id": run_id,
+                tags={"run_kind": "tune-retrain", "tune_parent_run_id": run_id, **_worker_process_tag(),
                       "optuna_study_name": study_name, "optuna_trial_number": str(best.number)},
             )
             tracking.set_tags({"retrained_run_id": retrained.run_id})
@@ -689,6 +691,34 @@ def fail_trials_of_dead_workers(study: optuna.Study, storage_url: str) -> list[i
             continue  # another worker starting now got to it first
         failed.append(trial.number)
     return failed
+
+
+STUDY_RUN_KINDS = ("tune-study", "tune-retrain")  # the runs of a worker that no trial records
+
+
+def _worker_process_tag() -> dict[str, str]:
+    process = worker_process()
+    return {"worker_process": process} if process else {}
+
+
+def close_runs_of_dead_workers(experiment_name: str, study_name: str) -> list[str]:
+    """Close as KILLED the RUNNING study and retrain runs of ``study_name`` whose worker process, on
+    this machine, is gone (killed by SIGKILL or out of memory between trials, where no trial's cleanup
+    finds them); returns the runs closed. Other machines' workers cannot be checked from here."""
+    mine = worker_process()
+    if mine is None:
+        return []
+    closed = []
+    for run_id, tags in tracking.running_runs(experiment_name, STUDY_RUN_KINDS):
+        recorded = tags.get("worker_process")
+        if tags.get("optuna_study_name") != study_name or not recorded or not _worker_is_gone(recorded, mine):
+            continue
+        with deferred():
+            closed += tracking.kill_stale_run(run_id, tags={"killed_because": f"process {recorded.split('/')[2]} "
+                                                                              "is gone"})
+    if closed:
+        log.warning("study %s: MLflow runs %s of dead workers closed as KILLED", study_name, ", ".join(closed))
+    return closed
 
 
 def _queue_again(study: optuna.Study, trial: FrozenTrial, max_retry: int = 1) -> None:

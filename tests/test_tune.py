@@ -757,6 +757,35 @@ def test_only_trials_of_dead_workers_on_this_machine_are_failed(tracking_store, 
     assert fail_trials_of_dead_workers(study, f"sqlite:///{tmp_path / 'db'}") == []  # databases have heartbeats
 
 
+def test_study_and_retrain_runs_of_dead_workers_are_closed(tracking_store):
+    # A worker killed between trials (or while retraining the best) leaves no RUNNING trial for the
+    # trial cleanup to find: its runs are found by their tags instead, by the study's next worker here.
+    from cifar_exp.tune import close_runs_of_dead_workers, worker_process
+
+    ended = subprocess.Popen(["sleep", "60"])
+    dead = worker_process(ended.pid)
+    ended.kill()
+    ended.wait()
+    client = MlflowClient()
+    experiment = client.create_experiment("tests")
+
+    def running(kind, process, study="s", parent=None):
+        tags = {"run_kind": kind, "optuna_study_name": study, "worker_process": process}
+        return client.create_run(experiment, tags={**tags, **({"mlflow.parentRunId": parent} if parent else {})}
+                                 ).info.run_id
+
+    parent = running("tune-study", dead)
+    retrain = running("tune-retrain", dead, parent=parent)
+    alive = running("tune-study", worker_process())
+    other_study = running("tune-study", dead, study="other")
+    trial = running("tune-trial", dead)  # Optuna's trial cleanup closes those
+    assert sorted(close_runs_of_dead_workers("tests", "s")) == sorted([parent, retrain])
+    status = {run: client.get_run(run).info.status for run in (parent, retrain, alive, other_study, trial)}
+    assert status == {parent: "KILLED", retrain: "KILLED", alive: "RUNNING", other_study: "RUNNING", trial: "RUNNING"}
+    assert client.get_run(parent).data.tags["killed_because"] == f"process {ended.pid} is gone"
+    assert close_runs_of_dead_workers("no-such-experiment", "s") == []
+
+
 
 @pytest.mark.slow
 def test_mlflow_run_tune_entry_point(tiny_data, tracking_store, cache_dir, tmp_path):
