@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import logging
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -122,6 +123,33 @@ def describe(outcome: Outcome) -> str:
             + f"  {outcome.seconds:.0f} s  run {outcome.run}")
 
 
+def train_seeds(args: argparse.Namespace, base: ExperimentConfig, teacher_base: TrainConfig | None,
+                splits: Splits) -> tuple[list[Outcome], list[Outcome]]:
+    """Train each of ``args.seeds`` (first its own teacher, with ``teacher_base``); returns the
+    students' and the teachers' outcomes."""
+    rows: list[Outcome] = []
+    teachers: list[Outcome] = []
+    for seed in args.seeds:
+        run_name = f"{args.recipe}-{base.train.model}-seed{seed}"
+        cfg = replace(base, train=replace(base.train, seed=seed), tracking=replace(base.tracking, run_name=run_name))
+        teacher = None
+        if teacher_base is not None:
+            teacher_cfg = replace(cfg, train=replace(teacher_base, seed=seed),
+                                  tracking=replace(cfg.tracking, run_name=f"{run_name}-teacher"))
+            teacher = train_untracked(teacher_cfg, splits) if args.untracked else train_tracked(teacher_cfg, splits)
+            teachers.append(teacher)
+            save(teacher.model, args.save_dir, f"{run_name}-teacher")
+            print(f"seed {seed} teacher: {describe(teacher)}", flush=True)
+            cfg = replace(cfg, train=replace(cfg.train, teacher=teacher.teacher_uri))
+        # Untracked, the teacher is handed over in memory; tracked, the run loads it through its URI.
+        rows.append(train_untracked(cfg, splits, teacher.model if teacher else None) if args.untracked
+                    else train_tracked(cfg, splits))
+        save(rows[-1].model, args.save_dir, run_name)
+        print(f"seed {seed}: {describe(rows[-1])}", flush=True)
+
+    return rows, teachers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="seed")
@@ -186,29 +214,17 @@ def main() -> None:
         compare_latency(model, seed_model)
         return
     try:
+        if not args.untracked:
+            from cifar_exp.tracking import check_tracking_store  # MLflow only where runs are tracked
+
+            check_tracking_store()  # an unreachable store fails here, before the data loads
         splits = load_splits(base.data)
     except CifarExpError as error:
         parser.error(str(error))
-    rows: list[Outcome] = []
-    teachers: list[Outcome] = []
-    for seed in args.seeds:
-        run_name = f"{args.recipe}-{base.train.model}-seed{seed}"
-        cfg = replace(base, train=replace(base.train, seed=seed), tracking=replace(base.tracking, run_name=run_name))
-        teacher = None
-        if teacher_base is not None:
-            teacher_cfg = replace(cfg, train=replace(teacher_base, seed=seed),
-                                  tracking=replace(cfg.tracking, run_name=f"{run_name}-teacher"))
-            teacher = train_untracked(teacher_cfg, splits) if args.untracked else train_tracked(teacher_cfg, splits)
-            teachers.append(teacher)
-            save(teacher.model, args.save_dir, f"{run_name}-teacher")
-            print(f"seed {seed} teacher: {describe(teacher)}", flush=True)
-            cfg = replace(cfg, train=replace(cfg.train, teacher=teacher.teacher_uri))
-        # Untracked, the teacher is handed over in memory; tracked, the run loads it through its URI.
-        rows.append(train_untracked(cfg, splits, teacher.model if teacher else None) if args.untracked
-                    else train_tracked(cfg, splits))
-        save(rows[-1].model, args.save_dir, run_name)
-        print(f"seed {seed}: {describe(rows[-1])}", flush=True)
-
+    try:
+        rows, teachers = train_seeds(args, base, teacher_base, splits)
+    except CifarExpError as error:  # e.g. a diverged run, or the tracking store gone: one line, exit 1
+        sys.exit(f"{parser.prog}: error: {error}")
     model = build_classifier(base.train, len(splits.classes)).eval()
 
     def mean_std(values: list[float]) -> str:
@@ -220,8 +236,9 @@ def main() -> None:
     print(f"\nrecipe {args.recipe}, model {base.train.model}, {base.train.epochs} epochs, seeds {args.seeds}"
           + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""))
     if teachers:
+        teacher_tta = " (mirror TTA: two passes per image)" if teacher_base.tta else ""
         print(f"teachers ({' '.join(args.teacher_overrides)}, {count_parameters(teachers[0].model):,} parameters), "
-              f"test accuracy{tta}: {mean_std([t.test_accuracy for t in teachers])}; "
+              f"test accuracy{teacher_tta}: {mean_std([t.test_accuracy for t in teachers])}; "
               f"training time per teacher: {statistics.mean(t.seconds for t in teachers):.0f} s")
     print(f"validation accuracy (final epoch){tta}: {mean_std([r.val_accuracy for r in rows])}")
     print(f"test accuracy{tta}: {mean_std([r.test_accuracy for r in rows])}")

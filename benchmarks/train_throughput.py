@@ -195,7 +195,10 @@ def main() -> None:
                         help="Also time the 50-epoch seed recipe (on CUDA: with CUDA graphs and eager).")
     args = parser.parse_args()
 
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except CifarExpError as error:
+        parser.error(str(error))
     cfg = TrainConfig(device=device.type)
     amp_dtype = resolve_amp_dtype(cfg, device)
     if not (Path(args.data_dir) / "train").is_dir():

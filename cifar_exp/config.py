@@ -75,6 +75,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require_at_least(self, 0, "val_size")
+        _require_seed(self, "split_seed")
         if not self.val_on_test and self.val_size == 0:
             raise ConfigError("val-size is 0: pass --val-on-test or a positive --val-size")
 
@@ -143,6 +144,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require_finite(self)
         _require_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
+        _require_seed(self, "seed")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
@@ -516,6 +518,15 @@ def _require_at_least(config: Any, minimum: int, *names: str, note: str = "") ->
         value = getattr(config, name)
         if value < minimum:
             raise ConfigError(f"{name.replace('_', '-')} must be >= {minimum}{note}, got {value}")
+
+
+MAX_SEED = 2**32 - 1  # what scikit-learn's and Optuna's (NumPy) random states take
+
+
+def _require_seed(config: Any, name: str) -> None:
+    value = getattr(config, name)
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name.replace('_', '-')} must be in [0, {MAX_SEED}], got {value}")
 
 
 def _require_nonempty(config: Any, *names: str) -> None:

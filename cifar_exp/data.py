@@ -145,7 +145,8 @@ def _load_image_folder(root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet,
 
     listing = [(split, c, f.name, *_size_and_mtime(f)) for split in files for c in classes for f in files[split][c]]
     digest = hashlib.sha256(repr((CACHE_FORMAT, str(root), listing)).encode()).hexdigest()[:20]
-    cache_file = cache_dir / f"imagefolder-{digest}.pt"
+    folder_key = hashlib.sha256(str(root).encode()).hexdigest()[:8]  # the same for every listing of root
+    cache_file = cache_dir / f"imagefolder-{folder_key}-{digest}.pt"
     source = f"imagefolder:{root}"
     if cache_file.is_file():
         try:
@@ -156,10 +157,16 @@ def _load_image_folder(root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet,
             log.warning("ignoring unreadable cache %s: %s", cache_file, error)
 
     sets = {split: _decode_split(split, files[split], classes) for split in files}
-    _save_atomic(
+    saved = _save_atomic(
         {"classes": list(classes), **{f"{s}_{k}": getattr(sets[s], k) for s in sets for k in ("images", "labels")}},
         cache_file,
     )
+    if saved:  # the folder's earlier caches (its files have changed since) would only fill the disk
+        for stale in cache_dir.glob(f"imagefolder-{folder_key}-*.pt"):
+            if stale != cache_file:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+                    log.info("removed the outdated cache %s", stale)
     return sets["train"], sets["test"], classes, source
 
 
@@ -206,8 +213,11 @@ def _decode_split(split: str, files: dict[str, list[os.DirEntry]], classes: tupl
         images[index] = _decode_image(paths[index])
 
     # PIL releases the GIL while decoding, so threads overlap the JPEG work.
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        list(pool.map(decode, range(len(paths)), chunksize=256))
+    pool = ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2))
+    try:
+        list(pool.map(decode, range(len(paths))))
+    finally:  # a bad image or Ctrl-C: the images still queued are not decoded first
+        pool.shutdown(wait=True, cancel_futures=True)
     log.info("decoded %d %s images", len(paths), split)
     return ImageSet(split, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
 
@@ -234,17 +244,22 @@ def _cache_dir(cfg: DataConfig) -> Path:
     return Path(base) / "cifar-exp"
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
+def _save_atomic(obj: dict, path: Path) -> bool:
+    """Write ``obj`` to ``path`` through a temporary file; False where it cannot be written."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # read-only or full: a cache only costs speed (torch.save
-        # reports a failed write as RuntimeError)
-        log.warning("cannot write cache %s: %s", path, first_line(error))
-        with contextlib.suppress(OSError):
+        return True
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # also on Ctrl-C: a half-written file is no cache
             tmp.unlink(missing_ok=True)
+        if not isinstance(error, (OSError, RuntimeError)):
+            raise
+        # Read-only or full: a cache only costs speed (torch.save reports a failed write as RuntimeError).
+        log.warning("cannot write cache %s: %s", path, first_line(error))
+        return False
 
 
 # --------------------------------------------------------------------------------------------------

@@ -107,9 +107,11 @@ def train_and_track(
         registered_name = cfg.registered_model_name if cfg.tracking.register else None
         model_uri, version = tracking.log_model(result.model, registered_name)
         try:
-            # Chosen on validation, never on test: the champion is a selection among versions.
+            # Chosen on validation, never on test: the champion is a selection among versions, of the
+            # model as it is served (one pass per image: a run's mirror TTA does not ship with it).
             champion = bool(version) and tracking.promote_if_champion(
-                registered_name, version, val_accuracy=result.history[-1].val_accuracy, test_accuracy=test.accuracy,
+                registered_name, version, val_accuracy=result.history[-1].served_val_accuracy,
+                test_accuracy=test.one_pass_accuracy if test.one_pass_accuracy is not None else test.accuracy,
                 validation_digest=None if splits.val_is_test else splits.val.digest(),
             )
         except BaseException:
@@ -213,7 +215,8 @@ def _evaluate_and_report(
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
         if result is not None:
-            write_training_report(out_dir, result.history)
+            write_training_report(out_dir, result.history,
+                                  val_label="test (--val-on-test)" if splits.val_is_test else "validation")
         write_evaluation_report(out_dir, test, metrics, splits.test.images.numpy())
         tracking.log_artifacts(out_dir)
     tracking.log_table(metrics.per_class_rows(), "metrics/per_class.json")

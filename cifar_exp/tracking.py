@@ -141,7 +141,11 @@ def _start_or_resume_run(
     if not nested and mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
         # Taken out of the environment, as mlflow.start_run() itself does, so that nested runs
         # started later (tune's trials) are new runs, not that run resumed.
-        return mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"), tags=tags)
+        run_id = os.environ.pop("MLFLOW_RUN_ID")
+        try:
+            return mlflow.start_run(run_id=run_id, tags=tags)
+        except MlflowException as error:  # a run id from another store, or none at all
+            raise TrackingError(f"cannot log into MLFLOW_RUN_ID {run_id}: {first_line(error)}") from None
     try:
         if mlflow.active_run() is None:
             mlflow.set_experiment(experiment_name)

@@ -38,9 +38,15 @@ class EpochStats:
     lr: float  # at the epoch's first step (cosine, one-cycle and warm-up move it within the epoch)
     epoch_seconds: float
     train_images_per_second: float
+    val_accuracy_without_tta: float | None = None  # with mirror TTA: the one-pass accuracy, as served
 
     def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if k != "epoch"}
+        return {k: v for k, v in self.__dict__.items() if k != "epoch" and v is not None}
+
+    @property
+    def served_val_accuracy(self) -> float:
+        """The validation accuracy of the model as it ships (one pass per image, TTA or not)."""
+        return self.val_accuracy if self.val_accuracy_without_tta is None else self.val_accuracy_without_tta
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,7 @@ def fit(
             lr=lr,
             epoch_seconds=time.perf_counter() - epoch_start,
             train_images_per_second=len(splits.train) / train_seconds,
+            val_accuracy_without_tta=val.one_pass_accuracy,
         )
         history.append(stats)
         log.info(

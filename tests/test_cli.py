@@ -90,6 +90,8 @@ def test_module_entry_point_works():
     (["--lr-decay", "1.2"], "lr-decay must be in (0, 1], got 1.2"),
     (["--lr-decay", "0"], "lr-decay must be in (0, 1], got 0.0"),
     (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--seed", "18446744073709551615"], "seed must be in [0, 4294967295], got 18446744073709551615"),
+    (["--split-seed", "-1"], "split-seed must be in [0, 4294967295], got -1"),
     (["--batch-size", "0"], "batch-size must be >= 1, got 0"),
     (["--val-size", "400"], "val-size 400 must be smaller than the 400 training images"),
     (["--model", "vgg99"], "'vgg99' is not one of 'seed', 'seed-wide'"),
@@ -316,3 +318,12 @@ def test_a_terminated_ui_stops_the_mlflow_server_it_started(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(ui.pid, signal.SIGKILL)  # whatever is left of its session (MLflow's job consumers)
+
+
+def test_a_run_id_from_elsewhere_is_one_line(tiny_data, tracking_store, cache_dir, monkeypatch):
+    # MLFLOW_RUN_ID (set by `mlflow run`) naming no run of this store: an error, not a traceback.
+    monkeypatch.setenv("MLFLOW_RUN_ID", "deadbeef")
+    result = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: cannot log into MLFLOW_RUN_ID deadbeef: ")
+    assert len(result.output.strip().splitlines()) == 1

@@ -33,6 +33,8 @@ def test_defaults_are_the_seed_recipe():
     ("norm_std", math.nan, "norm-std must be a finite number, got nan"),
     ("warmup_epochs", math.nan, "warmup-epochs must be a finite number, got nan"),
     ("warmup_epochs", 60.0, r"warmup-epochs must be in \[0, epochs 50\], got 60.0$"),
+    ("seed", -1, r"seed must be in \[0, 4294967295\], got -1"),
+    ("seed", 2**64 - 1, r"seed must be in \[0, 4294967295\], got 18446744073709551615"),
 ])
 def test_bad_training_values_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):

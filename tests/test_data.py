@@ -58,6 +58,21 @@ def test_cache_is_invalidated_when_a_file_changes(tmp_path, cache_dir):
     after = load_splits(cfg).test.images
     assert not torch.equal(before, after)
     assert int(after[3].sum()) == 0  # cat is class 3, one test image per class
+    assert len(list(Path(cache_dir).glob("*.pt"))) == 1  # the outdated cache is gone
+
+
+def test_an_interrupted_cache_write_leaves_no_file(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    cache = tmp_path / "cache"
+
+    def interrupted(obj, path):  # Ctrl-C (or SIGTERM, as the CLI raises it) while the cache is written
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=str(cache)))
+    assert list(cache.iterdir()) == []
 
 
 def test_an_unwritable_cache_only_costs_speed(tmp_path, monkeypatch):

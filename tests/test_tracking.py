@@ -227,14 +227,21 @@ def test_test_accuracy_is_measured_as_validation_was(tiny_data, tracking_store, 
     # the exported model computes) is logged beside it.
     cfg = tiny_config(tiny_data, cache_dir, epochs=2, tta=True, amp=False)
     splits = load_splits(cfg.data)
-    outcome = train_and_track(dataclasses.replace(cfg, tracking=TrackingConfig(experiment_name="tests", register=False)),
+    outcome = train_and_track(dataclasses.replace(cfg, tracking=TrackingConfig(experiment_name="tests",
+                                                                               registered_model_name="tta")),
                               splits=splits)
     model = outcome.fit.model
     with_tta = evaluate(model, splits.test, batch_size=64, tta=True).accuracy
     one_pass = evaluate(model, splits.test, batch_size=64).accuracy
     assert outcome.test.accuracy == with_tta and outcome.test.one_pass_accuracy == one_pass
-    metrics = MlflowClient().get_run(outcome.run_id).data.metrics
+    client = MlflowClient()
+    metrics = client.get_run(outcome.run_id).data.metrics
     assert metrics["test_accuracy"] == with_tta and metrics["test_accuracy_without_tta"] == one_pass
+    # The registered model runs one pass per image: the champion is chosen on that accuracy.
+    val_one_pass = evaluate(model, splits.val, batch_size=64).accuracy
+    assert [m.value for m in client.get_metric_history(outcome.run_id, "val_accuracy_without_tta")][-1] == val_one_pass
+    tags = client.get_model_version("tta", outcome.model_version).tags
+    assert (tags["val_accuracy"], tags["test_accuracy"]) == (f"{val_one_pass:.6f}", f"{one_pass:.6f}")
 
 
 def test_a_run_failing_after_registration_leaves_no_registered_version(tiny_data, tracking_store, cache_dir,
