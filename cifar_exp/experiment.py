@@ -104,6 +104,10 @@ def train_and_track(
             "peak_memory_bytes": result.peak_memory_bytes,
             "best_val_accuracy": max(s.val_accuracy for s in result.history),
         })
+        leak = _teacher_may_know_validation(teacher, splits) if teacher else None
+        if leak:
+            log.warning("%s: the validation accuracy may be optimistic", leak)
+            tracking.set_tags({"validation_leak": leak})
         registered_name = cfg.registered_model_name if cfg.tracking.register else None
         model_uri, version = tracking.log_model(result.model, registered_name)
         try:
@@ -112,7 +116,7 @@ def train_and_track(
             champion = bool(version) and tracking.promote_if_champion(
                 registered_name, version, val_accuracy=result.history[-1].served_val_accuracy,
                 test_accuracy=test.one_pass_accuracy if test.one_pass_accuracy is not None else test.accuracy,
-                validation_digest=None if splits.val_is_test else splits.val.digest(),
+                validation_digest=None if splits.val_is_test else splits.val.digest(), not_candidate=leak,
             )
         except BaseException:
             if version:  # the run fails: no registered version may point at its model
@@ -177,6 +181,22 @@ def load_teacher(
     if len(members) > 1:
         log.info("distilling from an ensemble of %d models", len(members))
     return Teacher(Ensemble(members) if len(members) > 1 else members[0], tuple(source_run_ids))
+
+
+def _teacher_may_know_validation(teacher: Teacher, splits: Splits) -> str | None:
+    """Why the teachers may have trained on this run's validation images (whose soft labels then
+    carry them into the student), or None: each teacher's run must have trained on exactly this
+    run's training images (the digest of its ``training`` dataset input)."""
+    if splits.val_is_test:
+        return None  # validated on the test split: no champion candidate anyway
+    train_digest = splits.train.digest()
+    others = [run for run in teacher.source_run_ids
+              if run == "unknown" or tracking.dataset_digest(run, "train") != train_digest]
+    if not others:
+        return None
+    return (f"teacher run{'s' if len(others) > 1 else ''} {', '.join(others)} trained on other images than this "
+            "run's training split (another --val-size, --split-seed or data folder, or unknown), which may "
+            "include its validation images")
 
 
 def _check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str) -> str | None:

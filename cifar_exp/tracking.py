@@ -43,6 +43,7 @@ CHAMPION = "champion"
 CHAMPION_METRIC = "val_accuracy"
 VALIDATION_DIGEST = "validation_digest"  # version tag: which images CHAMPION_METRIC was measured on
 PREVIOUS_CHAMPION = "previous_champion"  # version tag: the champion it replaced, restored if it is deleted
+NOT_CANDIDATE = "no_champion_candidate"  # version tag: why its validation accuracy cannot be compared
 CREATED_NAME = "created_registered_model"  # version tag: its registration created the registered model
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
@@ -277,6 +278,7 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
 @deferred()
 def promote_if_champion(
     name: str, version: str | int, *, val_accuracy: float, test_accuracy: float, validation_digest: str | None,
+    not_candidate: str | None = None,
 ) -> bool:
     """Tag the version with its accuracies; give it the ``champion`` alias if its validation
     accuracy beats the holder's (the test split is for reporting, never for choosing).
@@ -284,7 +286,8 @@ def promote_if_champion(
     Accuracies compare only on the same validation images: ``validation_digest`` (``ImageSet.digest``)
     is kept as a version tag, and a version validated on another split than the champion's (another
     ``--val-size`` or ``--split-seed``) leaves the alias where it is. ``None`` means the run validated
-    on the test split (``--val-on-test``): such a version is never a candidate.
+    on the test split (``--val-on-test``): such a version is never a candidate, nor is one with a
+    ``not_candidate`` reason (kept as a version tag), e.g. a teacher that may have seen its validation images.
     """
     client = MlflowClient()
     client.set_model_version_tag(name, str(version), CHAMPION_METRIC, f"{val_accuracy:.6f}")
@@ -292,6 +295,10 @@ def promote_if_champion(
     client.set_model_version_tag(name, str(version), VALIDATION_DIGEST, validation_digest or "test split")
     if validation_digest is None:
         log.info("%s version %s is no champion candidate: it was validated on the test split", name, version)
+        return False
+    if not_candidate:
+        client.set_model_version_tag(name, str(version), NOT_CANDIDATE, not_candidate)
+        log.warning("%s version %s is no champion candidate: %s", name, version, not_candidate)
         return False
     try:
         holder = client.get_model_version_by_alias(name, CHAMPION)
@@ -436,6 +443,18 @@ def get_run(run_id: str) -> RunRecord | None:
         return _record(MlflowClient().get_run(run_id))
     except MlflowException:
         return None
+
+
+def dataset_digest(run_id: str, split: str) -> str | None:
+    """The digest of the ``split`` (train, val, test) dataset input that ``log_datasets`` recorded for
+    run ``run_id``; None for an unknown run or one that recorded none."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    context = DATASET_CONTEXTS.get(split, split)
+    return next((entry.dataset.digest for entry in run.inputs.dataset_inputs
+                 if any(tag.key == "mlflow.data.context" and tag.value == context for tag in entry.tags)), None)
 
 
 def running_runs(experiment_name: str, run_kinds: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:

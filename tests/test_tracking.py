@@ -188,6 +188,23 @@ def test_a_distilled_run_learns_from_the_logged_teachers_it_records(trained, tin
         torch.testing.assert_close(teacher(images), outcome.fit.model.cpu()(images), rtol=1e-4, atol=1e-4)
 
 
+def test_a_teacher_trained_on_another_split_makes_no_champion(trained, tiny_data, cache_dir):
+    # The teacher (split seed 0) trained on images this student (split seed 1) validates on: its soft
+    # labels carry them into the student, whose validation accuracy is then no fair comparison.
+    outcome, _, client = trained
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1, teacher=f"runs:/{outcome.run_id}/model")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=1),
+                              tracking=TrackingConfig(experiment_name="tests", registered_model_name="leaky"))
+    student = train_and_track(cfg)
+    assert student.model_version == "1" and not student.champion  # even with no champion to beat
+    leak = client.get_run(student.run_id).data.tags["validation_leak"]
+    assert leak.startswith(f"teacher run {outcome.run_id} trained on other images than this run's training split")
+    assert client.get_model_version("leaky", "1").tags["no_champion_candidate"] == leak
+    # The same split as the teacher's: a candidate as any run.
+    same = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=0))
+    assert train_and_track(same).champion
+
+
 def test_an_unloadable_teacher_is_a_one_line_error_before_any_run(tiny_data, tracking_store, cache_dir):
     cfg = tiny_config(tiny_data, cache_dir, epochs=1, teacher="runs:/0123456789abcdef/model")
     with pytest.raises(TrackingError, match="cannot load model runs:/0123456789abcdef/model") as raised:
