@@ -117,6 +117,10 @@ def save(model: torch.nn.Module, folder: str | None, name: str) -> None:
         torch.save(model.state_dict(), Path(folder) / f"{name}.pt")
 
 
+def tta_label(train: TrainConfig) -> str:
+    return " (mirror TTA: two passes per image)" if train.tta else ""
+
+
 def describe(outcome: Outcome) -> str:
     return (f"val {outcome.val_accuracy:.4f}  test {outcome.test_accuracy:.4f}"
             + (f" (one pass {outcome.one_pass_accuracy:.4f})" if outcome.one_pass_accuracy is not None else "")
@@ -127,6 +131,12 @@ def train_seeds(args: argparse.Namespace, base: ExperimentConfig, teacher_base: 
                 splits: Splits) -> tuple[list[Outcome], list[Outcome]]:
     """Train each of ``args.seeds`` (first its own teacher, with ``teacher_base``); returns the
     students' and the teachers' outcomes."""
+    def train(cfg: ExperimentConfig, teacher: Outcome | None = None) -> Outcome:
+        # Untracked, the teacher is handed over in memory; tracked, the run loads it through its URI.
+        if args.untracked:
+            return train_untracked(cfg, splits, teacher.model if teacher else None)
+        return train_tracked(cfg, splits)
+
     rows: list[Outcome] = []
     teachers: list[Outcome] = []
     for seed in args.seeds:
@@ -136,14 +146,12 @@ def train_seeds(args: argparse.Namespace, base: ExperimentConfig, teacher_base: 
         if teacher_base is not None:
             teacher_cfg = replace(cfg, train=replace(teacher_base, seed=seed),
                                   tracking=replace(cfg.tracking, run_name=f"{run_name}-teacher"))
-            teacher = train_untracked(teacher_cfg, splits) if args.untracked else train_tracked(teacher_cfg, splits)
+            teacher = train(teacher_cfg)
             teachers.append(teacher)
             save(teacher.model, args.save_dir, f"{run_name}-teacher")
             print(f"seed {seed} teacher: {describe(teacher)}", flush=True)
             cfg = replace(cfg, train=replace(cfg.train, teacher=teacher.teacher_uri))
-        # Untracked, the teacher is handed over in memory; tracked, the run loads it through its URI.
-        rows.append(train_untracked(cfg, splits, teacher.model if teacher else None) if args.untracked
-                    else train_tracked(cfg, splits))
+        rows.append(train(cfg, teacher))
         save(rows[-1].model, args.save_dir, run_name)
         print(f"seed {seed}: {describe(rows[-1])}", flush=True)
 
@@ -232,13 +240,12 @@ def main() -> None:
             return f"{100 * values[0]:.2f}% (one seed: no spread)"
         return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}% (sample std)"
 
-    tta = " (mirror TTA: two passes per image)" if base.train.tta else ""
+    tta = tta_label(base.train)
     print(f"\nrecipe {args.recipe}, model {base.train.model}, {base.train.epochs} epochs, seeds {args.seeds}"
           + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""))
     if teachers:
-        teacher_tta = " (mirror TTA: two passes per image)" if teacher_base.tta else ""
         print(f"teachers ({' '.join(args.teacher_overrides)}, {count_parameters(teachers[0].model):,} parameters), "
-              f"test accuracy{teacher_tta}: {mean_std([t.test_accuracy for t in teachers])}; "
+              f"test accuracy{tta_label(teacher_base)}: {mean_std([t.test_accuracy for t in teachers])}; "
               f"training time per teacher: {statistics.mean(t.seconds for t in teachers):.0f} s")
     print(f"validation accuracy (final epoch){tta}: {mean_std([r.val_accuracy for r in rows])}")
     print(f"test accuracy{tta}: {mean_std([r.test_accuracy for r in rows])}")

@@ -190,8 +190,8 @@ def _teacher_may_know_validation(teacher: Teacher, splits: Splits) -> str | None
     if splits.val_is_test:
         return None  # validated on the test split: no champion candidate anyway
     train_digest = splits.train.digest()
-    others = [run for run in teacher.source_run_ids
-              if run == "unknown" or tracking.dataset_digest(run, "train") != train_digest]
+    # A run id "unknown" (a URI that names no run) has no digest either: it counts as other images.
+    others = [run for run in teacher.source_run_ids if tracking.dataset_digest(run, "train") != train_digest]
     if not others:
         return None
     return (f"teacher run{'s' if len(others) > 1 else ''} {', '.join(others)} trained on other images than this "

@@ -713,9 +713,8 @@ def close_runs_of_dead_workers(experiment_name: str, study_name: str) -> list[st
         recorded = tags.get("worker_process")
         if tags.get("optuna_study_name") != study_name or not recorded or not _worker_is_gone(recorded, mine):
             continue
-        with deferred():
-            closed += tracking.kill_stale_run(run_id, tags={"killed_because": f"process {recorded.split('/')[2]} "
-                                                                              "is gone"})
+        # kill_stale_run defers signals itself: a run is closed with its tag, or not at all.
+        closed += tracking.kill_stale_run(run_id, tags={"killed_because": f"process {recorded.split('/')[2]} is gone"})
     if closed:
         log.warning("study %s: MLflow runs %s of dead workers closed as KILLED", study_name, ", ".join(closed))
     return closed
