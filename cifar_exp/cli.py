@@ -190,7 +190,8 @@ def evaluate(**options: Any) -> None:
 def tune(**options: Any) -> None:
     """Search lr and its decay with Optuna: one parent MLflow run, a nested run per trial.
 
-    The objective is the validation accuracy (split carved from train) after --epochs epochs.
+    The objective is the validation accuracy (split carved from train, one pass per image even with
+    --tta) after --epochs epochs.
     The decay is searched with --schedule exp only (with cosine or onecycle, lr alone is). The
     baseline trial (--lr, and --lr-decay where searched) runs first; every other option is train's. Workers that
     share --storage and --study-name share the study. With --objectives accuracy,latency the conv

@@ -97,9 +97,12 @@ def train_and_track(
             progress=progress,
             teacher=teacher.model if teacher else None,
         )
-        test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size, amp_dtype,
-                                                  cfg.train.channels_last, result, tta=cfg.train.tta)
+        test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size,
+                                                  cfg.train.channels_last, result, tta=cfg.train.tta,
+                                                  train_objective=_training_objective(cfg.train))
+        served_val_accuracy = _served_val_accuracy(result, splits, cfg.train)
         tracking.log_metrics({
+            "served_val_accuracy": served_val_accuracy,
             "train_seconds": result.train_seconds,
             "peak_memory_bytes": result.peak_memory_bytes,
             "best_val_accuracy": max(s.val_accuracy for s in result.history),
@@ -114,7 +117,7 @@ def train_and_track(
             # Chosen on validation, never on test: the champion is a selection among versions, of the
             # model as it is served (one pass per image: a run's mirror TTA does not ship with it).
             champion = bool(version) and tracking.promote_if_champion(
-                registered_name, version, val_accuracy=result.history[-1].served_val_accuracy,
+                registered_name, version, val_accuracy=served_val_accuracy,
                 test_accuracy=test.one_pass_accuracy if test.one_pass_accuracy is not None else test.accuracy,
                 validation_digest=None if splits.val_is_test else splits.val.digest(), not_candidate=leak,
             )
@@ -148,7 +151,7 @@ def evaluate_and_track(evaluate: EvaluateConfig, cfg: ExperimentConfig) -> Evalu
         tracking.log_params({"model_uri": model_uri, "data.data_dir": data_cfg.data_dir,
                              "eval_batch_size": batch_size, "tta": tta})
         tracking.log_datasets({"test": test_set}, source)
-        test, test_metrics = _evaluate_and_report(model, splits, batch_size, None, False, None, tta=tta)
+        test, test_metrics = _evaluate_and_report(model, splits, batch_size, False, None, tta=tta)
     return EvaluationOutcome(run_id, test, test_metrics)
 
 
@@ -214,19 +217,19 @@ def _evaluate_and_report(
     model: torch.nn.Module,
     splits: Splits,
     batch_size: int,
-    amp_dtype: torch.dtype | None,
     channels_last: bool,
     result: FitResult | None,
     *,
     tta: bool,
+    train_objective: str = "cross-entropy",
 ) -> tuple[EvalResult, ClassMetrics]:
     """Test-split metrics and report files, logged into the active run.
 
-    Evaluated as validation was (``tta``: mirror test-time augmentation); with ``tta`` the accuracy of
-    one forward pass per image, what the exported model computes, is logged as well.
+    Evaluated in fp32, the model as it is logged and exported, whatever autocast trained and
+    validated it; ``tta``: mirror test-time augmentation, and then the accuracy of one forward pass
+    per image, what the exported model computes, is logged as well.
     """
-    test = evaluate(model, splits.test, batch_size=batch_size, amp_dtype=amp_dtype,
-                    channels_last=channels_last, tta=tta)
+    test = evaluate(model, splits.test, batch_size=batch_size, channels_last=channels_last, tta=tta)
     metrics = class_metrics(test.labels, test.predictions, splits.classes)
     tracking.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy, **metrics.macro()})
     if test.one_pass_accuracy is not None:
@@ -236,11 +239,29 @@ def _evaluate_and_report(
         out_dir = Path(tmp)
         if result is not None:
             write_training_report(out_dir, result.history,
-                                  val_label="test (--val-on-test)" if splits.val_is_test else "validation")
+                                  val_label="test (--val-on-test)" if splits.val_is_test else "validation",
+                                  train_objective=train_objective)
         write_evaluation_report(out_dir, test, metrics, splits.test.images.numpy())
         tracking.log_artifacts(out_dir)
     tracking.log_table(metrics.per_class_rows(), "metrics/per_class.json")
     return test, metrics
+
+
+def _training_objective(cfg: TrainConfig) -> str:
+    """What ``train_loss`` measures, for the loss curves' legend."""
+    objective = "cross-entropy" + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
+    if cfg.teacher_uris():
+        return f"distillation {cfg.distill_weight:g} + {objective} {1 - cfg.distill_weight:g}"
+    return objective
+
+
+def _served_val_accuracy(result: FitResult, splits: Splits, cfg: TrainConfig) -> float:
+    """Validation accuracy of the model as it is logged and served: fp32, one pass per image. The
+    last epoch's validation measured just that unless it ran under autocast."""
+    if result.amp_dtype is None:
+        return result.history[-1].served_val_accuracy
+    return evaluate(result.model, splits.val, batch_size=cfg.eval_batch_size,
+                    channels_last=cfg.channels_last).accuracy
 
 
 def _distinct_sets(splits: Splits) -> dict[str, object]:

@@ -92,17 +92,20 @@ def write_evaluation_report(
     plot_sample_predictions(images, result, metrics.classes, out_dir / "plots" / "sample_predictions.png")
 
 
-def write_training_report(out_dir: Path, history: Sequence[EpochStats], val_label: str = "validation") -> None:
+def write_training_report(out_dir: Path, history: Sequence[EpochStats], val_label: str = "validation",
+                          train_objective: str = "cross-entropy") -> None:
     """``history.csv`` (one row per epoch) and the loss and accuracy curves; ``val_label`` names the
-    split the per-epoch validation ran on (the test split under the seed report's protocol)."""
+    split the per-epoch validation ran on (the test split under the seed report's protocol),
+    ``train_objective`` what the training loss is (the evaluation loss is always plain cross-entropy)."""
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     rows = [{"epoch": s.epoch, **s.metrics()} for s in history]
     _write_csv(out_dir / "history.csv", rows, tuple(rows[0]))
     epochs = [s.epoch for s in history]
     _plot_curves(
         epochs,
-        {"train": [s.train_loss for s in history], val_label: [s.val_loss for s in history]},
-        "cross-entropy loss",
+        {f"train ({train_objective})": [s.train_loss for s in history],
+         f"{val_label} (cross-entropy)": [s.val_loss for s in history]},
+        "loss",
         out_dir / "plots" / "loss_curves.png",
     )
     _plot_curves(

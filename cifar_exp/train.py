@@ -63,7 +63,7 @@ class EvalResult:
 class FitResult:
     model: Classifier  # fp32 weights, eval mode, on ``device``
     history: list[EpochStats]
-    train_seconds: float
+    train_seconds: float  # the epochs' training and validation; on_epoch_end's logging not included
     device: torch.device
     amp_dtype: torch.dtype | None
     peak_memory_bytes: int
@@ -198,7 +198,6 @@ def fit(
     )
 
     history: list[EpochStats] = []
-    start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -239,7 +238,7 @@ def fit(
     return FitResult(
         model=model,
         history=history,
-        train_seconds=time.perf_counter() - start,
+        train_seconds=sum(stats.epoch_seconds for stats in history),
         device=device,
         amp_dtype=amp_dtype,
         peak_memory_bytes=peak_memory_bytes(device),

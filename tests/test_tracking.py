@@ -239,14 +239,23 @@ def test_an_unusable_store_is_one_line_without_its_password(monkeypatch):
     assert "secret" not in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_test_accuracy_is_measured_as_validation_was(tiny_data, tracking_store, cache_dir):
+@pytest.mark.parametrize("amp_dtype", [None, "bfloat16"])
+def test_test_accuracy_is_measured_as_validation_was(tiny_data, tracking_store, cache_dir, monkeypatch, amp_dtype):
     # With --tta, validation used mirror TTA: so does the test accuracy; the one-pass accuracy (what
-    # the exported model computes) is logged beside it.
-    cfg = tiny_config(tiny_data, cache_dir, epochs=2, tta=True, amp=False)
+    # the exported model computes) is logged beside it. Test accuracy and the champion's validation
+    # accuracy are those of the fp32 model, as logged and exported, even after autocast training.
+    autocast_evaluations = []
+    monkeypatch.setattr(experiment, "evaluate", lambda *args, **kwargs: autocast_evaluations.append(
+        kwargs.get("amp_dtype")) or evaluate(*args, **kwargs))
+    cfg = tiny_config(tiny_data, cache_dir, epochs=2, tta=True, amp=amp_dtype is not None,
+                      amp_dtype=amp_dtype or "auto")
     splits = load_splits(cfg.data)
     outcome = train_and_track(dataclasses.replace(cfg, tracking=TrackingConfig(experiment_name="tests",
                                                                                registered_model_name="tta")),
                               splits=splits)
+    assert outcome.fit.amp_dtype == (amp_dtype and torch.bfloat16)
+    # test split, and (after autocast training) validation once more in fp32
+    assert autocast_evaluations == [None] * (2 if amp_dtype else 1)
     model = outcome.fit.model
     with_tta = evaluate(model, splits.test, batch_size=64, tta=True).accuracy
     one_pass = evaluate(model, splits.test, batch_size=64).accuracy
@@ -256,7 +265,9 @@ def test_test_accuracy_is_measured_as_validation_was(tiny_data, tracking_store, 
     assert metrics["test_accuracy"] == with_tta and metrics["test_accuracy_without_tta"] == one_pass
     # The registered model runs one pass per image: the champion is chosen on that accuracy.
     val_one_pass = evaluate(model, splits.val, batch_size=64).accuracy
-    assert [m.value for m in client.get_metric_history(outcome.run_id, "val_accuracy_without_tta")][-1] == val_one_pass
+    if amp_dtype is None:
+        assert [m.value for m in client.get_metric_history(outcome.run_id, "val_accuracy_without_tta")][-1] == val_one_pass
+    assert metrics["served_val_accuracy"] == val_one_pass
     tags = client.get_model_version("tta", outcome.model_version).tags
     assert (tags["val_accuracy"], tags["test_accuracy"]) == (f"{val_one_pass:.6f}", f"{one_pass:.6f}")
 

@@ -3,6 +3,7 @@ import math
 import platform
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -110,6 +111,16 @@ def test_metrics_are_real_numbers(splits):
     assert stats.lr == TINY["lr"]  # the seed's schedule decays only after the first epoch
     # images/s counts the training pass only; the epoch also validates, so it took longer than that.
     assert len(splits.train) / stats.train_images_per_second <= stats.epoch_seconds
+
+
+def test_train_seconds_count_the_epochs_not_the_callbacks(splits):
+    # on_epoch_end logs to MLflow and writes Optuna's storage: slow stores must not inflate the
+    # training time the run reports.
+    start = time.perf_counter()
+    result = fit(TrainConfig(**{**TINY, "epochs": 2}), splits, on_epoch_end=lambda stats: time.sleep(1.0))
+    wall = time.perf_counter() - start
+    assert result.train_seconds == pytest.approx(sum(s.epoch_seconds for s in result.history))
+    assert result.train_seconds <= wall - 2.0
 
 
 def test_cutout_in_training_fills_with_the_normalisation_mean(splits, monkeypatch):

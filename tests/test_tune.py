@@ -149,6 +149,23 @@ def test_a_study_of_another_schedule_searches_lr_alone(tiny_data, tracking_store
     assert summary.train_options() == f"--lr {best.params['lr']!r}"
 
 
+def test_a_tta_study_ranks_trials_on_one_pass_accuracy(tiny_data, tracking_store, cache_dir, tmp_path):
+    # The registered model and the latency objective run one pass per image: so does the objective,
+    # not the mirror-TTA accuracy that the trial's val_accuracy logs under --tta.
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--tta",
+                     "--n-trials", "2", "--sampler", "random")
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    study = optuna.load_study(study_name="cifar10-seed-2ep", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    for trial in study.trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        history = {name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
+                   for name in ("val_accuracy", "val_accuracy_without_tta")}
+        assert trial.value == history["val_accuracy_without_tta"][-1]
+        assert list(trial.intermediate_values.values()) == history["val_accuracy_without_tta"]
+        assert len(history["val_accuracy"]) == 2  # the TTA accuracy is still logged beside it
+
+
 def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
