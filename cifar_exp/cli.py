@@ -297,7 +297,7 @@ def export(**options: Any) -> None:
             click.echo(f"{path}: test accuracy {check.accuracy:.2%} (PyTorch {check.reference_accuracy:.2%}), "
                        f"top-1 agreement {check.top1_agreement:.2%}, max |Δlogit| {check.max_abs_logit_diff:.3g} "
                        f"on {check.images} test images")
-    where = "the model's run" if outcome.logged_into_source_run else "new run"
+    where = "the model's run" if outcome.logged_into_source_run else "run"
     click.echo(f"logged under onnx/ in {where} {outcome.run_id}")
 
 

@@ -9,13 +9,17 @@ so does a second signal inside a deferred block (Ctrl-C twice gets out of a writ
 on an unreachable tracking server).
 
 The state is process-wide, as signal handlers are: Python runs them in the main thread, between
-bytecodes of whatever that thread is doing.
+bytecodes of whatever that thread is doing. That may be a ``__del__`` method or a weakref callback,
+where Python cannot propagate an exception: it prints "Exception ignored" and goes on, and the run
+would finish as if no signal had come. Such a swallowed interrupt is sent to the main thread again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +44,29 @@ def install_handlers() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _interrupt)
+    if sys.unraisablehook is not _redeliver_swallowed_interrupt:
+        global _unraisablehook
+        _unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _redeliver_swallowed_interrupt
+
+
+REDELIVERY_DELAY_SECONDS = 0.05
+_unraisablehook = sys.unraisablehook  # the hook that reports every other unraisable exception
+
+
+def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
+    """``sys.unraisablehook``: an ``Interrupted`` raised inside a ``__del__`` or a weakref callback
+    was dropped by Python; send its signal to the main thread again, so that it still ends the command."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        # Later, from another thread: a signal that arrived while this hook still runs would raise in
+        # it, and Python drops a hook's exceptions too. Should it land in a finaliser again, this
+        # hook sends it once more. pthread_kill wakes the main thread if it waits in a system call.
+        resend = threading.Timer(REDELIVERY_DELAY_SECONDS, signal.pthread_kill,
+                                 args=(threading.main_thread().ident, unraisable.exc_value.signum))
+        resend.daemon = True
+        resend.start()
+        return
+    _unraisablehook(unraisable)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -229,12 +229,14 @@ def tune(
     run_name = cfg.tracking.run_name or f"tune-{study_name}"
     with tracking.start_run(cfg.tracking.experiment_name, run_name, tags=parent_tags) as run_id:
         tune_params = {k: v for k, v in dataclasses.asdict(tune_cfg).items() if k != "storage"}
+        tune_params["study_name"] = study_name  # the default one too, not None
         if tune_cfg.multi_objective:
             tune_params["pruner"] = "none"  # Optuna cannot prune multi-objective trials
         tracking.log_params({**cfg.flat(), **{f"tune.{k}": v for k, v in tune_params.items()}})
         tracking.log_datasets({"train": splits.train, "val": splits.val}, splits.source)
-        report(f"study {study_name} on {shown_url}: {tune_cfg.n_trials} trials of {cfg.train.epochs} "
-               f"epochs; {before} finished trials in the study before this run")
+        report(f"study {study_name} on {shown_url}: {tune_cfg.n_trials} trial{'s' * (tune_cfg.n_trials != 1)} of "
+               f"{cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)}; {before} finished trials in the study "
+               "before this run")
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             summary = TrialSummary.of(trial)
@@ -965,23 +967,35 @@ def write_study_plots(
     if intermediate:
         plots["intermediate_values"] = lambda: oplt.plot_intermediate_values(study)
     written = []
-    for name, plot in plots.items():
-        path = folder / f"{name}.png"
-        try:
-            # Optuna's plots switch matplotlib's global style: keep that from leaking into other reports.
-            with warnings.catch_warnings(), matplotlib.rc_context():
-                warnings.simplefilter("ignore")  # ExperimentalWarning, too few trials, ...
-                axes = plot()
-                figure = np.ravel(axes)[0].figure
-                figure.set_size_inches(max(figure.get_figwidth(), 7), max(figure.get_figheight(), 5))
-                figure.tight_layout()
-                figure.savefig(path, dpi=100)
-                plt.close(figure)
-            written.append(path)
-        except Exception as error:  # a plot is a report, never a reason to lose the study's run
-            log.warning("plot %s skipped: %s", name, first_line(error))
-            plt.close("all")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. "Param lr unique value length is less than 2"
+    try:
+        for name, plot in plots.items():
+            path = folder / f"{name}.png"
+            if _write_plot(plot, path, name):
+                written.append(path)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return written
+
+
+def _write_plot(plot: Callable[[], Any], path: Path, name: str) -> bool:
+    """Save the figure ``plot`` draws as ``path``; False (and a warning) where it cannot be drawn."""
+    try:
+        # Optuna's plots switch matplotlib's global style: keep that from leaking into other reports.
+        with warnings.catch_warnings(), matplotlib.rc_context():
+            warnings.simplefilter("ignore")  # ExperimentalWarning, too few trials, ...
+            axes = plot()
+            figure = np.ravel(axes)[0].figure
+            figure.set_size_inches(max(figure.get_figwidth(), 7), max(figure.get_figheight(), 5))
+            figure.tight_layout()
+            figure.savefig(path, dpi=100)
+            plt.close(figure)
+        return True
+    except Exception as error:  # a plot is a report, never a reason to lose the study's run
+        log.warning("plot %s skipped: %s", name, first_line(error))
+        plt.close("all")
+        return False
 
 
 def _plot_scatter(study: optuna.Study, bounds: tuple[tuple[float, float], tuple[float, float]] | None) -> plt.Axes:

@@ -84,13 +84,25 @@ def cache_dir(tmp_path: Path) -> str:
     return str(tmp_path / "cache")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_is_not_ignored():
+    """A test run started in the background (``make test &`` in a script) inherits SIGINT ignored,
+    and so would the CLI processes the Ctrl-C tests start: give it Python's default handler, whose
+    children (after exec) get the system default."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @pytest.fixture
 def project_signal_handlers():
     """The CLI's SIGINT/SIGTERM handlers installed for the test, the test process's own restored after."""
     from cifar_exp import interrupts
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    unraisablehook = sys.unraisablehook
     interrupts.install_handlers()
     yield
     for s, handler in handlers.items():
         signal.signal(s, handler)
+    sys.unraisablehook = unraisablehook

@@ -231,6 +231,20 @@ def test_a_signal_inside_deferred_blocks_is_raised_when_the_outermost_ends(proje
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
+def test_a_signal_that_python_drops_in_a_finaliser_still_interrupts(project_signal_handlers):
+    # A handler that runs inside __del__ (or a weakref callback, as seen at the end of a training run)
+    # raises where Python can only print "Exception ignored": the signal is sent again.
+    class SignalledWhileFinalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs here, inside __del__
+
+    with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
+        SignalledWhileFinalised()  # finalised at once
+        time.sleep(5)  # the signal sent again wakes this wait
+        pytest.fail("the signal was lost")
+
+
 @pytest.fixture
 def signal_inside_a_metric_write(request, project_signal_handlers):
     """Sends ``request.param`` from inside MLflow's first metric INSERT (the write begun, not committed).

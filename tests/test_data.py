@@ -237,6 +237,26 @@ def test_crop_is_a_window_of_the_reflect_padded_image():
     assert {dy for dy, _ in shifts} == set(range(9)) and {dx for _, dx in shifts} == set(range(9))
 
 
+def test_flip_crop_batches_are_mirrored_or_not_windows_of_the_padded_images():
+    # What training with --augment flip-crop gets: DeviceBatches -> augment_batch -> random_crop.
+    images = (torch.rand(128, 3, 32, 32) * 255).to(torch.uint8)
+    data = ImageSet("train", images, torch.arange(128))
+    batches = DeviceBatches(data, 128, device=torch.device("cpu"), shuffle=False, seed=0, augment="flip-crop")
+    (out, labels), = list(batches)
+    original = images.float() / 255  # DeviceBatches hands out [0, 1] floats
+    shifted = mirrored = 0
+    for k, label in enumerate(labels.tolist()):
+        windows = {}
+        for name, source in (("kept", original[label]), ("mirrored", original[label].flip(-1))):
+            padded = torch.nn.functional.pad(source[None], (4, 4, 4, 4), mode="reflect")[0]
+            windows.update({(name, dy, dx): padded[:, dy:dy + 32, dx:dx + 32]
+                            for dy in range(9) for dx in range(9)})
+        match = next(key for key, window in windows.items() if torch.allclose(out[k], window))
+        shifted += match[1:] != (4, 4)
+        mirrored += match[0] == "mirrored"
+    assert shifted > 100 and 30 < mirrored < 98  # most images moved (1 in 81 stays put); about half mirrored
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/cifar10-jpeg-dev is not here")
 @pytest.mark.slow
 def test_real_cifar10_dev_folder(tmp_path):

@@ -198,8 +198,16 @@ def test_onecycle_schedule_takes_every_warmup_the_config_allows(warmup_epochs, s
 
 
 def test_recipe_seed_is_exactly_the_default():
-    assert recipe_config("seed") == TrainConfig()
-    assert build_config({}).train == TrainConfig()
+    # What `cifar-exp train --recipe seed` and a bare `cifar-exp train` build, through click.
+    from cifar_exp.cli import train
+
+    def built(args):
+        with train.make_context("train", args) as context:
+            return build_config(context.params)
+
+    assert built(["--recipe", "seed"]) == built([])
+    assert built(["--recipe", "seed"]).train == recipe_config("seed") == TrainConfig()
+    assert built(["--recipe", "pico"]).train != TrainConfig()  # a recipe does change the config
 
 
 def test_best_recipe_options_are_overridable_on_the_command_line(monkeypatch):

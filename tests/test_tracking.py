@@ -3,13 +3,14 @@
 import csv
 import dataclasses
 import math
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from sklearn.metrics import f1_score, precision_score, recall_score
+from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
 
 from cifar_exp import experiment, tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
@@ -93,9 +94,13 @@ def test_artifacts_hold_real_reports(trained, tmp_path):
     matrix = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
     assert matrix.shape == (10, 10) and matrix.sum() == len(splits.test)
     assert np.trace(matrix) / matrix.sum() == pytest.approx(outcome.test.accuracy)
+    # rows: true classes, columns: predicted ones, as scikit-learn counts them
+    labels, predictions = outcome.test.labels, outcome.test.predictions
+    np.testing.assert_array_equal(matrix, confusion_matrix(labels, predictions, labels=list(range(10))))
+    assert (matrix.sum(1) == np.bincount(labels, minlength=10)).all()
     with open(tmp_path / "metrics" / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
-    labels, predictions = outcome.test.labels, outcome.test.predictions
+    assert [row["class"] for row in per_class] == list(splits.classes)
     ids = list(range(10))
     sk_precision = precision_score(labels, predictions, labels=ids, average=None, zero_division=0)
     sk_recall = recall_score(labels, predictions, labels=ids, average=None, zero_division=0)
@@ -106,7 +111,7 @@ def test_artifacts_hold_real_reports(trained, tmp_path):
     with open(tmp_path / "history.csv") as f:
         assert len(list(csv.DictReader(f))) == EPOCHS
     assert "macro avg" in (tmp_path / "metrics" / "classification_report.txt").read_text()
-    assert folder
+    assert Path(folder) == tmp_path
 
 
 def test_registered_model_loads_by_alias_and_predicts_the_same(trained):
@@ -270,6 +275,19 @@ def test_test_accuracy_is_measured_as_validation_was(tiny_data, tracking_store, 
     assert metrics["served_val_accuracy"] == val_one_pass
     tags = client.get_model_version("tta", outcome.model_version).tags
     assert (tags["val_accuracy"], tags["test_accuracy"]) == (f"{val_one_pass:.6f}", f"{one_pass:.6f}")
+
+
+def test_a_run_validated_on_the_test_split_never_becomes_champion(tiny_data, tracking_store, cache_dir):
+    # --val-on-test (the seed report's protocol) chooses nothing: its validation accuracy is a test
+    # accuracy. Not even a registered model without any champion gets the alias from it.
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_on_test=True))
+    outcome = train_and_track(cfg)
+    client = MlflowClient()
+    assert outcome.model_version == "1" and not outcome.champion
+    version = client.get_model_version("cifar10-seed", "1")
+    assert version.aliases == [] and version.tags["validation_digest"] == "test split"
+    assert client.get_run(outcome.run_id).data.tags["validation_split"] == "test (seed-report protocol)"
 
 
 def test_a_run_failing_after_registration_leaves_no_registered_version(tiny_data, tracking_store, cache_dir,

@@ -104,6 +104,7 @@ def test_three_trial_study(tiny_data, tracking_store, cache_dir, tmp_path):
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     metrics, params = parent.data.metrics, parent.data.params
     assert metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    assert params["tune.study_name"] == "cifar10-seed-2ep"  # the default name, as the study has it
     assert float(params["best.lr"]) == pytest.approx(study.best_params["lr"])
     assert float(params["best.lr_decay"]) == pytest.approx(study.best_params["lr_decay"])
     assert metrics["baseline_val_accuracy"] == pytest.approx(study.trials[0].value)
