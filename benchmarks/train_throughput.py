@@ -13,9 +13,15 @@ report's did, and the project's runs bf16, replayed as CUDA graphs (the default 
 
     python benchmarks/train_throughput.py --data-dir ../shared/data/cifar10-jpeg-dev
     python benchmarks/train_throughput.py --device cuda --workers 2 8 --full-recipe   # + 50-epoch recipe
+    # accuracy of the two pipelines: the 50-epoch seed recipe end to end, no throughput rounds
+    python benchmarks/train_throughput.py --rounds 0 --full-recipe project --recipe-seeds 0 1 2
+    python benchmarks/train_throughput.py --rounds 0 --full-recipe seed-dataloader --recipe-seeds 0
 
 Prints images/s for each pipeline per round, the median ratio and each round's, peak memory and
-the hardware.
+the hardware. ``--full-recipe`` also trains the whole seed recipe (50 epochs, the 0.95 decay, the
+stratified validation split that ``cifar-exp train`` carves, validated every epoch) with the project's
+pipeline, the seed-style one or (no value) both, and prints each run's time and test accuracy and
+their mean ± std over ``--recipe-seeds``.
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from cifar_exp.config import DataConfig, TrainConfig
-from cifar_exp.data import DeviceBatches, ImageSet, load_dataset, load_splits
+from cifar_exp.data import DeviceBatches, ImageSet, load_dataset, load_splits, stratified_split_indices
 from cifar_exp.errors import CifarExpError
 from cifar_exp.models import seed_as_reported
 from cifar_exp.train import (
@@ -161,14 +167,88 @@ class SeedPipelines:
 
 
 def full_recipe(data_dir: str, cfg: TrainConfig) -> tuple[float, float, int]:
-    """Wall time of ``fit`` (50 epochs with per-epoch validation), test accuracy and training images
-    of the seed recipe; the dataset is already decoded (cached) and its load is not timed."""
+    """Wall time of ``fit`` (50 epochs with per-epoch validation), test accuracy (of the fp32 model)
+    and training images of the seed recipe; the dataset is already decoded (cached) and its load is
+    not timed."""
     splits = load_splits(DataConfig(data_dir=data_dir))
     start = time.perf_counter()
     result = fit(cfg, splits)
     seconds = time.perf_counter() - start
-    test = evaluate(result.model, splits.test, amp_dtype=result.amp_dtype, channels_last=True)
+    test = evaluate(result.model, splits.test, channels_last=True)  # no autocast: the fp32 model, as exported
     return seconds, test.accuracy, len(splits.train)
+
+
+def seed_recipe(data_dir: str, device_type: str, workers: int, seed: int) -> tuple[float, float, int]:
+    """The seed report's own 50-epoch training loop, run end to end: wall time (with its per-epoch
+    validation), test accuracy and training images. The images are those ``full_recipe`` trains and
+    validates on: ImageFolder lists them in the order the project's loader does (sorted classes,
+    sorted file names), so the same stratified split indices pick the same images."""
+    device = torch.device(device_type)
+    torch.manual_seed(seed)  # weights and the DataLoader's shuffling
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    folder = datasets.ImageFolder(str(Path(data_dir) / "train"), transform=transform)
+    data = DataConfig()
+    train_indices, val_indices = stratified_split_indices(torch.tensor(folder.targets), data.val_size,
+                                                          data.split_seed)
+
+    def loader(dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+    train_loader = loader(Subset(folder, train_indices.tolist()), 64, True)
+    val_loader = loader(Subset(folder, val_indices.tolist()), 1000, False)
+    test_loader = loader(datasets.ImageFolder(str(Path(data_dir) / "test"), transform=transform), 1000, False)
+    model = seed_as_reported().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.95)
+    amp_dtype = resolve_amp_dtype(TrainConfig(device=device_type), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    def accuracy(batches: DataLoader, autocast: bool = True) -> float:
+        model.eval()
+        correct = seen = 0
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype,
+                                                    enabled=autocast and amp_dtype is not None):
+            for images, labels in batches:
+                predictions = model(images.to(device)).argmax(1).cpu()
+                correct, seen = correct + (predictions == labels).sum().item(), seen + len(labels)
+        return correct / seen
+
+    start = time.perf_counter()
+    for _ in range(TrainConfig().epochs):
+        model.train()
+        running_loss = 0.0
+        for images, labels in train_loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            optimizer.zero_grad()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(model(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            running_loss += loss.item()
+        scheduler.step()
+        accuracy(val_loader)  # the report's per-epoch validation curve
+    seconds = time.perf_counter() - start
+    return seconds, accuracy(test_loader, autocast=False), len(train_indices)  # fp32, as full_recipe
+
+
+def _call_in_child(connection: Connection, function, *args) -> None:
+    connection.send(function(*args))
+
+
+def in_child_process(function, *args):
+    """``function(*args)`` in a fresh process: with the C library's default allocator settings, as the
+    report's code ran (the project's CPU training changes them for its process)."""
+    context = multiprocessing.get_context("spawn")
+    connection, child = context.Pipe()
+    process = context.Process(target=_call_in_child, args=(child, function, *args))  # not a daemon: workers
+    process.start()
+    child.close()
+    try:
+        return connection.recv()  # EOFError if the child died
+    finally:
+        process.join()
 
 
 def _sync(device: torch.device) -> None:
@@ -182,18 +262,27 @@ def _hardware(device: torch.device) -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} torch threads"
 
 
+FULL_RECIPE_PIPELINES = ("project", "seed-dataloader")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg-dev")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=150, help="Timed batches per pipeline per round.")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating throughput rounds (0: none).")
     parser.add_argument("--workers", type=int, nargs="+", default=[2],
                         help="DataLoader workers of the seed pipeline; several values time one pipeline each.")
     parser.add_argument("--compile", action="store_true", help="Also time the project pipeline compiled.")
-    parser.add_argument("--full-recipe", action="store_true",
-                        help="Also time the 50-epoch seed recipe (on CUDA: with CUDA graphs and eager).")
+    parser.add_argument("--full-recipe", nargs="*", choices=FULL_RECIPE_PIPELINES,
+                        help="Also train the 50-epoch seed recipe end to end and print its time and test accuracy, "
+                        "with the project's pipeline (on CUDA: as CUDA graphs and eagerly), the seed-style "
+                        "DataLoader pipeline (the first --workers value), or (no value) both.")
+    parser.add_argument("--recipe-seeds", type=int, nargs="+", default=[0],
+                        help="Seeds of the --full-recipe runs (mean and std over them).")
     args = parser.parse_args()
+    if args.steps < 1 or args.rounds < 0:
+        parser.error(f"--steps must be >= 1 and --rounds >= 0, got {args.steps} and {args.rounds}")
 
     try:
         device = resolve_device(args.device)
@@ -215,11 +304,19 @@ def main() -> None:
         ("seed-dataloader" if len(set(args.workers)) == 1 else f"seed-dataloader-{workers}w") + suffix: (workers, dtype)
         for workers in dict.fromkeys(args.workers) for suffix, dtype in seed_amp.items()
     }
+    print(f"hardware: {_hardware(device)}; torch {torch.__version__}; project autocast: {amp_dtype or 'fp32'}")
+    if args.rounds:
+        measure_throughput(args, cfg, train, device, seed_specs)
+    if args.full_recipe is not None:
+        train_full_recipes(args, device)
+    sys.stdout.flush()
+
+
+def measure_throughput(args: argparse.Namespace, cfg: TrainConfig, train: ImageSet, device: torch.device,
+                       seed_specs: dict[str, tuple[int, str]]) -> None:
     # The seed pipelines run in a process of their own, as the report's code ran: with the C
     # library's default allocator settings, which the project's CPU training changes for its process.
     seed_process = SeedPipelines(args.data_dir, device.type, seed_specs, args.steps)
-
-    print(f"hardware: {_hardware(device)}; torch {torch.__version__}; project autocast: {amp_dtype or 'fp32'}")
     print(f"seed model, batch 64, {args.steps} timed steps per pipeline, {args.rounds} alternating rounds")
     pipelines = {"project": lambda: project_pipeline(cfg, train, args.steps, device)}  # on CUDA: graphs
     if device.type == "cuda":
@@ -251,15 +348,33 @@ def main() -> None:
         per_round = ", ".join(f"{value / base:.2f}" for value, base in zip(values, results[baseline_name]))
         print(f"{name:<22} median {median:8.0f} images/s  spread {min(values):.0f}-{max(values):.0f}  "
               f"ratio vs {baseline_name} {median / baseline:.2f}x (per round: {per_round})")
-    if args.full_recipe:
-        recipes = {"default": TrainConfig(device=device.type)}  # on CUDA: replayed as CUDA graphs
+
+
+def train_full_recipes(args: argparse.Namespace, device: torch.device) -> None:
+    """The 50-epoch seed recipe with each pipeline asked for, once per seed: time and test accuracy."""
+    pipelines = args.full_recipe or FULL_RECIPE_PIPELINES
+    runs = {}
+    if "project" in pipelines:
+        runs["project"] = lambda seed: full_recipe(args.data_dir, TrainConfig(device=device.type, seed=seed))
         if device.type == "cuda":
-            recipes["eager steps"] = TrainConfig(device="cuda", cuda_graphs=False)
-        for name, recipe in recipes.items():
-            seconds, accuracy, images = full_recipe(args.data_dir, recipe)
-            print(f"full seed recipe, {name} (50 epochs of {images} images, batch 64, validation every epoch): "
-                  f"{seconds:.1f} s, test accuracy {accuracy:.4f}", flush=True)
-    sys.stdout.flush()
+            runs["project, eager steps"] = lambda seed: full_recipe(
+                args.data_dir, TrainConfig(device="cuda", cuda_graphs=False, seed=seed))
+    if "seed-dataloader" in pipelines:
+        runs[f"seed-dataloader, {args.workers[0]} workers"] = lambda seed: in_child_process(
+            seed_recipe, args.data_dir, device.type, args.workers[0], seed)
+    for name, run in runs.items():
+        accuracies, times = [], []
+        for seed in args.recipe_seeds:
+            seconds, accuracy, images = run(seed)
+            accuracies.append(accuracy)
+            times.append(seconds)
+            print(f"full seed recipe, {name}, seed {seed} (50 epochs of {images} images, batch 64, validation "
+                  f"every epoch): {seconds:.1f} s, test accuracy {accuracy:.4f}", flush=True)
+        spread = f" ± {statistics.stdev(accuracies):.4f}" if len(accuracies) > 1 else ""
+        print(f"full seed recipe, {name}: test accuracy {statistics.mean(accuracies):.4f}{spread} over seeds "
+              f"{', '.join(map(str, args.recipe_seeds))}; median time {statistics.median(times):.1f} s", flush=True)
+
+
 
 
 if __name__ == "__main__":

@@ -87,28 +87,33 @@ def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet, tuple[str, ...], 
 
 def stratified_split(data: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """Split off ``val_size`` images with every class in the same proportion as in ``data``."""
+    train_idx, val_idx = stratified_split_indices(data.labels, val_size, seed)
+    return (
+        ImageSet("train", data.images[train_idx], data.labels[train_idx]),
+        ImageSet("val", data.images[val_idx], data.labels[val_idx]),
+    )
+
+
+def stratified_split_indices(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices into ``labels``, each sorted: what ``stratified_split`` keeps."""
     from sklearn.model_selection import train_test_split
 
-    if val_size >= len(data):
-        raise ConfigError(f"val-size {val_size} must be smaller than the {len(data)} training images")
-    classes = len(data.labels.unique())
+    if val_size >= len(labels):
+        raise ConfigError(f"val-size {val_size} must be smaller than the {len(labels)} training images")
+    classes = len(labels.unique())
     if val_size < classes:
         raise ConfigError(f"val-size {val_size} must be at least the number of classes ({classes}): "
                           "a stratified split holds an image of each")
     try:
         train_idx, val_idx = train_test_split(
-            np.arange(len(data)),
+            np.arange(len(labels)),
             test_size=val_size,
-            stratify=data.labels.numpy(),
+            stratify=labels.numpy(),
             random_state=seed,
         )
     except ValueError as error:  # e.g. a class with a single image
         raise ConfigError(f"cannot carve a stratified val-size of {val_size}: {error}") from None
-    train_idx, val_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
-    return (
-        ImageSet("train", data.images[train_idx], data.labels[train_idx]),
-        ImageSet("val", data.images[val_idx], data.labels[val_idx]),
-    )
+    return torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,3 +60,23 @@ def test_accuracy_refuses_bad_teacher_settings_before_loading_data(tmp_path, ext
     result = run_accuracy(*SHORT, *TEACHER, *extra, "--data-dir", str(tmp_path / "missing"), cache=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "missing" not in result.stderr
+
+
+def test_the_seed_pipelines_recipe_trains_and_validates_on_the_projects_split(tiny_data, tmp_path):
+    # train_throughput.py --full-recipe seed-dataloader picks its images by index from an ImageFolder:
+    # they must be the very images `cifar-exp train` (load_splits) trains and validates on.
+    import numpy as np
+    from torchvision import datasets
+
+    from cifar_exp.config import DataConfig
+    from cifar_exp.data import load_splits, stratified_split_indices
+
+    splits = load_splits(DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=str(tmp_path)))
+    folder = datasets.ImageFolder(str(tiny_data / "train"))
+    train_indices, val_indices = stratified_split_indices(torch.tensor(folder.targets), 50, 0)
+    for indices, images in ((train_indices, splits.train), (val_indices, splits.val)):
+        assert len(indices) == len(images)
+        for position in (0, len(indices) // 2, len(indices) - 1):
+            image, label = folder[int(indices[position])]
+            assert torch.equal(torch.from_numpy(np.asarray(image)).permute(2, 0, 1), images.images[position])
+            assert label == int(images.labels[position])
