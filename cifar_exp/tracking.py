@@ -312,8 +312,13 @@ def promote_if_champion(
                         "so their accuracies do not compare; move the alias by hand to choose between them",
                         name, holder.version, holder_digest, version, validation_digest)
             return False
-        # A champion crowned before validation decided carries only its test accuracy: that stands in.
-        best = float(holder.tags.get(CHAMPION_METRIC, holder.tags.get("test_accuracy", "-inf")))
+        if CHAMPION_METRIC not in holder.tags:
+            # Crowned before validation decided (an early version of this project): it carries only its
+            # test accuracy, and the test split never chooses.
+            log.warning("%s champion stays version %s: it has no validation accuracy to compare with version "
+                        "%s's; move the alias by hand to choose between them", name, holder.version, version)
+            return False
+        best = float(holder.tags[CHAMPION_METRIC])
     else:
         best = float("-inf")
     if val_accuracy > best:

@@ -142,7 +142,8 @@ def test_champion_moves_only_to_a_better_version(trained):
     name = "cifar10-seed"
     first = client.get_model_version(name, "1").tags
     base = float(first["val_accuracy"])
-    assert base == pytest.approx(outcome.fit.history[-1].val_accuracy, abs=1e-6)
+    assert base == pytest.approx(client.get_run(outcome.run_id).data.metrics["served_val_accuracy"], abs=1e-6)
+    assert base == pytest.approx(evaluate(outcome.fit.model, splits.val).accuracy, abs=1e-6)  # fp32, one pass
     assert float(first["test_accuracy"]) == pytest.approx(outcome.test.accuracy, abs=1e-6)
     val = first["validation_digest"]
     assert val == splits.val.digest()  # the images its val_accuracy was measured on
@@ -167,6 +168,12 @@ def test_champion_moves_only_to_a_better_version(trained):
                                         validation_digest=val)
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(better.version)
     assert float(client.get_model_version(name, worse.version).tags["val_accuracy"]) == pytest.approx(base - 0.1)
+    # A champion that carries only a test accuracy (crowned before validation decided) compares with nothing.
+    client.delete_model_version_tag(name, better.version, "val_accuracy")
+    best_ever = client.create_model_version(name, outcome.model_uri, run_id=outcome.run_id)
+    assert not tracking.promote_if_champion(name, best_ever.version, val_accuracy=1.0, test_accuracy=1.0,
+                                            validation_digest=val)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(better.version)
 
 
 def test_a_distilled_run_learns_from_the_logged_teachers_it_records(trained, tiny_data, cache_dir, monkeypatch):
