@@ -143,6 +143,27 @@ def test_test_split_missing_a_class(tmp_path, cache_dir):
         load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
 
 
+def test_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(DataError, match=f"data dir {tmp_path / 'data'} is not a folder"):
+        load_splits(DataConfig(data_dir=str(tmp_path / "data")))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda root: shutil.rmtree(root / "train"), "train is missing: an image folder dataset needs both"),
+    (lambda root: (root / "test" / "unicorn").mkdir() or shutil.copy(root / "test" / "cat" / "0000.png",
+                                                                     root / "test" / "unicorn"),
+     "has class folder 'unicorn' that train lacks"),
+    (lambda root: [f.unlink() for f in (root / "train" / "dog").iterdir()], "class folder .*dog holds no"),
+    (lambda root: [shutil.rmtree(c) for c in (root / "test").iterdir()], "test holds no class folders"),
+])
+def test_a_malformed_image_folder_is_named(tmp_path, cache_dir, damage, message):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    damage(root)
+    with pytest.raises(DataError, match=message):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
 def test_wrong_size_image_is_named(tmp_path, cache_dir):
     root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
     bad = root / "train" / "dog" / "0001.jpg"
