@@ -98,14 +98,7 @@ def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torc
         start = time.perf_counter()
         seen, running_loss = 0, 0.0
         for images, labels in itertools.chain([first], itertools.islice(batches, count - 1)):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            optimizer.zero_grad()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = F.cross_entropy(model(images), labels)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            running_loss += loss.item()  # as the report's loop did: a host sync every step
+            running_loss += seed_step(model, optimizer, scaler, amp_dtype, images, labels)
             seen += len(labels)
         _sync(device)
         return seen, time.perf_counter() - start
@@ -113,6 +106,21 @@ def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torc
     run(5)  # warm-up: workers started, first batches decoded
     seen, seconds = run(steps)
     return seen / seconds, peak_memory(device)
+
+
+def seed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+              amp_dtype: torch.dtype | None, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """One training step of the report's loop; its loss, read back as the report's loop did (a host
+    sync every step)."""
+    device = next(model.parameters()).device
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    optimizer.zero_grad()
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(images), labels)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
 
 
 def peak_memory(device: torch.device) -> str:
@@ -219,14 +227,7 @@ def seed_recipe(data_dir: str, device_type: str, workers: int, seed: int) -> tup
         model.train()
         running_loss = 0.0
         for images, labels in train_loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            optimizer.zero_grad()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = F.cross_entropy(model(images), labels)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            running_loss += loss.item()
+            running_loss += seed_step(model, optimizer, scaler, amp_dtype, images, labels)
         scheduler.step()
         accuracy(val_loader)  # the report's per-epoch validation curve
     seconds = time.perf_counter() - start
