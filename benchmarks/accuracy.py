@@ -94,7 +94,7 @@ def train_untracked(cfg: ExperimentConfig, splits: Splits, teacher: torch.nn.Mod
     """``fit`` and the test evaluation of ``train_and_track`` without MLflow, for machines that train
     but do not track."""
     result = fit(cfg.train, splits, teacher=teacher)
-    test = evaluate(result.model, splits.test, batch_size=cfg.train.eval_batch_size, amp_dtype=result.amp_dtype,
+    test = evaluate(result.model, splits.test, batch_size=cfg.train.eval_batch_size,  # fp32, as tracked runs
                     channels_last=cfg.train.channels_last, tta=cfg.train.tta)
     return Outcome(result.history[-1].val_accuracy, test.accuracy, test.one_pass_accuracy, result.train_seconds,
                    "untracked", result.model, teacher_uri=f"untracked:{cfg.tracking.run_name}")
