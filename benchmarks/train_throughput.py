@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from cifar_exp.config import DataConfig, TrainConfig
-from cifar_exp.data import DeviceBatches, ImageSet, load_dataset, load_splits, stratified_split_indices
+from cifar_exp.data import DeviceBatches, ImageSet, Splits, load_dataset, load_splits, stratified_split_indices
 from cifar_exp.errors import CifarExpError
 from cifar_exp.models import seed_as_reported
 from cifar_exp.train import (
@@ -96,9 +96,9 @@ def seed_pipeline(cfg: TrainConfig, loader: DataLoader, steps: int, device: torc
         batches = iter(loader)
         first = next(batches)
         start = time.perf_counter()
-        seen, running_loss = 0, 0.0
+        seen = 0
         for images, labels in itertools.chain([first], itertools.islice(batches, count - 1)):
-            running_loss += seed_step(model, optimizer, scaler, amp_dtype, images, labels)
+            seed_step(model, optimizer, scaler, amp_dtype, images, labels)
             seen += len(labels)
         _sync(device)
         return seen, time.perf_counter() - start
@@ -174,11 +174,9 @@ class SeedPipelines:
             self.process.kill()
 
 
-def full_recipe(data_dir: str, cfg: TrainConfig) -> tuple[float, float, int]:
+def full_recipe(splits: Splits, cfg: TrainConfig) -> tuple[float, float, int]:
     """Wall time of ``fit`` (50 epochs with per-epoch validation), test accuracy (of the fp32 model)
-    and training images of the seed recipe; the dataset is already decoded (cached) and its load is
-    not timed."""
-    splits = load_splits(DataConfig(data_dir=data_dir))
+    and training images of the seed recipe on ``splits``, loaded beforehand."""
     start = time.perf_counter()
     result = fit(cfg, splits)
     seconds = time.perf_counter() - start
@@ -225,9 +223,8 @@ def seed_recipe(data_dir: str, device_type: str, workers: int, seed: int) -> tup
     start = time.perf_counter()
     for _ in range(TrainConfig().epochs):
         model.train()
-        running_loss = 0.0
         for images, labels in train_loader:
-            running_loss += seed_step(model, optimizer, scaler, amp_dtype, images, labels)
+            seed_step(model, optimizer, scaler, amp_dtype, images, labels)
         scheduler.step()
         accuracy(val_loader)  # the report's per-epoch validation curve
     seconds = time.perf_counter() - start
@@ -356,10 +353,11 @@ def train_full_recipes(args: argparse.Namespace, device: torch.device) -> None:
     pipelines = args.full_recipe or FULL_RECIPE_PIPELINES
     runs = {}
     if "project" in pipelines:
-        runs["project"] = lambda seed: full_recipe(args.data_dir, TrainConfig(device=device.type, seed=seed))
+        splits = load_splits(DataConfig(data_dir=args.data_dir))  # once for every run: decoded (cached)
+        runs["project"] = lambda seed: full_recipe(splits, TrainConfig(device=device.type, seed=seed))
         if device.type == "cuda":
             runs["project, eager steps"] = lambda seed: full_recipe(
-                args.data_dir, TrainConfig(device="cuda", cuda_graphs=False, seed=seed))
+                splits, TrainConfig(device="cuda", cuda_graphs=False, seed=seed))
     if "seed-dataloader" in pipelines:
         runs[f"seed-dataloader, {args.workers[0]} workers"] = lambda seed: in_child_process(
             seed_recipe, args.data_dir, device.type, args.workers[0], seed)
@@ -374,8 +372,6 @@ def train_full_recipes(args: argparse.Namespace, device: torch.device) -> None:
         spread = f" ± {statistics.stdev(accuracies):.4f}" if len(accuracies) > 1 else ""
         print(f"full seed recipe, {name}: test accuracy {statistics.mean(accuracies):.4f}{spread} over seeds "
               f"{', '.join(map(str, args.recipe_seeds))}; median time {statistics.median(times):.1f} s", flush=True)
-
-
 
 
 if __name__ == "__main__":

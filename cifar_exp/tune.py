@@ -967,15 +967,11 @@ def write_study_plots(
     if intermediate:
         plots["intermediate_values"] = lambda: oplt.plot_intermediate_values(study)
     written = []
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. "Param lr unique value length is less than 2"
-    try:
+    with _optuna_verbosity(optuna.logging.ERROR):  # e.g. "Param lr unique value length is less than 2"
         for name, plot in plots.items():
             path = folder / f"{name}.png"
             if _write_plot(plot, path, name):
                 written.append(path)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
     return written
 
 
@@ -1042,18 +1038,26 @@ def _quiet_optuna() -> Iterator[None]:
     Optuna logs that trial as failed, with the ``KeyboardInterrupt``'s traceback: the trial's run and
     user attributes record it as interrupted, and the CLI says so in one line.
     """
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     trial_failures = logging.getLogger("optuna.study._optimize")
     interrupted = _InterruptedTrialLines()
     trial_failures.addFilter(interrupted)
     try:
-        with warnings.catch_warnings():
+        with _optuna_verbosity(optuna.logging.WARNING), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             yield
     finally:
         trial_failures.removeFilter(interrupted)
-        optuna.logging.set_verbosity(verbosity)
+
+
+@contextmanager
+def _optuna_verbosity(level: int) -> Iterator[None]:
+    """Optuna's log level set to ``level`` for the block, the previous one restored after."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
 
 
 class _InterruptedTrialLines(logging.Filter):
