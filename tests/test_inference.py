@@ -171,6 +171,22 @@ def test_onnx_export_agrees_with_pytorch_on_random_inputs(seed_onnx):
         assert check.images == batch_size
 
 
+def test_the_timed_onnx_call_computes_the_logits_into_its_bound_buffer(seed_onnx):
+    model, path = seed_onnx
+    backend = inference._OnnxBackend("onnxruntime-fp32", path, threads=1)
+    for batch_size in (1, 5):
+        # timed_call's input: the same generator and shape as inside it
+        images = np.random.default_rng(0).random((batch_size, 3, 32, 32), dtype=np.float32)
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(images)).numpy()
+        with backend.timed_call(batch_size) as (call, synchronize):
+            first = call()
+            first[:] = np.nan  # the next call must write every logit again
+            logits = call()
+        assert synchronize is None and logits is first and logits.shape == (batch_size, 10)
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def tiny_trained(tiny_data, tmp_path_factory):
     """A seed model trained a few epochs on the tiny learnable set: (model, splits)."""
