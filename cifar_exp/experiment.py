@@ -29,6 +29,7 @@ from cifar_exp.train import (
     fit,
     resolve_amp_dtype,
     resolve_device,
+    served_validation_accuracy,
 )
 
 log = logging.getLogger(__name__)
@@ -100,14 +101,14 @@ def train_and_track(
         test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size,
                                                   cfg.train.channels_last, result, tta=cfg.train.tta,
                                                   train_objective=_training_objective(cfg.train))
-        served_val_accuracy = _served_val_accuracy(result, splits, cfg.train)
+        served_val_accuracy = served_validation_accuracy(result, splits.val, cfg.train)
         tracking.log_metrics({
             "served_val_accuracy": served_val_accuracy,
             "train_seconds": result.train_seconds,
             "peak_memory_bytes": result.peak_memory_bytes,
             "best_val_accuracy": max(s.val_accuracy for s in result.history),
         })
-        leak = _teacher_may_know_validation(teacher, splits) if teacher else None
+        leak = teacher_may_know_validation(teacher, splits) if teacher else None
         if leak:
             log.warning("%s: the validation accuracy may be optimistic", leak)
             tracking.set_tags({"validation_leak": leak})
@@ -186,7 +187,7 @@ def load_teacher(
     return Teacher(Ensemble(members) if len(members) > 1 else members[0], tuple(source_run_ids))
 
 
-def _teacher_may_know_validation(teacher: Teacher, splits: Splits) -> str | None:
+def teacher_may_know_validation(teacher: Teacher, splits: Splits) -> str | None:
     """Why the teachers may have trained on this run's validation images (whose soft labels then
     carry them into the student), or None: each teacher's run must have trained on exactly this
     run's training images (the digest of its ``training`` dataset input)."""
@@ -253,15 +254,6 @@ def _training_objective(cfg: TrainConfig) -> str:
     if cfg.teacher_uris():
         return f"distillation {cfg.distill_weight:g} + {objective} {1 - cfg.distill_weight:g}"
     return objective
-
-
-def _served_val_accuracy(result: FitResult, splits: Splits, cfg: TrainConfig) -> float:
-    """Validation accuracy of the model as it is logged and served: fp32, one pass per image. The
-    last epoch's validation measured just that unless it ran under autocast."""
-    if result.amp_dtype is None:
-        return result.history[-1].served_val_accuracy
-    return evaluate(result.model, splits.val, batch_size=cfg.eval_batch_size,
-                    channels_last=cfg.channels_last).accuracy
 
 
 def _distinct_sets(splits: Splits) -> dict[str, object]:

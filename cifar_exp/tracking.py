@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHAMPION_METRIC = "val_accuracy"
+CHAMPION_DECIMALS = 6  # the accuracies kept as version tags, and compared as kept
 VALIDATION_DIGEST = "validation_digest"  # version tag: which images CHAMPION_METRIC was measured on
 PREVIOUS_CHAMPION = "previous_champion"  # version tag: the champion it replaced, restored if it is deleted
 NOT_CANDIDATE = "no_champion_candidate"  # version tag: why its validation accuracy cannot be compared
@@ -165,13 +166,14 @@ def kill_stale_run(run_id: str, tags: dict[str, str] | None = None) -> list[str]
     """
     client = MlflowClient()
     closed = []
+    first = run_id
     while run_id:
         try:
             run = client.get_run(run_id)
         except MlflowException:
             break
         if run.info.status == "RUNNING":
-            for key, value in ({} if closed else tags or {}).items():
+            for key, value in (tags or {} if run_id == first else {}).items():  # not on a parent still open
                 client.set_tag(run_id, key, value)
             client.set_terminated(run_id, status="KILLED")
             closed.append(run_id)
@@ -290,8 +292,8 @@ def promote_if_champion(
     ``not_candidate`` reason (kept as a version tag), e.g. a teacher that may have seen its validation images.
     """
     client = MlflowClient()
-    client.set_model_version_tag(name, str(version), CHAMPION_METRIC, f"{val_accuracy:.6f}")
-    client.set_model_version_tag(name, str(version), "test_accuracy", f"{test_accuracy:.6f}")
+    client.set_model_version_tag(name, str(version), CHAMPION_METRIC, f"{val_accuracy:.{CHAMPION_DECIMALS}f}")
+    client.set_model_version_tag(name, str(version), "test_accuracy", f"{test_accuracy:.{CHAMPION_DECIMALS}f}")
     client.set_model_version_tag(name, str(version), VALIDATION_DIGEST, validation_digest or "test split")
     if validation_digest is None:
         log.info("%s version %s is no champion candidate: it was validated on the test split", name, version)
@@ -300,10 +302,10 @@ def promote_if_champion(
         client.set_model_version_tag(name, str(version), NOT_CANDIDATE, not_candidate)
         log.warning("%s version %s is no champion candidate: %s", name, version, not_candidate)
         return False
-    try:
-        holder = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        holder = None
+    # A missing alias is read from the model's alias table, not inferred from an error: a store that is
+    # briefly unavailable ("database is locked") must fail the run, not crown this version unopposed.
+    holder_version = client.get_registered_model(name).aliases.get(CHAMPION)
+    holder = None if holder_version is None else client.get_model_version(name, str(holder_version))
     if holder is not None:
         # Versions registered before the digest was kept are compared as they always were.
         holder_digest = holder.tags.get(VALIDATION_DIGEST, validation_digest)
@@ -321,7 +323,7 @@ def promote_if_champion(
         best = float(holder.tags[CHAMPION_METRIC])
     else:
         best = float("-inf")
-    if val_accuracy > best:
+    if round(val_accuracy, CHAMPION_DECIMALS) > best:  # as the holder's was kept: a tie keeps the holder
         if holder is not None:  # what delete_model_version gives the alias back to
             client.set_model_version_tag(name, str(version), PREVIOUS_CHAMPION, str(holder.version))
         client.set_registered_model_alias(name, CHAMPION, str(version))

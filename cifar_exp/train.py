@@ -509,6 +509,14 @@ def train_epoch(step: TrainStep, batches: DeviceBatches, progress_label: str | N
     return step.read(len(batches.labels))
 
 
+def served_validation_accuracy(result: FitResult, val: ImageSet, cfg: TrainConfig) -> float:
+    """Validation accuracy of ``result``'s model as it is logged and served: fp32, one pass per image.
+    The last epoch's validation measured just that unless it ran under autocast."""
+    if result.amp_dtype is None:
+        return result.history[-1].served_val_accuracy
+    return evaluate(result.model, val, batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last).accuracy
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,

@@ -60,16 +60,30 @@ from cifar_exp.config import ExperimentConfig, TrainConfig, TuneConfig  # noqa: 
 from cifar_exp.data import Splits, load_splits  # noqa: E402
 from cifar_exp.errors import ConfigError, StorageError, TrainingDivergedError, first_line  # noqa: E402
 from cifar_exp.interrupts import deferred  # noqa: E402
-from cifar_exp.experiment import TrainingOutcome, load_teacher, train_and_track  # noqa: E402
+from cifar_exp.experiment import (  # noqa: E402
+    Teacher,
+    TrainingOutcome,
+    load_teacher,
+    teacher_may_know_validation,
+    train_and_track,
+)
 from cifar_exp.inference import measure_latency  # noqa: E402
 from cifar_exp.models import architecture, count_parameters  # noqa: E402
 from cifar_exp.reports import TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
-from cifar_exp.train import EpochStats, build_network, cpu_name, fit, resolve_amp_dtype, resolve_device  # noqa: E402
+from cifar_exp.train import (  # noqa: E402
+    EpochStats,
+    build_network,
+    cpu_name,
+    fit,
+    resolve_amp_dtype,
+    resolve_device,
+    served_validation_accuracy,
+)
 
 log = logging.getLogger(__name__)
 
-# The validation accuracy of one pass per image, as the model is served and its latency timed: with
-# --tta, the trial's val_accuracy_without_tta, not its mirror-TTA val_accuracy.
+# The validation accuracy of the model as it is served and its latency timed: fp32 (evaluated again
+# after training under autocast), one pass per image (with --tta, not the mirror-TTA val_accuracy).
 OBJECTIVE = "val_accuracy"
 LATENCY_OBJECTIVE = "latency_ms"  # batch-1 CPU latency p50 of the trained model (accuracy,latency studies)
 MULTI_OBJECTIVE_STUDY_SUFFIX = "-acc-lat"  # default study names of the two modes never collide
@@ -87,6 +101,7 @@ LATENCY_BACKEND = "pytorch-fp32"  # eager PyTorch, fp32, on the CPU: what measur
 DEFAULT_STORAGE_FILE = "optuna.db"
 # A study only takes trials that agree on every setting that changes what a trial's value means:
 # all training settings but the searched ones and those that only change speed or where it runs.
+SETTINGS_CLAIM = "settings_claim:"  # study attribute prefix: the settings a worker starting the study brings
 NOT_STUDY_SETTINGS = {"lr", "lr_decay", "device", "amp_dtype", "channels_last", "compile", "cuda_graphs",
                       "eval_batch_size", "recipe"}
 SEARCHED_WIDTH_SETTINGS = {"widths", "hidden"}  # searched, not fixed, in accuracy,latency studies
@@ -198,8 +213,11 @@ def tune(
     check_storage(storage_url, tune_cfg.heartbeat_interval, default=not tune_cfg.storage)  # before the data
     splits = load_splits(cfg.data)  # once: every trial trains on the same tensors
     teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)  # once, for every trial
+    leak = teacher_may_know_validation(teacher, splits) if teacher else None
+    if leak:  # its soft labels carry those images into every trial: the objective reads high
+        log.warning("%s: the trials' validation accuracies may be inflated", leak)
     # After the data and teachers: a study is created (with its settings) only for input that works.
-    study = open_study(cfg, tune_cfg, study_name, storage_url, data=splits)
+    study = open_study(cfg, tune_cfg, study_name, storage_url, data=splits, teacher=teacher)
     fail_trials_of_dead_workers(study, storage_url)
     close_runs_of_dead_workers(cfg.tracking.experiment_name, study_name)
 
@@ -221,9 +239,10 @@ def tune(
         "optuna_storage": shown_url,
         "optuna_sampler": tune_cfg.sampler,
         "optuna_pruner": "none (multi-objective)" if tune_cfg.multi_objective else tune_cfg.pruner,
-        "objective": f"{OBJECTIVE} (one pass per image) after the last epoch (maximise)" + (
+        "objective": f"{OBJECTIVE} (fp32, one pass per image) after the last epoch (maximise)" + (
             f", {LATENCY_OBJECTIVE} batch-1 CPU p50 (minimise)" if tune_cfg.multi_objective else ""),
         **(teacher.tags() if teacher else {}),
+        **({tracking.NOT_CANDIDATE: leak} if leak else {}),
     }
     ran: list[TrialSummary] = []
     run_name = cfg.tracking.run_name or f"tune-{study_name}"
@@ -358,8 +377,10 @@ class _Objective:
                     tracking.log_params(cfg.flat())
                     result = fit(cfg.train, self.splits, progress=self.progress, teacher=self.teacher,
                                  on_epoch_end=lambda stats: self._epoch_end(trial, stats))
-                    value = result.history[-1].served_val_accuracy  # one pass per image, as latency is timed
+                    # fp32, one pass per image: the model as it ships, and as latency is timed
+                    value = served_validation_accuracy(result, self.splits.val, cfg.train)
                     metrics = {
+                        "served_val_accuracy": value,
                         "train_seconds": result.train_seconds,
                         "peak_memory_bytes": result.peak_memory_bytes,
                         "best_val_accuracy": max(s.val_accuracy for s in result.history),
@@ -472,7 +493,7 @@ def check_storage(storage_url: str, heartbeat_interval: int, *, default: bool = 
 
 
 def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str, *,
-               data: Splits | None = None) -> optuna.Study:
+               data: Splits | None = None, teacher: Teacher | None = None) -> optuna.Study:
     """Create the study or load it; a storage that cannot be used fails here, before any training.
 
     ``data``: the images the trials train and validate on, which a study records (as digests) with
@@ -503,7 +524,7 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
     if tune_cfg.multi_objective:
         with _quiet_optuna():  # set_metric_names is experimental
             study.set_metric_names([OBJECTIVE, LATENCY_OBJECTIVE])  # names the plots' objectives
-    _check_study_settings(study, cfg, tune_cfg, study_name, data)
+    _check_study_settings(study, cfg, tune_cfg, study_name, data, teacher)
     return study
 
 
@@ -537,14 +558,18 @@ def study_directions(tune_cfg: TuneConfig) -> list[str]:
     return ["maximize", "minimize"] if tune_cfg.multi_objective else ["maximize"]
 
 
-def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig, data: Splits | None = None) -> dict[str, Any]:
+def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig, data: Splits | None = None,
+                   teacher: Teacher | None = None) -> dict[str, Any]:
     """The settings every trial of the study must share, as ``section.name -> value``; with ``data``,
-    the digests of its training and validation images too (the same data folder, elsewhere, agrees)."""
+    the digests of its training and validation images too (the same data folder, elsewhere, agrees),
+    and with ``teacher`` the runs its ``--teacher`` URIs resolved to (an alias moves between workers)."""
     not_settings = NOT_STUDY_SETTINGS | (SEARCHED_WIDTH_SETTINGS if tune_cfg.multi_objective else set())
     settings = {f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items() if k not in not_settings}
     settings.update({f"data.{k}": getattr(cfg.data, k) for k in DATA_STUDY_SETTINGS})
     if data is not None:
         settings.update({"data.train_digest": data.train.digest(), "data.val_digest": data.val.digest()})
+    if teacher is not None:
+        settings["train.teacher_run_ids"] = ",".join(teacher.source_run_ids)
     if tune_cfg.multi_objective:
         # What else its values depend on: the choices searched (Optuna refuses other categorical
         # choices for a parameter within a study), the threads latency is timed with and the CPU it
@@ -559,13 +584,11 @@ def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig, data: Splits | N
 
 
 def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: TuneConfig,
-                          study_name: str, data: Splits | None) -> None:
-    settings = study_settings(cfg, tune_cfg, data)
+                          study_name: str, data: Splits | None, teacher: Teacher | None = None) -> None:
+    settings = study_settings(cfg, tune_cfg, data, teacher)
     stored = study.user_attrs.get("settings")
     if stored is None:
-        with deferred():
-            study.set_user_attr("objective", ",".join(study_objective_names(study)))
-            study.set_user_attr("settings", settings)
+        _claim_new_study(study, settings, study_name)
         return
     # A setting the study has no record of was added to cifar-exp since: its trials ran with its default.
     defaults = study_settings(ExperimentConfig(), tune_cfg)
@@ -583,6 +606,34 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
         with deferred():
             study.set_user_attr("settings", {**stored, **unrecorded})
         log.info("study %s now also records %s", study_name, ", ".join(unrecorded))
+
+
+def _claim_new_study(study: optuna.Study, settings: dict[str, Any], study_name: str) -> None:
+    """Record the settings of a study that has none yet, or refuse if another worker is recording other ones.
+
+    Workers started together all find no settings. Each first writes its settings under a key of its
+    own (equal settings share one), then reads every such claim: of two workers with different
+    settings, whichever reads last sees both and refuses, so two never both go on. A refused worker
+    withdraws its claim, so that a study both refused can still be started again.
+    """
+    digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
+    mine = f"{SETTINGS_CLAIM}{digest}"
+    with deferred():
+        study.set_user_attr(mine, settings)
+    claims = {k: v for k, v in study.user_attrs.items() if k.startswith(SETTINGS_CLAIM) and v is not None}
+    others = [v for v in claims.values() if v != settings]
+    if others:
+        with deferred():
+            study.set_user_attr(mine, None)
+        differ = sorted(k for k in settings.keys() | others[0].keys() if settings.get(k) != others[0].get(k))
+        raise StorageError(
+            f"study {study_name!r} is being started by another worker with other settings "
+            f"({', '.join(k.split('.')[1].replace('_', '-') for k in differ)}): start the workers with the "
+            "same settings, or pass another --study-name"
+        )
+    with deferred():
+        study.set_user_attr("objective", ",".join(study_objective_names(study)))
+        study.set_user_attr("settings", settings)
 
 
 def sampler_seed(seed: int, storage_url: str, trials_so_far: int) -> int:

@@ -9,6 +9,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
 
@@ -326,6 +328,52 @@ def test_a_champion_from_before_validation_decided_is_compared_with_nothing(trac
     assert client.get_model_version_by_alias("old", "champion").version == old.version
 
 
+def _bare_versions(name: str, count: int) -> list[str]:
+    """``count`` versions of a new registered model ``name``, pointing at a run with no model."""
+    client = MlflowClient()
+    client.create_registered_model(name)
+    with mlflow.start_run() as run:
+        pass
+    return [client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id).version
+            for _ in range(count)]
+
+
+def test_a_tie_keeps_the_champion(tracking_store):
+    # A float32 accuracy (111/300 = 0.37000000477) kept as the tag "0.370000" and compared unrounded
+    # would beat itself; a deterministic rerun must not move the alias.
+    mlflow.set_experiment("tie")
+    first, second = _bare_versions("tie", 2)
+    accuracy = float(np.float32(111 / 300))
+    assert tracking.promote_if_champion("tie", first, val_accuracy=accuracy, test_accuracy=0.5, validation_digest="v")
+    assert not tracking.promote_if_champion("tie", second, val_accuracy=accuracy, test_accuracy=0.9,
+                                            validation_digest="v")
+    assert MlflowClient().get_model_version_by_alias("tie", "champion").version == first
+
+
+def test_a_registry_error_while_reading_the_champion_fails_instead_of_crowning(tracking_store, monkeypatch):
+    mlflow.set_experiment("unavailable")
+    first, second = _bare_versions("busy", 2)
+    assert tracking.promote_if_champion("busy", first, val_accuracy=0.9, test_accuracy=0.9, validation_digest="v")
+
+    def locked(*args, **kwargs):
+        raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+
+    class AliasesLocked:  # the registered model, but its aliases cannot be read
+        def __init__(self, model):
+            self.model = model
+
+        def __getattr__(self, name):
+            return locked() if name == "aliases" else getattr(self.model, name)
+
+    read_model = MlflowClient.get_registered_model
+    with monkeypatch.context() as patch:  # every way of reading the alias fails, the rest works
+        patch.setattr(MlflowClient, "get_registered_model", lambda *a, **k: AliasesLocked(read_model(*a, **k)))
+        patch.setattr(MlflowClient, "get_model_version_by_alias", locked)
+        with pytest.raises(MlflowException, match="database is locked"):
+            tracking.promote_if_champion("busy", second, val_accuracy=0.5, test_accuracy=0.5, validation_digest="v")
+    assert MlflowClient().get_model_version_by_alias("busy", "champion").version == first
+
+
 def test_a_stale_run_and_its_parent_are_closed_as_killed(tracking_store):
     client = MlflowClient()
     experiment = client.create_experiment("stale")
@@ -335,6 +383,12 @@ def test_a_stale_run_and_its_parent_are_closed_as_killed(tracking_store):
     assert [client.get_run(r).info.status for r in (child, parent)] == ["KILLED", "KILLED"]
     assert tracking.kill_stale_run(child, tags={"why": "gone"}) == []  # closed runs stay as they are
     assert "why" not in client.get_run(child).data.tags
+    # A trial's run closed already, its study run still open: the study run closes, without the trial's tags.
+    parent = client.create_run(experiment).info.run_id
+    child = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(child)
+    assert tracking.kill_stale_run(child, tags={"optuna_state": "FAIL"}) == [parent]
+    assert "optuna_state" not in client.get_run(parent).data.tags
 
 
 @pytest.mark.parametrize(("name", "registered_before"),

@@ -1,6 +1,7 @@
 """Optuna sweeps: a parent run with a child per trial, pruning, NaN trials, bad input, many workers."""
 
 import csv
+import dataclasses
 import os
 import shutil
 import signal
@@ -26,7 +27,8 @@ from cifar_exp.data import ImageSet, Splits, load_splits
 from cifar_exp.errors import ConfigError, StorageError
 from cifar_exp.experiment import Teacher
 from cifar_exp.models import build_model, count_parameters
-from cifar_exp.tune import TrialSummary, baseline_width_params, default_study_name, open_study, study_settings, tune
+from cifar_exp.train import evaluate, fit
+from cifar_exp.tune import SETTINGS_CLAIM, TrialSummary, baseline_width_params, default_study_name, open_study, study_settings, tune
 from conftest import signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,9 +164,36 @@ def test_a_tta_study_ranks_trials_on_one_pass_accuracy(tiny_data, tracking_store
         run_id = trial.user_attrs["mlflow_run_id"]
         history = {name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
                    for name in ("val_accuracy", "val_accuracy_without_tta")}
-        assert trial.value == history["val_accuracy_without_tta"][-1]
+        # fp32 after the last epoch (the same as the one-pass validation unless it ran under autocast)
+        assert trial.value == client.get_run(run_id).data.metrics["served_val_accuracy"]
         assert list(trial.intermediate_values.values()) == history["val_accuracy_without_tta"]
         assert len(history["val_accuracy"]) == 2  # the TTA accuracy is still logged beside it
+
+
+def test_the_objective_of_a_trial_trained_under_autocast_is_its_fp32_accuracy(tiny_data, tracking_store, cache_dir,
+                                                                              tmp_path, monkeypatch):
+    import cifar_exp.tune as tuning
+
+    trained = []
+
+    def fit_with_an_autocast_validation_that_must_not_count(cfg, splits, **options):
+        result = fit(cfg, splits, **options)
+        trained.append(result.model)
+        last = dataclasses.replace(result.history[-1], val_accuracy=0.0)
+        return dataclasses.replace(result, history=[*result.history[:-1], last])
+
+    monkeypatch.setattr(tuning, "fit", fit_with_an_autocast_validation_that_must_not_count)
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1, amp=True, amp_dtype="bfloat16")
+    tune_cfg = TuneConfig(n_trials=1, study_name="amp", storage=f"sqlite:///{tmp_path / 'study.db'}", pruner="none")
+    outcome = tune(cfg, tune_cfg, report=lambda line: None)
+
+    (trial,) = outcome.trials
+    splits = load_splits(cfg.data)
+    expected = evaluate(trained[0], splits.val, batch_size=100).accuracy  # fp32, one pass
+    assert trial.value == expected > 0.1
+    run = MlflowClient().get_run(optuna.load_study(study_name="amp", storage=tune_cfg.storage)
+                                 .trials[0].user_attrs["mlflow_run_id"])
+    assert run.data.metrics["served_val_accuracy"] == expected
 
 
 def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp_path):
@@ -279,7 +308,10 @@ def test_every_trial_distils_from_the_teacher_loaded_once(tiny_data, tracking_st
                    report=lambda line: None)
     assert [trial.state for trial in outcome.trials] == ["COMPLETE", "COMPLETE"]
     assert loads == ["runs:/abc/model"] and teachers_seen == [teacher, teacher]
-    assert MlflowClient().get_run(outcome.run_id).data.tags["teacher_run_ids"] == "abc"
+    tags = MlflowClient().get_run(outcome.run_id).data.tags
+    assert tags["teacher_run_ids"] == "abc"
+    # Run "abc" logged no training split: its teacher may have seen the images the trials validate on.
+    assert tags["no_champion_candidate"].startswith("teacher run abc trained on other images than this run's")
 
 
 def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, tracking_store, cache_dir):
@@ -432,6 +464,33 @@ def test_a_setting_a_study_never_recorded_counts_as_its_default(tmp_path):
     distilled = ExperimentConfig(train=TrainConfig(teacher="runs:/abc/model"))
     with pytest.raises(StorageError, match=r"other settings \(teacher  -> runs:/abc/model\)"):
         open_study(distilled, TuneConfig(), "old", storage)
+
+
+def test_two_workers_starting_a_study_with_other_settings_do_not_both_go_on(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    race = optuna.create_study(study_name="race", storage=storage, direction="maximize")
+    # Another worker has written its claim, but not yet the study's settings: it reads the claims next.
+    theirs = study_settings(ExperimentConfig(train=TrainConfig(epochs=2)), TuneConfig())
+    race.set_user_attr(f"{SETTINGS_CLAIM}theirs", theirs)
+    with pytest.raises(StorageError, match=r"study 'race' is being started by another worker with other settings "
+                                           r"\(epochs\)"):
+        open_study(ExperimentConfig(), TuneConfig(), "race", storage)
+    attrs = race.user_attrs
+    assert "settings" not in attrs  # nothing recorded: the refused worker's claim is withdrawn
+    assert [v for k, v in attrs.items() if k.startswith(SETTINGS_CLAIM) and v is not None] == [theirs]
+    # A worker with their settings goes on, and records them.
+    open_study(ExperimentConfig(train=TrainConfig(epochs=2)), TuneConfig(), "race", storage)
+    assert race.user_attrs["settings"] == theirs
+
+
+def test_a_study_records_the_runs_its_teacher_resolved_to(tmp_path):
+    # models:/NAME@champion names another run once the alias moves: a worker distilling from it differs.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    distilled = ExperimentConfig(train=TrainConfig(teacher="models:/teacher@champion"))
+    open_study(distilled, TuneConfig(), "kd", storage, teacher=Teacher(torch.nn.Identity(), ("run-a",)))
+    open_study(distilled, TuneConfig(), "kd", storage, teacher=Teacher(torch.nn.Identity(), ("run-a",)))
+    with pytest.raises(StorageError, match=r"other settings \(teacher-run-ids run-a -> run-b\)"):
+        open_study(distilled, TuneConfig(), "kd", storage, teacher=Teacher(torch.nn.Identity(), ("run-b",)))
 
 
 def test_a_study_refuses_trials_on_other_images(tmp_path):
