@@ -247,7 +247,7 @@ def models() -> None:
 BENCHMARK_SECTIONS = {"train": TrainConfig, "data": DataConfig, "tracking": TrackingConfig,
                       "benchmark": BenchmarkConfig}
 EXPORT_SECTIONS = {"data": DataConfig, "tracking": TrackingConfig, "export": ExportConfig}
-DATA_AND_RUN_OPTIONS = ("data_dir", "cache_dir", "experiment_name", "run_name")
+DATA_AND_RUN_OPTIONS = ("data_dir", "download", "cache_dir", "experiment_name", "run_name")
 
 
 def _fields(cls: type) -> tuple[str, ...]:

@@ -250,7 +250,8 @@ class TuneConfig:
     storage: str | None = option(
         None, "Optuna storage URL (sqlite:///..., postgresql://user:pass@host/db, ...) or a journal "
         "file path, in a folder that exists (default or empty: sqlite:///<tracking store "
-        "folder>/mlruns/optuna.db).",
+        "folder>/mlruns/optuna.db, for one worker at a time; parallel workers: a journal file or a "
+        "database server).",
     )
     sampler: str = option("tpe", "Search strategy.", SAMPLERS)
     pruner: str = option("median", "Stops hopeless trials early on validation accuracy.", PRUNERS)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,9 +124,13 @@ def stratified_split_indices(labels: torch.Tensor, val_size: int, seed: int) -> 
 def _load_torchvision(root: Path, download: bool) -> tuple[ImageSet, ImageSet, tuple[str, ...], str]:
     from torchvision.datasets import CIFAR10
 
+    created = next((folder for folder in (*reversed(root.absolute().parents), root.absolute())
+                    if not folder.exists()), None)  # the outermost folder a download would create
     try:
         sets = [CIFAR10(str(root), train=train, download=download) for train in (True, False)]
     except (RuntimeError, OSError) as error:
+        if created is not None:  # a failed download (offline, a typo in --data-dir) leaves no folders behind
+            shutil.rmtree(created, ignore_errors=True)
         raise DataError(f"cannot load CIFAR-10 from {root}: {error}") from None
     train, test = (
         ImageSet(

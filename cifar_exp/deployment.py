@@ -85,6 +85,9 @@ def benchmark_and_track(
     if bench.model_uri and (train_cfg.widths.strip() or train_cfg.hidden):
         raise ConfigError("--widths/--hidden shape an architecture built by name (--model); "
                           f"the model at --model-uri {bench.model_uri} has its own")
+    if bench.model_uri and train_cfg.model != TrainConfig().model:
+        raise ConfigError(f"--model {train_cfg.model} names an architecture to build, --model-uri "
+                          f"{bench.model_uri} a logged model: give one of them")
     tracking.check_tracking_store()
     json_path = Path(bench.output).expanduser()
     check_writable_folder(json_path.parent)
@@ -140,8 +143,11 @@ def _benchmark_data(
     try:
         train, test, names, _ = load_dataset(data_cfg)
     except DataError as error:
+        if data_cfg.data_dir != DataConfig().data_dir:  # asked for by name: a typo must not pass unnoticed
+            raise
         reason = f"no calibration images ({error})"
-        log.warning("measuring without the dataset: %s", reason)
+        lost = "no test accuracy, " if trained else ""
+        log.warning("measuring without the dataset (%s--data-dir to give one): %s", lost, reason)
         return None, None, reason
     if trained:  # its accuracy is measured; an untrained architecture only takes calibration images
         check_class_count(classes, names, data_cfg.data_dir)
@@ -241,6 +247,12 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     source_run_id = tracking.model_source_run(export.model_uri)
     tags = {"onnx_exported": "int8" if result.int8_path else "fp32"}
     if source_run_id and not tracking.inside_project_run() and tracking.get_run(source_run_id):
+        unused = [flag for flag, given in (("--experiment-name", tracking_cfg.experiment_name
+                                            != TrackingConfig().experiment_name),
+                                           ("--run-name", tracking_cfg.run_name)) if given]
+        if unused:
+            log.warning("%s not used: the files are logged into the model's own run %s",
+                        " and ".join(unused), source_run_id)
         tracking.add_to_run(source_run_id, metrics=result.metrics(), tags=tags, artifacts=files)
         return ExportOutcome(source_run_id, result, logged_into_source_run=True)
     run_tags = {**tags, RUN_KIND: "export", "model_uri": export.model_uri,

@@ -85,11 +85,33 @@ def check_tracking_store() -> str:
             raise TrackingError(f"MLflow tracking server {shown} is unreachable: {reason}") from None
     else:
         try:
-            MlflowClient(uri).search_experiments(max_results=1)
+            with _creation_lock(sqlite_file(uri)):
+                MlflowClient(uri).search_experiments(max_results=1)
         except Exception as error:
             # first line: SQLAlchemy appends a "Background on this error" line
             raise TrackingError(f"MLflow tracking store {shown} cannot be used: {first_line(error)}") from None
     return uri
+
+
+@contextlib.contextmanager
+def _creation_lock(database: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while opening it: MLflow creates and migrates the
+    schema on first use, and two processes doing so at once fail ("duplicate column name"), e.g.
+    tune workers started together on a new store."""
+    if database is None:
+        yield
+        return
+    import fcntl
+
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would create it
+        lock = open(database.with_name(database.name + ".lock"), "a")
+    except OSError:
+        yield  # MLflow's own error names the problem
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def is_tracking_server(uri: str) -> bool:

@@ -318,3 +318,22 @@ def test_torchvision_python_batches_are_read(tmp_path, monkeypatch):
     expected_test = torch.from_numpy(batches["test_batch"].reshape(20, 3, 32, 32))
     assert torch.equal(splits.test.images, expected_test)
     assert splits.test.labels.tolist() == [i % 10 for i in range(20)]
+
+
+def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(self, root, train=True, download=False):
+        Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision does before fetching
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "__init__", offline)
+    typo = tmp_path / "dtaa" / "cifar"
+    with pytest.raises(DataError, match=f"cannot load CIFAR-10 from {typo}: <urlopen error"):
+        load_splits(DataConfig(data_dir=str(typo), download=True))
+    assert list(tmp_path.iterdir()) == []  # "dtaa" was created by the download: gone again
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(DataError):
+        load_splits(DataConfig(data_dir=str(kept), download=True))
+    assert kept.is_dir()  # a folder that was there before stays

@@ -696,12 +696,14 @@ def in_store(logged, monkeypatch):
 
 
 @pytest.mark.slow
-def test_export_cli_logs_verified_files_into_the_models_run(in_store, tiny_data, tmp_path):
+def test_export_cli_logs_verified_files_into_the_models_run(in_store, tiny_data, tmp_path, caplog):
     run_id, _, cache = in_store
     result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--int8", "--output-dir", tmp_path / "out",
-                     "--data-dir", tiny_data, "--cache-dir", cache, "--calibration-images", "200")
+                     "--data-dir", tiny_data, "--cache-dir", cache, "--calibration-images", "200",
+                     "--run-name", "my-export")
     assert result.exit_code == 0, result.output
     assert f"logged under onnx/ in the model's run {run_id}" in result.output
+    assert f"--run-name not used: the files are logged into the model's own run {run_id}" in caplog.text
     assert "model.onnx: test accuracy" in result.output and "top-1 agreement 100.00%" in result.output
     assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "model.int8.onnx").is_file()
     client = MlflowClient()
@@ -767,12 +769,12 @@ def test_benchmark_then_pareto_cli(in_store, tiny_data, tmp_path):
 
 def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):
     before = {r.info.run_id for r in all_runs()}
+    # No --data-dir, and no ./data folder beside the store: int8 has nothing to calibrate on.
     result = run_cli("benchmark", "--model", "seed", "--backends", "onnxruntime-fp32,onnxruntime-int8",
-                     "--data-dir", tmp_path / "no-data", "--output", tmp_path / "b.json", "--threads", "1",
+                     "--output", tmp_path / "b.json", "--threads", "1",
                      "--experiment-name", "untrained", *QUICK_ARGS)
     assert result.exit_code == 0, result.output
-    assert "onnxruntime-int8    skipped: no calibration images" in result.output
-    assert str(tmp_path / "no-data") in result.output
+    assert "onnxruntime-int8    skipped: no calibration images (data dir data does not exist" in result.output
     document = json.loads((tmp_path / "b.json").read_text())
     assert document["model"]["name"] == "seed" and document["source_run_id"] is None
     assert [b["name"] for b in document["backends"]] == ["onnxruntime-fp32"]
@@ -787,7 +789,7 @@ def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_pa
     # A Pareto trial's network, e.g. seed at widths 32,16,16 and hidden 256: conv 3->32 (896) +
     # 32->16 (4,624) + 16->16 (2,320) weights and biases, Linear 16->256 (4,352) + 256->10 (2,570).
     result = run_cli("benchmark", "--model", "seed", "--widths", "32,16,16", "--hidden", "256",
-                     "--backends", "onnxruntime-fp32", "--data-dir", tmp_path / "no-data",
+                     "--backends", "onnxruntime-fp32",
                      "--output", tmp_path / "b.json", "--threads", "1", "--experiment-name", "narrow", *QUICK_ARGS)
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "b.json").read_text())
@@ -805,6 +807,9 @@ def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_pa
     (["--backends", "tpu"], "unknown backend 'tpu'"),
     (["--model-uri", "runs:/0123456789abcdef/model", "--widths", "8,8,8"],
      "--widths/--hidden shape an architecture built by name (--model); the model at --model-uri"),
+    (["--model-uri", "runs:/0123456789abcdef/model", "--model", "pico"],
+     "--model pico names an architecture to build, --model-uri runs:/0123456789abcdef/model a logged model: "
+     "give one of them"),
 ])
 def test_bad_benchmark_options_are_one_line_and_touch_nothing(tracking_store, tmp_path, args, message):
     result = run_cli("benchmark", "--output", tmp_path / "b.json", *args)
@@ -820,6 +825,18 @@ def test_benchmark_unknown_model_uri_leaves_no_run(in_store, tmp_path, uri):
     result = run_cli("benchmark", "--model-uri", uri, "--output", tmp_path / "b.json")
     assert result.exit_code == 1
     assert f"Error: cannot load model {uri}" in result.output
+    assert len(all_runs()) == before and not (tmp_path / "b.json").exists()
+
+
+def test_benchmark_with_a_data_dir_that_does_not_load_fails(in_store, tmp_path):
+    # Named on purpose (here: a typo), it must not silently cost the test accuracies and int8.
+    run_id = in_store[0]
+    before = len(all_runs())
+    result = run_cli("benchmark", "--model-uri", f"runs:/{run_id}/model", "--data-dir", tmp_path / "tiny-cifr",
+                     "--output", tmp_path / "b.json")
+    assert result.exit_code == 1, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        f"Error: data dir {tmp_path / 'tiny-cifr'} does not exist (pass --download to fetch CIFAR-10 there)"]
     assert len(all_runs()) == before and not (tmp_path / "b.json").exists()
 
 
