@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -124,13 +123,18 @@ def stratified_split_indices(labels: torch.Tensor, val_size: int, seed: int) -> 
 def _load_torchvision(root: Path, download: bool) -> tuple[ImageSet, ImageSet, tuple[str, ...], str]:
     from torchvision.datasets import CIFAR10
 
-    created = next((folder for folder in (*reversed(root.absolute().parents), root.absolute())
-                    if not folder.exists()), None)  # the outermost folder a download would create
+    # The folders a download would create, innermost first: the root and its missing parents.
+    missing = [folder for folder in (root.absolute(), *root.absolute().parents) if not folder.exists()]
     try:
         sets = [CIFAR10(str(root), train=train, download=download) for train in (True, False)]
     except (RuntimeError, OSError) as error:
-        if created is not None:  # a failed download (offline, a typo in --data-dir) leaves no folders behind
-            shutil.rmtree(created, ignore_errors=True)
+        # A failed download (offline, a typo in --data-dir) leaves no empty folders behind. Only empty
+        # ones: another worker may be downloading into the same folder.
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise DataError(f"cannot load CIFAR-10 from {root}: {error}") from None
     train, test = (
         ImageSet(

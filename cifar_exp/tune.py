@@ -35,6 +35,7 @@ import random
 import socket
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -102,6 +103,7 @@ DEFAULT_STORAGE_FILE = "optuna.db"
 # A study only takes trials that agree on every setting that changes what a trial's value means:
 # all training settings but the searched ones and those that only change speed or where it runs.
 SETTINGS_CLAIM = "settings_claim:"  # study attribute prefix: the settings a worker starting the study brings
+CLAIM_SECONDS = 600  # a claim this old was left by a worker that died while starting the study
 NOT_STUDY_SETTINGS = {"lr", "lr_decay", "device", "amp_dtype", "channels_last", "compile", "cuda_graphs",
                       "eval_batch_size", "recipe"}
 SEARCHED_WIDTH_SETTINGS = {"widths", "hidden"}  # searched, not fixed, in accuracy,latency studies
@@ -611,29 +613,33 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
 def _claim_new_study(study: optuna.Study, settings: dict[str, Any], study_name: str) -> None:
     """Record the settings of a study that has none yet, or refuse if another worker is recording other ones.
 
-    Workers started together all find no settings. Each first writes its settings under a key of its
-    own (equal settings share one), then reads every such claim: of two workers with different
-    settings, whichever reads last sees both and refuses, so two never both go on. A refused worker
-    withdraws its claim, so that a study both refused can still be started again.
+    Workers started together all find no settings. Each first writes a claim of its own (its settings
+    and the time), then reads every claim: of two workers with different settings, whichever reads last
+    sees the other's and refuses, so two never both go on. A refused or failed worker withdraws its own
+    claim; a claim older than ``CLAIM_SECONDS`` (a worker killed in between) no longer counts.
     """
-    digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
-    mine = f"{SETTINGS_CLAIM}{digest}"
+    mine = f"{SETTINGS_CLAIM}{uuid.uuid4().hex}"
     with deferred():
-        study.set_user_attr(mine, settings)
-    claims = {k: v for k, v in study.user_attrs.items() if k.startswith(SETTINGS_CLAIM) and v is not None}
-    others = [v for v in claims.values() if v != settings]
-    if others:
+        study.set_user_attr(mine, {"settings": settings, "time": time.time()})
+    try:
+        recent = time.time() - CLAIM_SECONDS
+        others = [claim["settings"] for key, claim in study.user_attrs.items()
+                  if key.startswith(SETTINGS_CLAIM) and key != mine and claim and claim["time"] > recent
+                  and claim["settings"] != settings]
+        if others:
+            differ = sorted(k for k in settings.keys() | others[0].keys() if settings.get(k) != others[0].get(k))
+            raise StorageError(
+                f"study {study_name!r} is being started by another worker with other settings "
+                f"({', '.join(k.split('.')[1].replace('_', '-') for k in differ)}): start the workers with the "
+                "same settings, or pass another --study-name"
+            )
+        with deferred():
+            study.set_user_attr("objective", ",".join(study_objective_names(study)))
+            study.set_user_attr("settings", settings)
+    except BaseException:
         with deferred():
             study.set_user_attr(mine, None)
-        differ = sorted(k for k in settings.keys() | others[0].keys() if settings.get(k) != others[0].get(k))
-        raise StorageError(
-            f"study {study_name!r} is being started by another worker with other settings "
-            f"({', '.join(k.split('.')[1].replace('_', '-') for k in differ)}): start the workers with the "
-            "same settings, or pass another --study-name"
-        )
-    with deferred():
-        study.set_user_attr("objective", ",".join(study_objective_names(study)))
-        study.set_user_attr("settings", settings)
+        raise
 
 
 def sampler_seed(seed: int, storage_url: str, trials_so_far: int) -> int:

@@ -337,3 +337,13 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
     with pytest.raises(DataError):
         load_splits(DataConfig(data_dir=str(kept), download=True))
     assert kept.is_dir()  # a folder that was there before stays
+
+    def partly_downloaded(self, root, train=True, download=False):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"partial")  # perhaps another worker's
+        raise RuntimeError("File not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "__init__", partly_downloaded)
+    with pytest.raises(DataError):
+        load_splits(DataConfig(data_dir=str(tmp_path / "shared" / "data"), download=True))
+    assert (tmp_path / "shared" / "data" / "cifar-10-python.tar.gz").is_file()  # only empty folders go

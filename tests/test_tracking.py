@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -459,18 +458,23 @@ def test_an_interrupt_as_a_version_becomes_champion_gives_the_alias_back(tiny_da
     assert sorted(r.info.status for r in client.search_runs([experiment_id])) == ["FINISHED", "KILLED"]
 
 
+@pytest.mark.slow
 def test_processes_opening_a_new_store_together_all_succeed(tmp_path):
     # MLflow creates and migrates the schema on first use: unlocked, two of three processes failed
     # ("duplicate column name: step"), as tune workers started together on a new store did.
-    probe = (
-        "import sys, time\n"
+    probe = (  # after the slow imports, each announces itself and waits for the others: then all at once
+        "import pathlib, sys, time\n"
         "from cifar_exp import tracking\n"
-        "time.sleep(max(0, float(sys.argv[1]) - time.time()))  # all at once, after the slow imports\n"
+        "ready = pathlib.Path(sys.argv[1])\n"
+        "(ready / sys.argv[2]).touch()\n"
+        "while len(list(ready.iterdir())) < 3:\n"
+        "    time.sleep(0.001)\n"
         "tracking.check_tracking_store()\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"}
-    start = time.time() + 15
-    workers = [subprocess.Popen([sys.executable, "-c", probe, str(start)], env=env, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    (tmp_path / "ready").mkdir()
+    workers = [subprocess.Popen([sys.executable, "-c", probe, str(tmp_path / "ready"), str(worker)], env=env,
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for worker in range(3)]
     outputs = [worker.communicate(timeout=120)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0, 0], outputs

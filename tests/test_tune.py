@@ -471,16 +471,35 @@ def test_two_workers_starting_a_study_with_other_settings_do_not_both_go_on(tmp_
     race = optuna.create_study(study_name="race", storage=storage, direction="maximize")
     # Another worker has written its claim, but not yet the study's settings: it reads the claims next.
     theirs = study_settings(ExperimentConfig(train=TrainConfig(epochs=2)), TuneConfig())
-    race.set_user_attr(f"{SETTINGS_CLAIM}theirs", theirs)
+    race.set_user_attr(f"{SETTINGS_CLAIM}theirs", {"settings": theirs, "time": time.time()})
     with pytest.raises(StorageError, match=r"study 'race' is being started by another worker with other settings "
                                            r"\(epochs\)"):
         open_study(ExperimentConfig(), TuneConfig(), "race", storage)
     attrs = race.user_attrs
     assert "settings" not in attrs  # nothing recorded: the refused worker's claim is withdrawn
-    assert [v for k, v in attrs.items() if k.startswith(SETTINGS_CLAIM) and v is not None] == [theirs]
+    assert [v["settings"] for k, v in attrs.items() if k.startswith(SETTINGS_CLAIM) and v] == [theirs]
     # A worker with their settings goes on, and records them.
     open_study(ExperimentConfig(train=TrainConfig(epochs=2)), TuneConfig(), "race", storage)
     assert race.user_attrs["settings"] == theirs
+
+
+def test_a_refused_worker_withdraws_only_its_own_claim(tmp_path):
+    from cifar_exp.tune import CLAIM_SECONDS, _claim_new_study
+
+    study = optuna.create_study(study_name="three", storage=f"sqlite:///{tmp_path}/optuna.db")
+    x, y = {"train.epochs": 5}, {"train.epochs": 2}
+    _claim_new_study(study, x, "three")  # worker C goes on with X
+    study.set_user_attr(f"{SETTINGS_CLAIM}b", {"settings": y, "time": time.time()})  # B has claimed Y
+    with pytest.raises(StorageError, match=r"other settings \(epochs\)"):
+        _claim_new_study(study, x, "three")  # A (X) reads B's claim and steps back...
+    with pytest.raises(StorageError, match=r"other settings \(epochs\)"):
+        _claim_new_study(study, y, "three")  # ...which leaves C's claim: a worker with Y still sees it
+    assert study.user_attrs["settings"] == x
+    # A claim older than CLAIM_SECONDS was left by a worker that died starting the study: it no longer counts.
+    stale = optuna.create_study(study_name="stale", storage=f"sqlite:///{tmp_path}/optuna.db")
+    stale.set_user_attr(f"{SETTINGS_CLAIM}dead", {"settings": x, "time": time.time() - CLAIM_SECONDS - 1})
+    _claim_new_study(stale, y, "stale")
+    assert stale.user_attrs["settings"] == y
 
 
 def test_a_study_records_the_runs_its_teacher_resolved_to(tmp_path):
