@@ -98,20 +98,16 @@ def _creation_lock(database: Path | None) -> Iterator[None]:
     """Hold an exclusive lock beside a SQLite store while opening it: MLflow creates and migrates the
     schema on first use, and two processes doing so at once fail ("duplicate column name"), e.g.
     tune workers started together on a new store."""
-    lock = None
-    if database is not None:
-        try:
-            import fcntl
+    with contextlib.ExitStack() as held:
+        if database is not None:
+            try:
+                import fcntl
 
-            database.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would create it
-            lock = open(database.with_name(database.name + ".lock"), "a")
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        except (ImportError, OSError) as error:  # no POSIX locks here: MLflow's own errors, if any, follow
-            log.debug("opening %s without a lock: %s", database, error)
-            if lock is not None:
-                lock.close()
-                lock = None
-    with lock or contextlib.nullcontext():
+                database.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would create it
+                lock = held.enter_context(open(database.with_name(database.name + ".lock"), "a"))
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            except (ImportError, OSError) as error:  # no POSIX locks here: MLflow's own errors, if any, follow
+                log.debug("opening %s without a lock: %s", database, error)
         yield
 
 

@@ -1,7 +1,6 @@
 """Optuna sweeps: a parent run with a child per trial, pruning, NaN trials, bad input, many workers."""
 
 import csv
-import dataclasses
 import os
 import shutil
 import signal
@@ -29,7 +28,7 @@ from cifar_exp.experiment import Teacher
 from cifar_exp.models import build_model, count_parameters
 from cifar_exp.train import evaluate, fit
 from cifar_exp.tune import SETTINGS_CLAIM, TrialSummary, baseline_width_params, default_study_name, open_study, study_settings, tune
-from conftest import signal_cli_mid_training
+from conftest import signal_cli_mid_training, with_last_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--epochs", "2", "--batch-size", "32", "--val-size", "50", "--eval-batch-size", "100"]
@@ -179,8 +178,7 @@ def test_the_objective_of_a_trial_trained_under_autocast_is_its_fp32_accuracy(ti
     def fit_with_an_autocast_validation_that_must_not_count(cfg, splits, **options):
         result = fit(cfg, splits, **options)
         trained.append(result.model)
-        last = dataclasses.replace(result.history[-1], val_accuracy=0.0)
-        return dataclasses.replace(result, history=[*result.history[:-1], last])
+        return with_last_epoch(result, val_accuracy=0.0)
 
     monkeypatch.setattr(tuning, "fit", fit_with_an_autocast_validation_that_must_not_count)
     cfg = tiny_config(tiny_data, cache_dir, epochs=1, amp=True, amp_dtype="bfloat16")
