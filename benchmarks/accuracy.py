@@ -38,7 +38,7 @@ from cifar_exp.data import Splits, load_splits
 from cifar_exp.errors import CifarExpError, ConfigError
 from cifar_exp.inference import count_macs, measure_latency
 from cifar_exp.models import NUM_CLASSES, count_parameters
-from cifar_exp.train import build_classifier, build_network, evaluate, fit
+from cifar_exp.train import build_classifier, build_network, build_shipped_classifier, evaluate, fit
 
 
 LATENCY_BACKENDS = ("pytorch-fp32", "onnxruntime-fp32")
@@ -58,6 +58,13 @@ def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None
         print(f"batch-1 CPU latency ({backend}): {model_ms:.3f} ms ({min(latencies['model']):.3f}-"
               f"{max(latencies['model']):.3f}); seed model {seed_ms:.3f} ms ({min(latencies['seed']):.3f}-"
               f"{max(latencies['seed']):.3f}); ratio {model_ms / seed_ms:.2f}x")
+
+
+def parameters(cfg: TrainConfig, num_classes: int) -> str:
+    """The shipped model's parameter count, and the training form's where that has more."""
+    shipped = count_parameters(build_shipped_classifier(cfg, num_classes))
+    trained = count_parameters(build_classifier(cfg, num_classes))
+    return f"{shipped:,}" + (f" ({trained:,} while training)" if trained != shipped else "")
 
 
 def parse_override(text: str, flag: str = "--set") -> tuple[str, object]:
@@ -169,8 +176,9 @@ def main() -> None:
                         metavar="FIELD=VALUE",
                         help="Distil each seed's model from a teacher trained first with the same seed: the recipe "
                         "with these overrides (repeatable; --model and --set do not apply to it).")
-    parser.add_argument("--save-dir", help="Also save each trained model's state_dict here as RUN_NAME.pt "
-                        "(e.g. to check untracked models elsewhere).")
+    parser.add_argument("--save-dir", help="Also save each trained model's state_dict here as RUN_NAME.pt, in "
+                        "its shipped form (load it into cifar_exp.train.build_shipped_classifier), e.g. to check "
+                        "untracked models elsewhere.")
     parser.add_argument("--untracked", action="store_true",
                         help="Train and test without MLflow (no runs logged), e.g. where MLflow is not installed.")
     parser.add_argument("--skip-latency", action="store_true",
@@ -216,8 +224,8 @@ def main() -> None:
         parser.error(str(error))
     seed_model = build_classifier(recipe_config("seed"), NUM_CLASSES).eval()
     if args.latency_only:
-        model = build_classifier(base.train, NUM_CLASSES).eval()
-        print(f"recipe {args.recipe}, model {base.train.model}: {count_parameters(model):,} parameters, "
+        model = build_shipped_classifier(base.train, NUM_CLASSES)
+        print(f"recipe {args.recipe}, model {base.train.model}: {parameters(base.train, NUM_CLASSES)} parameters, "
               f"{count_macs(model) / 1e6:.2f} M MACs per image")
         compare_latency(model, seed_model)
         return
@@ -233,7 +241,7 @@ def main() -> None:
         rows, teachers = train_seeds(args, base, teacher_base, splits)
     except CifarExpError as error:  # e.g. a diverged run, or the tracking store gone: one line, exit 1
         sys.exit(f"{parser.prog}: error: {error}")
-    model = build_classifier(base.train, len(splits.classes)).eval()
+    model = build_shipped_classifier(base.train, len(splits.classes))
 
     def mean_std(values: list[float]) -> str:
         if len(values) == 1:
@@ -252,7 +260,7 @@ def main() -> None:
     if base.train.tta:
         print(f"test accuracy in one pass (as exported): {mean_std([r.one_pass_accuracy for r in rows])}")
     print(f"training time per run:              {statistics.mean(r.seconds for r in rows):.0f} s")
-    print(f"parameters:                         {count_parameters(model):,}")
+    print(f"parameters:                         {parameters(base.train, len(splits.classes))}")
     print(f"MACs per image:                     {count_macs(model) / 1e6:.2f} M")
     if not args.skip_latency:
         compare_latency(model, seed_model)

@@ -17,7 +17,7 @@ from pathlib import Path
 from cifar_exp.config import TrainConfig
 from cifar_exp.inference import available_cores, count_macs, cpu_name, measure_matmul_rate
 from cifar_exp.models import model_names
-from cifar_exp.train import build_classifier
+from cifar_exp.train import build_shipped_classifier
 
 SIZES = (1024, 2048, 4096)
 # The targets: (faster backend, baseline, batch size, the largest ratio allowed).
@@ -48,7 +48,7 @@ def main() -> None:
                 rates[precision, threads] = max(rates.get((precision, threads), 0.0), rate)
     print(f"\nfloor = MACs per image / best sustained rate at {args.threads} thread(s)")
     for name in model_names():
-        macs = count_macs(build_classifier(TrainConfig(model=name), 10))
+        macs = count_macs(build_shipped_classifier(TrainConfig(model=name), 10))
         floors = ", ".join(f"{p} {macs / r * 1e6:6.1f} µs" for (p, t), r in rates.items() if t == args.threads)
         print(f"  {name:<10} {macs / 1e6:6.2f} M MACs/image: {floors}")
 

@@ -235,11 +235,13 @@ def tune(**options: Any) -> None:
 
 @main.command()
 def models() -> None:
-    """List the model architectures with their parameter counts."""
-    from cifar_exp.models import build_model, count_parameters, model_names
+    """List the model architectures with their parameter counts (as shipped; and while training, where more)."""
+    from cifar_exp.models import build_model, count_parameters, model_names, reparameterized
 
     for name in model_names():
-        click.echo(f"{name:<12} {count_parameters(build_model(name)):>10,} parameters")
+        trained, shipped = count_parameters(build_model(name)), count_parameters(reparameterized(build_model(name)))
+        extra = f" ({trained:,} while training)" if trained != shipped else ""
+        click.echo(f"{name:<12} {shipped:>10,} parameters{extra}")
 
 
 # --- Inference: benchmark, export, pareto ---------------------------------------------------------

@@ -35,7 +35,7 @@ from cifar_exp.inference import (
 )
 from cifar_exp.models import NUM_CLASSES
 from cifar_exp.reports import TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv
-from cifar_exp.train import build_classifier
+from cifar_exp.train import build_shipped_classifier
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def benchmark_and_track(
         label = bench.model_uri
         source_run_id = tracking.model_source_run(bench.model_uri)
     else:
-        model = build_classifier(train_cfg, NUM_CLASSES)
+        model = build_shipped_classifier(train_cfg, NUM_CLASSES)
         knobs = [f"{name} {value}" for name, value in (("widths", train_cfg.widths), ("hidden", train_cfg.hidden))
                  if value]
         classes, label = NUM_CLASSES, train_cfg.model + (f" ({', '.join(knobs)})" if knobs else "")

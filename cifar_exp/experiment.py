@@ -19,7 +19,7 @@ from cifar_exp.config import EvaluateConfig, ExperimentConfig, TrainConfig
 from cifar_exp.data import Splits, load_dataset, load_splits
 from cifar_exp.errors import DataError
 from cifar_exp.inference import check_class_count, check_classifier
-from cifar_exp.models import Ensemble, count_parameters
+from cifar_exp.models import Ensemble
 from cifar_exp.reports import ClassMetrics, class_metrics, write_evaluation_report, write_training_report
 from cifar_exp.train import (
     EvalResult,
@@ -27,6 +27,7 @@ from cifar_exp.train import (
     build_network,
     evaluate,
     fit,
+    parameter_count_tags,
     resolve_amp_dtype,
     resolve_device,
     served_validation_accuracy,
@@ -75,14 +76,13 @@ def train_and_track(
     build_network(cfg.train)  # rejects unknown names and knobs before the data loads
     if splits is None:
         splits = load_splits(cfg.data)
-    parameter_count = count_parameters(build_network(cfg.train, len(splits.classes)))
     if teacher is None:
         teacher = load_teacher(cfg.train, splits.classes, cfg.data.data_dir, device)
 
     run_tags = {
         **tracking.environment_tags(device, amp_dtype),
         "model": cfg.train.model,
-        "parameter_count": str(parameter_count),
+        **parameter_count_tags(cfg.train, len(splits.classes)),
         "validation_split": "test (seed-report protocol)" if splits.val_is_test else "carved from train",
         **(teacher.tags() if teacher else {}),
         **(tags or {}),

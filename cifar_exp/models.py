@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from cifar_exp.errors import ConfigError
 
@@ -235,6 +236,136 @@ def pico_res(num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = PICO
         *_pico_block(3, first, shortcut=True),  # (B, first, 16, 16)
         *_pico_block(first, second, shortcut=True),  # (B, second, 8, 8)
         *_pico_block(second, third, shortcut=True),  # (B, third, 4, 4)
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(third, num_classes),
+    )
+
+
+def _fold_batch_norm(kernel: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel, bias) of one conv computing ``norm(conv(x))`` with ``norm``'s running statistics."""
+    return fuse_conv_bn_weights(kernel, None, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
+
+
+class RepConv(nn.Module):
+    """A 3x3 conv-BN trained beside a 1x1 conv-BN and, where the shape allows, an identity BN branch,
+    the three outputs summed (RepVGG, Ding et al., 2021).
+
+    The extra branches change how the model trains (a better-conditioned, ResNet-like optimisation),
+    not what it can compute: in eval mode all three are linear in ``x``, so ``fused()`` folds them into
+    one 3x3 conv with a bias, which is what is shipped (see ``reparameterized``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv3x3 = nn.Sequential(*conv_bn(in_channels, out_channels))
+        self.conv1x1 = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        self.identity = nn.BatchNorm2d(out_channels) if in_channels == out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv3x3(x) + self.conv1x1(x)
+        return y + self.identity(x) if self.identity is not None else y
+
+    @torch.no_grad()
+    def fused(self) -> nn.Conv2d:
+        """The one 3x3 conv (with bias) equal to this block in eval mode."""
+        conv3x3, norm3x3 = self.conv3x3
+        conv1x1, norm1x1 = self.conv1x1
+        kernel, bias = _fold_batch_norm(conv3x3.weight, norm3x3)  # (out, in, 3, 3), (out,)
+        kernel1x1, bias1x1 = _fold_batch_norm(conv1x1.weight, norm1x1)
+        kernel = kernel + nn.functional.pad(kernel1x1, (1, 1, 1, 1))  # a 1x1 kernel is a 3x3 one's centre
+        bias = bias + bias1x1
+        if self.identity is not None:
+            channels = conv3x3.in_channels
+            eye = torch.zeros_like(conv3x3.weight)
+            eye[torch.arange(channels), torch.arange(channels), 1, 1] = 1  # the identity as a 3x3 conv
+            kernel_id, bias_id = _fold_batch_norm(eye, self.identity)
+            kernel, bias = kernel + kernel_id, bias + bias_id
+        conv = nn.Conv2d(conv3x3.in_channels, conv3x3.out_channels, 3, padding=1).to(kernel.device, kernel.dtype)
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+        return conv
+
+
+def reparameterized(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode in the form it ships in (in place; returned): every ``RepConv`` replaced by
+    its fused conv, and every BatchNorm that directly follows a conv in an ``nn.Sequential`` folded into
+    that conv's weights and bias (one after a pooling layer stays).
+
+    The result computes the same function (up to rounding) with fewer parameters and layers: the form
+    a trained model is evaluated, logged, exported and timed in. In eager PyTorch each folded BatchNorm
+    is one kernel launch less per image, which at batch 1 is most of a small layer's cost (ONNX Runtime
+    folds them itself). Models without either are unchanged.
+    """
+    model.eval()
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, RepConv):
+                setattr(parent, name, child.fused().to(memory_format=_memory_format(child)))
+    for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        layers = list(sequence)
+        # A BatchNorm without running statistics normalises with each batch's, even in eval mode: not foldable.
+        pairs = [i for i in range(len(layers) - 1)
+                 if type(layers[i]) is nn.Conv2d and type(layers[i + 1]) is nn.BatchNorm2d
+                 and layers[i + 1].running_mean is not None]
+        for i in pairs:
+            conv = fuse_conv_bn_eval(layers[i], layers[i + 1]).to(memory_format=_memory_format(layers[i]))
+            sequence[i] = conv.requires_grad_(layers[i].weight.requires_grad)  # a new bias too
+            sequence[i + 1] = nn.Identity()  # keeps the indices (and state-dict names) of the layers after it
+    return model
+
+
+def _memory_format(module: nn.Module) -> torch.memory_format:
+    weight = next(module.parameters())
+    return torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and \
+        not weight.is_contiguous() else torch.contiguous_format
+
+
+def _pico_rep_block(in_channels: int, out_channels: int) -> list[nn.Module]:
+    # pico's block with each conv-BN a RepConv. BN now comes before the max-pool (a branch sum needs
+    # each branch normalised), so the shipped block is conv(+bias) -> pool -> ReLU -> conv(+bias) -> ReLU.
+    return [
+        RepConv(in_channels, out_channels), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+        RepConv(out_channels, out_channels), nn.ReLU(inplace=True),
+    ]
+
+
+@register("pico-rep", widths=PICO_WIDTHS)
+def pico_rep(num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = PICO_WIDTHS) -> nn.Module:
+    # pico trained with RepVGG branches: 145,770 parameters while training (the 1x1 convs and extra
+    # BNs), 130,210 shipped: pico's convs, with biases in place of its BatchNorms, and its 9.1 M MACs.
+    first, second, third = widths
+    return nn.Sequential(
+        *_pico_rep_block(3, first),  # (B, first, 16, 16)
+        *_pico_rep_block(first, second),  # (B, second, 8, 8)
+        *_pico_rep_block(second, third),  # (B, third, 4, 4)
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(third, num_classes),
+    )
+
+
+def _separable(in_channels: int, out_channels: int) -> list[nn.Module]:
+    # MobileNet's depthwise-separable conv: a 3x3 conv per channel, then a 1x1 conv mixing channels,
+    # each with BN and ReLU: 9*in + in*out weights in place of a full 3x3 conv's 9*in*out.
+    return [
+        nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
+        nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+    ]
+
+
+PICO_SEP_WIDTHS = (64, 128, 256)
+
+
+@register("pico-sep", widths=PICO_SEP_WIDTHS)
+def pico_sep(num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = PICO_SEP_WIDTHS) -> nn.Module:
+    # pico's layout with depthwise-separable convs, which buy three times pico's widths for the same
+    # parameters (141,706) and fewer MACs (6.0 M): a full conv stem of half the first width, then two
+    # separable convs per stage at 16x16, 8x8 and 4x4.
+    first, second, third = widths
+    stem = max(1, first // 2)
+    return nn.Sequential(
+        nn.Conv2d(3, stem, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+        *_separable(stem, first), *_separable(first, first), nn.MaxPool2d(2),  # (B, first, 8, 8)
+        *_separable(first, second), *_separable(second, second), nn.MaxPool2d(2),  # (B, second, 4, 4)
+        *_separable(second, third), *_separable(third, third),  # (B, third, 4, 4)
         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(third, num_classes),
     )
 

@@ -23,7 +23,7 @@ from torch import nn
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import DeviceBatches, ImageSet, Splits
 from cifar_exp.errors import ConfigError, TrainingDivergedError, first_line
-from cifar_exp.models import NUM_CLASSES, Classifier, build_model, set_training
+from cifar_exp.models import NUM_CLASSES, Classifier, build_model, count_parameters, reparameterized, set_training
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class FitResult:
-    model: Classifier  # fp32 weights, eval mode, on ``device``
+    model: Classifier  # fp32 weights, eval mode, training-only branches folded (reparameterized), on ``device``
     history: list[EpochStats]
     train_seconds: float  # the epochs' training and validation; on_epoch_end's logging not included
     device: torch.device
@@ -146,6 +146,19 @@ def build_network(cfg: TrainConfig, num_classes: int = NUM_CLASSES) -> nn.Module
 
 def build_classifier(cfg: TrainConfig, num_classes: int) -> Classifier:
     return Classifier(build_network(cfg, num_classes), cfg.norm_mean, cfg.norm_std)
+
+
+def build_shipped_classifier(cfg: TrainConfig, num_classes: int) -> Classifier:
+    """``build_classifier`` in the form ``fit`` returns a trained model in (eval mode, training-only
+    branches folded): what an architecture is timed and counted as when it is built by name."""
+    return reparameterized(build_classifier(cfg, num_classes))
+
+
+def parameter_count_tags(cfg: TrainConfig, num_classes: int) -> dict[str, str]:
+    """Run tags: the parameters of the model as shipped, and of its training form (more where
+    training-only layers fold away, ``models.reparameterized``)."""
+    return {"parameter_count": str(count_parameters(build_shipped_classifier(cfg, num_classes))),
+            "training_parameter_count": str(count_parameters(build_classifier(cfg, num_classes)))}
 
 
 def fit(
@@ -234,9 +247,8 @@ def fit(
             on_epoch_end(stats)
 
     optimizer.zero_grad(set_to_none=True)  # frees the gradients (a CUDA graph's pool included)
-    model.eval()
     return FitResult(
-        model=model,
+        model=reparameterized(model),  # eval mode, training-only branches folded: the shipped form
         history=history,
         train_seconds=sum(stats.epoch_seconds for stats in history),
         device=device,
@@ -510,10 +522,9 @@ def train_epoch(step: TrainStep, batches: DeviceBatches, progress_label: str | N
 
 
 def served_validation_accuracy(result: FitResult, val: ImageSet, cfg: TrainConfig) -> float:
-    """Validation accuracy of ``result``'s model as it is logged and served: fp32, one pass per image.
-    The last epoch's validation measured just that unless it ran under autocast."""
-    if result.amp_dtype is None:
-        return result.history[-1].served_val_accuracy
+    """Validation accuracy of ``result``'s model as it is logged and served: fp32, one pass per image,
+    in its shipped form. Measured again: the epochs validated the training form (BatchNorms unfolded,
+    perhaps under autocast), which rounds differently."""
     return evaluate(result.model, val, batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last).accuracy
 
 

@@ -76,6 +76,7 @@ from cifar_exp.train import (  # noqa: E402
     build_network,
     cpu_name,
     fit,
+    parameter_count_tags,
     resolve_amp_dtype,
     resolve_device,
     served_validation_accuracy,
@@ -234,7 +235,7 @@ def tune(
     parent_tags = {
         **tracking.environment_tags(device, amp_dtype),
         "model": cfg.train.model,
-        "parameter_count": str(count_parameters(build_network(cfg.train, len(splits.classes)))),
+        **parameter_count_tags(cfg.train, len(splits.classes)),
         "run_kind": "tune-study",
         "optuna_study_name": study_name,
         **_worker_process_tag(),
@@ -389,7 +390,7 @@ class _Objective:
                     }
                     if self.multi_objective:
                         latency_ms = self._latency_ms(result.model, trial)
-                        parameter_count = count_parameters(result.model)  # the trained network's own
+                        parameter_count = count_parameters(result.model)  # the trained network's, as shipped
                         with deferred():
                             trial.set_user_attr("parameter_count", parameter_count)  # for the Pareto reports
                         metrics.update({LATENCY_OBJECTIVE: latency_ms, "parameter_count": parameter_count})

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cifar_exp.config import recipe_config
-from cifar_exp.train import build_classifier
+from cifar_exp.train import build_shipped_classifier
 
 ACCURACY = Path(__file__).parent.parent / "benchmarks" / "accuracy.py"
 SHORT = ["--recipe", "pico", "--epochs", "1", "--set", "warmup_epochs=0", "--skip-latency", "--val-size", "50"]
@@ -44,10 +44,10 @@ def test_accuracy_distils_each_seed_from_its_own_tracked_teacher(tiny_data, trac
         assert teacher.data.params["train.model"] == "pico-res" and teacher.data.params["train.seed"] == str(seed)
         assert teacher.data.params["train.teacher"] == ""
 
-    # --save-dir keeps weights that load into each run's architecture
-    teacher = build_classifier(recipe_config("pico", model="pico-res", widths="8,16,16"), 10)
+    # --save-dir keeps weights that load into each run's architecture, in the shipped form (BN folded)
+    teacher = build_shipped_classifier(recipe_config("pico", model="pico-res", widths="8,16,16"), 10)
     teacher.load_state_dict(torch.load(saved / "pico-pico-seed1-teacher.pt", weights_only=True))
-    student = build_classifier(recipe_config("pico"), 10)
+    student = build_shipped_classifier(recipe_config("pico"), 10)
     student.load_state_dict(torch.load(saved / "pico-pico-seed1.pt", weights_only=True))
 
 

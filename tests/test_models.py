@@ -3,8 +3,18 @@ import torch
 
 from cifar_exp.config import TrainConfig
 from cifar_exp.errors import ConfigError
-from cifar_exp.models import Classifier, architecture, build_model, count_parameters, model_names, seed_as_reported
-from cifar_exp.train import build_classifier
+from cifar_exp.inference import count_macs
+from cifar_exp.models import (
+    Classifier,
+    RepConv,
+    architecture,
+    build_model,
+    count_parameters,
+    model_names,
+    reparameterized,
+    seed_as_reported,
+)
+from cifar_exp.train import build_classifier, build_shipped_classifier, parameter_count_tags
 
 
 @pytest.mark.parametrize(("name", "parameters"), [("seed", 152_458), ("seed-wide", 1_135_498)])
@@ -57,7 +67,7 @@ def test_width_knobs_give_the_counted_seed():
     assert count_parameters(build_classifier(TrainConfig(widths="32,32,32", hidden=256), 10)) == 30_410
 
 
-@pytest.mark.parametrize("name", ["seed", "seed-wide", "seed-bn", "resnet8", "pico"])
+@pytest.mark.parametrize("name", ["seed", "seed-wide", "seed-bn", "resnet8", "pico", "pico-rep"])
 def test_every_model_takes_three_conv_widths(name):
     default = build_model(name)
     narrow = build_model(name, widths=(8, 16, 24))
@@ -75,3 +85,114 @@ def test_a_knob_the_model_lacks_is_named():
     with pytest.raises(ConfigError, match=r"model resnet8 has no hidden layer \(--hidden 64\)"):
         build_classifier(TrainConfig(model="resnet8", hidden=64), 10)
     assert architecture("pico").hidden is None and architecture("seed").hidden == 1024
+
+
+def _randomise_batch_norms(model: torch.nn.Module) -> None:
+    # Fresh BatchNorms are identities (mean 0, var 1, scale 1, shift 0): folding them proves little.
+    generator = torch.Generator().manual_seed(0)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        for tensor, low, high in ((norm.running_mean, -1, 1), (norm.running_var, 0.2, 3),
+                                  (norm.weight, -2, 2), (norm.bias, -1, 1)):
+            if tensor is not None:  # affine=False: no weight or bias
+                tensor.data.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+
+
+def test_pico_rep_trains_with_branches_and_ships_pico_sized():
+    widths = (24, 48, 80)
+    convs = list(zip((3, 24, 24, 48, 48, 80), (24, 24, 48, 48, 80, 80)))  # (in, out) of the six 3x3 convs
+    shipped = sum(9 * c_in * c_out + c_out for c_in, c_out in convs) + 80 * 10 + 10  # convs with biases, linear
+    # While training each conv also has a 1x1 conv (in*out) and two BatchNorms (2*out each: the 3x3's
+    # and the 1x1's, in place of the shipped bias), and same-width convs an identity BatchNorm (2*out).
+    trained = (sum(9 * c_in * c_out + c_in * c_out + 4 * c_out + (2 * c_out if c_in == c_out else 0)
+                   for c_in, c_out in convs) + 80 * 10 + 10)
+    assert (shipped, trained) == (130_210, 145_770)
+    model = build_model("pico-rep", widths=widths)
+    assert count_parameters(model) == trained <= 150_000
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert count_parameters(reparameterized(model)) == shipped
+    assert not any(isinstance(m, (RepConv, torch.nn.BatchNorm2d)) for m in model.modules())
+    # Runs tag both counts; three classes take fewer output weights.
+    assert parameter_count_tags(TrainConfig(model="pico-rep"), 10) == {
+        "parameter_count": "130210", "training_parameter_count": "145770"}
+    assert parameter_count_tags(TrainConfig(model="pico-rep"), 3) == {
+        "parameter_count": str(130_210 - 7 * 81), "training_parameter_count": str(145_770 - 7 * 81)}
+    # Shipped, it does pico's convolutions: the same MACs per image.
+    assert count_macs(build_shipped_classifier(TrainConfig(model="pico-rep"), 10)) == \
+        count_macs(build_classifier(TrainConfig(model="pico"), 10))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", ["pico-rep", "pico", "pico-res", "pico-sep", "resnet8", "seed-bn"])
+def test_the_shipped_form_computes_what_the_trained_one_did(name, channels_last):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(name).to(memory_format=memory_format)
+    _randomise_batch_norms(model)
+    images = torch.randn(8, 3, 32, 32).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        before = model.eval()(images)
+        shipped = reparameterized(model)
+        after = shipped(images)
+    assert shipped is model and not model.training
+    assert before.abs().max() > 0.1  # not a vanishing signal, which would hide a wrong fold
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    # No RepConv, and no BatchNorm right after a conv, is left; the folded convs keep the memory format.
+    assert not any(isinstance(m, RepConv) for m in model.modules())
+    for sequence in (m for m in model.modules() if isinstance(m, torch.nn.Sequential)):
+        assert not any(isinstance(a, torch.nn.Conv2d) and isinstance(b, torch.nn.BatchNorm2d)
+                       for a, b in zip(sequence, sequence[1:]))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(conv.weight.is_contiguous(memory_format=memory_format) for conv in convs)
+    assert count_parameters(model) < count_parameters(build_model(name))
+
+
+def test_the_shipped_form_of_a_model_without_batch_norm_is_the_model():
+    model = build_model("seed").train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert reparameterized(model) is model and not model.training
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_pico_sep_spends_its_parameters_on_width():
+    stem = 32  # half the first of the default widths 64, 128, 256
+    separable = list(zip((stem, 64, 64, 128, 128, 256), (64, 64, 128, 128, 256, 256)))  # (in, out) of the six
+    # Per separable conv: a depthwise 3x3 (9*in) and its BN (2*in), a pointwise 1x1 (in*out) and its BN (2*out).
+    trained = (9 * 3 * stem + 2 * stem  # the full-conv stem and its BN (after the pool)
+               + sum(9 * c_in + 2 * c_in + c_in * c_out + 2 * c_out for c_in, c_out in separable)
+               + 256 * 10 + 10)
+    # Shipped, each BN right after a conv becomes that conv's bias (one number per channel, not two);
+    # the stem's BN follows a max-pool and stays.
+    shipped = trained - sum(c_in + c_out for c_in, c_out in separable)
+    assert (trained, shipped) == (141_706, 140_138)
+    model = build_model("pico-sep")
+    assert count_parameters(model) == trained <= 150_000
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert count_parameters(reparameterized(model)) == shipped
+    pointwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert [m.out_channels for m in pointwise] == [64, 64, 128, 128, 256, 256]
+    narrow = build_model("pico-sep", widths=(8, 16, 24))
+    assert narrow(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert [m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)] \
+        == [8, 8, 16, 16, 24, 24]
+    assert count_parameters(architecture("pico-sep").builder(10)) == trained
+
+
+def test_a_batch_norm_without_running_statistics_is_not_folded():
+    # Such a BatchNorm normalises with each batch's statistics even in eval mode: no fixed conv equals it.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False),
+                                torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4, affine=False))
+    _randomise_batch_norms(model[2:])
+    images = torch.randn(5, 3, 8, 8)
+    before = model.eval()(images)
+    reparameterized(model)
+    assert isinstance(model[1], torch.nn.BatchNorm2d) and isinstance(model[3], torch.nn.Identity)
+    torch.testing.assert_close(model(images), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["pico-rep", "pico"])
+def test_a_shipped_model_keeps_its_dtype_and_every_parameter_trainable(name):
+    model = build_model(name).double()
+    reparameterized(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert all(p.requires_grad for p in model.parameters())  # the new biases of bias-free convs too
+    assert model(torch.rand(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64

@@ -58,7 +58,7 @@ def test_run_finished_with_params_and_tags(trained):
     assert run.data.params["train.lr"] == "0.05" and run.data.params["train.model"] == "seed"
     assert run.data.params["data.val_size"] == "50"
     tags = run.data.tags
-    assert tags["parameter_count"] == "152458"
+    assert tags["parameter_count"] == tags["training_parameter_count"] == "152458"  # seed: nothing to fold
     assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
     assert tags["git_commit"] and tags["amp_dtype"]
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)

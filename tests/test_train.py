@@ -57,6 +57,19 @@ def test_training_lowers_the_loss_and_beats_chance(splits, amp):
     torch.testing.assert_close(torch.from_numpy(test.probabilities.sum(1)), torch.ones(100))
 
 
+def test_a_model_with_training_branches_comes_back_folded(splits):
+    from cifar_exp.models import RepConv
+
+    result = fit(TrainConfig(**TINY, model="pico-rep", amp=False), splits)
+    assert not any(isinstance(m, RepConv) for m in result.model.modules())
+    assert not result.model.training
+    # The folded model is what the last epoch validated, unfolded: the same predictions.
+    val = evaluate(result.model, splits.val, batch_size=TINY["eval_batch_size"])
+    assert val.accuracy == result.history[-1].val_accuracy > 0.5
+    # Not bit-equal: the folded convs round differently (on CUDA, PyTorch's default TF32 convs: 1e-3).
+    assert val.loss == pytest.approx(result.history[-1].val_loss, rel=1e-2)
+
+
 class PaletteTeacher(torch.nn.Module):
     """Knows the tiny dataset's rule (mean colour -> class), but names each class ``shift`` places on."""
 
