@@ -252,7 +252,24 @@ def log_datasets(sets: Mapping[str, ImageSet], source: str) -> None:
                 name=f"cifar10-{data.name}",
                 digest=data.digest(),
             )
-        mlflow.log_input(dataset, context=DATASET_CONTEXTS.get(split, split))
+        _log_input(dataset, context=DATASET_CONTEXTS.get(split, split))
+
+
+# Two runs logging the same new dataset at once race in MLflow's store: each looks the dataset up, finds
+# none and inserts it, and the second insert breaks the key (experiment, name, digest): SQLite's and
+# PostgreSQL's words for it. The failed request is rolled back whole, and by then the dataset exists.
+_DATASET_INSERT_RACE = re.compile(
+    r"UNIQUE constraint failed: datasets\.|duplicate key value violates unique constraint", re.IGNORECASE)
+
+
+def _log_input(dataset: Any, context: str) -> None:
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as error:
+        if not _DATASET_INSERT_RACE.search(str(error)):
+            raise
+        log.info("another run stored dataset %s at the same moment; linking it to this run again", dataset.name)
+        mlflow.log_input(dataset, context=context)  # finds the stored dataset now, and only links it
 
 
 def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str, str | None]:

@@ -478,3 +478,34 @@ def test_processes_opening_a_new_store_together_all_succeed(tmp_path):
                for worker in range(3)]
     outputs = [worker.communicate(timeout=120)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0, 0], outputs
+
+
+@pytest.mark.parametrize("message, retried", [
+    ("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest", True),
+    ('(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "datasets_pk"', True),
+    ("(sqlite3.OperationalError) database is locked", False),
+])
+def test_a_dataset_stored_by_another_run_at_the_same_moment_is_linked_again(tracking_store, tiny_data, cache_dir,
+                                                                           monkeypatch, message, retried):
+    # What a second tune worker met in CI: both stored the new dataset, the slower insert broke the key.
+    splits = load_splits(DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=cache_dir))
+    calls = []
+    log_input = mlflow.log_input
+
+    def lose_the_race_once(dataset, context=None, **kwargs):
+        calls.append(context)
+        if len(calls) == 1:
+            log_input(dataset, context=context, **kwargs)  # the other run's insert, which won
+            raise MlflowException(f"BAD_REQUEST: {message}")
+        return log_input(dataset, context=context, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", lose_the_race_once)
+    with mlflow.start_run() as run:
+        if not retried:
+            with pytest.raises(MlflowException, match="database is locked"):
+                tracking.log_datasets({"train": splits.train}, splits.source)
+            return
+        tracking.log_datasets({"train": splits.train, "val": splits.val}, splits.source)
+    assert calls == ["training", "training", "validation"]
+    inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted(i.tags[0].value for i in inputs) == ["training", "validation"]
