@@ -500,12 +500,12 @@ def test_a_dataset_stored_by_another_run_at_the_same_moment_is_linked_again(trac
         return log_input(dataset, context=context, **kwargs)
 
     monkeypatch.setattr(mlflow, "log_input", lose_the_race_once)
-    with mlflow.start_run() as run:
+    with tracking.start_run("race") as run_id:
         if not retried:
             with pytest.raises(MlflowException, match="database is locked"):
                 tracking.log_datasets({"train": splits.train}, splits.source)
             return
         tracking.log_datasets({"train": splits.train, "val": splits.val}, splits.source)
     assert calls == ["training", "training", "validation"]
-    inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
     assert sorted(i.tags[0].value for i in inputs) == ["training", "validation"]
