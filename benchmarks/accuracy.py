@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from cifar_exp.cli import CHATTY_LOGGERS
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, recipe_config
 from cifar_exp.data import Splits, load_splits
 from cifar_exp.errors import CifarExpError, ConfigError
@@ -193,7 +194,7 @@ def main() -> None:
                         help="Skip training: compare the batch-1 latency of the architecture with the seed model's.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("alembic", "mlflow"):
+    for noisy in ("mlflow", *CHATTY_LOGGERS):  # the CLI's, and MLflow's run links
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     try:

@@ -32,6 +32,10 @@ from cifar_exp.errors import CifarExpError
 CONFIG_SECTIONS = {"data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
 TUNE_SECTIONS = {**CONFIG_SECTIONS, "tune": TuneConfig}  # the options of `tune`
 EVALUATE_SECTIONS = {**CONFIG_SECTIONS, "evaluate": EvaluateConfig}
+# Loggers kept at WARNING: MLflow and Alembic are chatty at INFO on every store access, the ONNX
+# exporter and quantiser on every graph pass they run.
+CHATTY_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils", "mlflow.models",
+                  "onnxscript", "onnx_ir", "onnxruntime")
 
 
 def _click_option(cls: type, field: dataclasses.Field) -> Callable:
@@ -141,10 +145,7 @@ def main(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
     )
-    # MLflow and Alembic are chatty at INFO on every store access.
-    # So are the ONNX exporter and quantiser (every graph pass they run).
-    for noisy in ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils", "mlflow.models",
-                  "onnxscript", "onnx_ir", "onnxruntime"):
+    for noisy in CHATTY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A stale font cache makes every plot warn, font by font, that it falls back to DejaVu Sans.
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
