@@ -39,7 +39,14 @@ from cifar_exp.data import Splits, load_splits
 from cifar_exp.errors import CifarExpError, ConfigError
 from cifar_exp.inference import count_macs, measure_latency
 from cifar_exp.models import NUM_CLASSES, count_parameters
-from cifar_exp.train import build_classifier, build_network, build_shipped_classifier, evaluate, fit
+from cifar_exp.train import (
+    build_classifier,
+    build_network,
+    build_shipped_classifier,
+    evaluate,
+    fit,
+    parameter_counts,
+)
 
 
 LATENCY_BACKENDS = ("pytorch-fp32", "onnxruntime-fp32")
@@ -63,8 +70,7 @@ def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None
 
 def parameters(cfg: TrainConfig, num_classes: int) -> str:
     """The shipped model's parameter count, and the training form's where that has more."""
-    shipped = count_parameters(build_shipped_classifier(cfg, num_classes))
-    trained = count_parameters(build_classifier(cfg, num_classes))
+    shipped, trained = parameter_counts(cfg, num_classes)
     return f"{shipped:,}" + (f" ({trained:,} while training)" if trained != shipped else "")
 
 

@@ -237,10 +237,11 @@ def tune(**options: Any) -> None:
 @main.command()
 def models() -> None:
     """List the model architectures with their parameter counts (as shipped; and while training, where more)."""
-    from cifar_exp.models import build_model, count_parameters, model_names, reparameterized
+    from cifar_exp.models import NUM_CLASSES, model_names
+    from cifar_exp.train import parameter_counts
 
     for name in model_names():
-        trained, shipped = count_parameters(build_model(name)), count_parameters(reparameterized(build_model(name)))
+        shipped, trained = parameter_counts(TrainConfig(model=name), NUM_CLASSES)
         extra = f" ({trained:,} while training)" if trained != shipped else ""
         click.echo(f"{name:<12} {shipped:>10,} parameters{extra}")
 

@@ -154,11 +154,17 @@ def build_shipped_classifier(cfg: TrainConfig, num_classes: int) -> Classifier:
     return reparameterized(build_classifier(cfg, num_classes))
 
 
+def parameter_counts(cfg: TrainConfig, num_classes: int) -> tuple[int, int]:
+    """(shipped, training) parameter counts of ``cfg``'s model: the training form has more where
+    training-only layers fold away (``models.reparameterized``)."""
+    return (count_parameters(build_shipped_classifier(cfg, num_classes)),
+            count_parameters(build_classifier(cfg, num_classes)))
+
+
 def parameter_count_tags(cfg: TrainConfig, num_classes: int) -> dict[str, str]:
-    """Run tags: the parameters of the model as shipped, and of its training form (more where
-    training-only layers fold away, ``models.reparameterized``)."""
-    return {"parameter_count": str(count_parameters(build_shipped_classifier(cfg, num_classes))),
-            "training_parameter_count": str(count_parameters(build_classifier(cfg, num_classes)))}
+    """Run tags: the parameters of the model as shipped, and of its training form."""
+    shipped, training = parameter_counts(cfg, num_classes)
+    return {"parameter_count": str(shipped), "training_parameter_count": str(training)}
 
 
 def fit(
