@@ -55,7 +55,8 @@ LATENCY_ROUNDS = 5
 
 def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None:
     """Batch-1 p50 latency (all cores) of ``model`` and the seed model, alternating them so that
-    machine noise hits both alike: the median over rounds, the range of the rounds, and the ratio."""
+    machine noise hits both alike: the median over rounds, the range of the rounds, and the ratio as
+    the median of each round's ratio (a VM whose speed shifts between rounds moves both of a round)."""
     for backend in LATENCY_BACKENDS:
         latencies = {"model": [], "seed": []}
         for _ in range(LATENCY_ROUNDS):
@@ -63,9 +64,11 @@ def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None
                 latencies[name].append(measure_latency(network.cpu().eval(), 1, repeats=3, seconds_per_repeat=1.0,
                                                        backend=backend).p50_ms)
         model_ms, seed_ms = (statistics.median(v) for v in latencies.values())
+        ratios = [m / s for m, s in zip(latencies["model"], latencies["seed"], strict=True)]
         print(f"batch-1 CPU latency ({backend}): {model_ms:.3f} ms ({min(latencies['model']):.3f}-"
               f"{max(latencies['model']):.3f}); seed model {seed_ms:.3f} ms ({min(latencies['seed']):.3f}-"
-              f"{max(latencies['seed']):.3f}); ratio {model_ms / seed_ms:.2f}x")
+              f"{max(latencies['seed']):.3f}); ratio {statistics.median(ratios):.2f}x (rounds "
+              f"{min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
 def parameters(cfg: TrainConfig, num_classes: int) -> str:
@@ -128,7 +131,8 @@ def train_tracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
 def save(model: torch.nn.Module, folder: str | None, name: str) -> None:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), Path(folder) / f"{name}.pt")
+        # CPU tensors: weights trained on a GPU then load on machines without one (no map_location needed)
+        torch.save({key: value.cpu() for key, value in model.state_dict().items()}, Path(folder) / f"{name}.pt")
 
 
 def tta_label(train: TrainConfig) -> str:

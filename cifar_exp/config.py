@@ -122,6 +122,10 @@ class TrainConfig:
         "on the labels.",
     )
     distill_temperature: float = option(4.0, "With --teacher, the temperature of both softmaxes compared.")
+    distill_mirror: bool = option(
+        False, "With --teacher, the teacher predicts each training image and its mirror image and its "
+        "logits are averaged (mirror TTA for the soft labels; one more teacher pass per step).",
+    )
     amp: bool = option(True, "Automatic mixed precision (bf16 on capable CPUs, fp16/bf16 on CUDA).")
     amp_dtype: str = option(
         "auto", "Autocast dtype; auto: bf16 on CUDA GPUs that have it (else fp16) and on CPUs with native "
@@ -171,7 +175,7 @@ class TrainConfig:
         if not self.distill_temperature > 0:
             raise ConfigError(f"distill-temperature must be > 0, got {self.distill_temperature}")
         if not self.teacher_uris():
-            for name in ("distill_weight", "distill_temperature"):
+            for name in ("distill_weight", "distill_temperature", "distill_mirror"):
                 if getattr(self, name) != _field(TrainConfig, name).default:
                     raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)} needs --teacher: "
                                       "without one nothing is distilled")

@@ -19,7 +19,7 @@ def test_defaults_are_the_seed_recipe():
     # Every other field only changes speed, placement or bookkeeping, never what is trained.
     assert {f.name for f in dataclasses.fields(TrainConfig)} - set(report) == {
         "amp_dtype", "channels_last", "compile", "cuda_graphs", "device", "eval_batch_size",
-        "distill_weight", "distill_temperature"}  # the last two act only with a teacher
+        "distill_weight", "distill_temperature", "distill_mirror"}  # the last three act only with a teacher
     assert DataConfig().val_size == 5000
 
 

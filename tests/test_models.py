@@ -154,22 +154,22 @@ def test_the_shipped_form_of_a_model_without_batch_norm_is_the_model():
 
 
 def test_pico_sep_spends_its_parameters_on_width():
-    stem = 32  # half the first of the default widths 64, 128, 256
-    separable = list(zip((stem, 64, 64, 128, 128, 256), (64, 64, 128, 128, 256, 256)))  # (in, out) of the six
+    stem = 48  # half the first of the default widths 96, 160, 208
+    separable = list(zip((stem, 96, 96, 160, 160, 208), (96, 96, 160, 160, 208, 208)))  # (in, out) of the six
     # Per separable conv: a depthwise 3x3 (9*in) and its BN (2*in), a pointwise 1x1 (in*out) and its BN (2*out).
     trained = (9 * 3 * stem + 2 * stem  # the full-conv stem and its BN (after the pool)
                + sum(9 * c_in + 2 * c_in + c_in * c_out + 2 * c_out for c_in, c_out in separable)
-               + 256 * 10 + 10)
+               + 208 * 10 + 10)
     # Shipped, each BN right after a conv becomes that conv's bias (one number per channel, not two);
     # the stem's BN follows a max-pool and stays.
     shipped = trained - sum(c_in + c_out for c_in, c_out in separable)
-    assert (trained, shipped) == (141_706, 140_138)
+    assert (trained, shipped) == (145_114, 143_418)
     model = build_model("pico-sep")
     assert count_parameters(model) == trained <= 150_000
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert count_parameters(reparameterized(model)) == shipped
     pointwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
-    assert [m.out_channels for m in pointwise] == [64, 64, 128, 128, 256, 256]
+    assert [m.out_channels for m in pointwise] == [96, 96, 160, 160, 208, 208]
     narrow = build_model("pico-sep", widths=(8, 16, 24))
     assert narrow(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert [m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)] \

@@ -88,19 +88,21 @@ def test_distillation_loss_is_t_squared_kl_and_pulls_toward_the_teacher():
     assert distillation_loss(teacher_logits, teacher_logits, temperature).item() == pytest.approx(0, abs=1e-6)
 
 
-@pytest.mark.parametrize("weight", [0.5, 1.0])
-def test_training_step_mixes_label_and_distillation_losses(weight):
+@pytest.mark.parametrize(("weight", "mirror"), [(0.5, False), (1.0, False), (0.9, True)])
+def test_training_step_mixes_label_and_distillation_losses(weight, mirror):
     images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     cfg = TrainConfig(amp=False, channels_last=False)
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     with torch.no_grad():  # the step measures its loss before it updates the weights
         logits, teacher_logits = student(images), teacher(images)
+        if mirror:  # the teacher's logits averaged over each image and its left-right mirror image
+            teacher_logits = (teacher_logits + teacher(images.flip(3))) / 2
     expected = ((1 - weight) * F.cross_entropy(logits, labels)
                 + weight * distillation_loss(logits, teacher_logits, 2.0))
     optimizer = build_optimizer(cfg, student)
     step = build_train_step(cfg, student, optimizer, build_scheduler(cfg, optimizer, 1), None,
-                            Distillation(teacher, weight, 2.0))
+                            Distillation(teacher, weight, 2.0, mirror))
     step(images, labels)
     loss, _ = step.read(len(labels))
     assert loss == pytest.approx(expected.item(), rel=1e-5)
@@ -128,6 +130,8 @@ def test_distillation_settings_are_checked():
         TrainConfig(teacher="runs:/a/model", distill_temperature=-1.0)
     with pytest.raises(ConfigError, match="distill-temperature 2.0 needs --teacher"):
         TrainConfig(distill_temperature=2.0)
+    with pytest.raises(ConfigError, match="distill-mirror True needs --teacher"):
+        TrainConfig(distill_mirror=True)
     with pytest.raises(ConfigError, match="teacher names a model twice"):
         TrainConfig(teacher="runs:/a/model,runs:/a/model")
 

@@ -101,6 +101,35 @@ def test_distillation_learns_what_the_teacher_says_not_the_labels(splits):
         fit(cfg, splits)  # cfg names a teacher that was never loaded
 
 
+class RecordingTeacher(PaletteTeacher):
+    """A PaletteTeacher that keeps every batch it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__(shift=0)
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.batches.append(images.detach().clone())
+        return super().forward(images)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_distill_mirror_shows_the_teacher_each_training_batch_and_its_mirror_image(splits, mirror):
+    teacher = RecordingTeacher()
+    cfg = TrainConfig(**{**TINY, "epochs": 1}, amp=False, teacher="a teacher", distill_mirror=mirror,
+                      augment="flip-crop")
+    fit(cfg, splits, teacher=teacher)
+    sizes = [len(batch) for batch in teacher.batches]
+    training_batches = [min(32, len(splits.train) - start) for start in range(0, len(splits.train), 32)]
+    if not mirror:
+        assert sizes == training_batches
+        return
+    assert sizes == [2 * size for size in training_batches]
+    for batch in teacher.batches:  # (2B, 3, 32, 32): the augmented batch, then the same images mirrored
+        images, mirrored = batch.chunk(2)
+        assert torch.equal(mirrored, images.flip(-1)) and not torch.equal(mirrored, images)
+
+
 def test_learning_rate_decays_per_epoch(splits):
     result = fit(TrainConfig(**{**TINY, "epochs": 3}, lr_decay=0.5), splits)
     assert [s.lr for s in result.history] == pytest.approx([0.05, 0.025, 0.0125])
