@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from cifar_exp.inference import (
     calibration_images,
     check_class_count,
     check_classifier,
+    check_file_targets,
     check_writable_folder,
     export_and_verify,
     make_folder,
@@ -40,6 +42,7 @@ from cifar_exp.train import build_shipped_classifier
 log = logging.getLogger(__name__)
 
 RUN_KIND = "run_kind"  # tag that tells benchmark / export / pareto runs from training runs
+EXPORT_CHECKS = "export_checks.json"  # written by `export` beside the ONNX files, and logged with them
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,14 @@ def benchmark_and_track(
         raise ConfigError(f"--model {train_cfg.model} names an architecture to build, --model-uri "
                           f"{bench.model_uri} a logged model: give one of them")
     tracking.check_tracking_store()
+    tracking.check_run_target(tracking_cfg.experiment_name)
     json_path = Path(bench.output).expanduser()
     check_writable_folder(json_path.parent)
-    if json_path.is_dir():
+    try:
+        output_is_folder = json_path.is_dir()
+    except OSError as error:  # e.g. a name too long for the file system
+        raise ExportError(f"cannot write --output {json_path}: {error.strerror or error}") from None
+    if output_is_folder:
         raise ExportError(f"--output {json_path} is a folder; name the JSON file to write")
     source_run_id = None
     if bench.model_uri:
@@ -109,7 +117,9 @@ def benchmark_and_track(
         report = run_benchmark(model, label=label, cfg=bench, calibration=calibration,
                                calibration_missing=missing, test=test, work_dir=Path(tmp))
     document = {**report.to_dict(), "model_uri": bench.model_uri, "source_run_id": source_run_id}
-    make_folder(json_path.parent).joinpath(json_path.name).write_text(json.dumps(document, indent=2))
+    # Written beside --output first, and put in its place once the run is logged: a full disk fails
+    # before the run opens, and a failed run leaves no report behind.
+    staged = _stage_text(make_folder(json_path.parent), json_path.name, json.dumps(document, indent=2))
 
     tags = {
         **tracking.environment_tags(torch.device("cpu"), None),
@@ -120,17 +130,44 @@ def benchmark_and_track(
         "torch_threads": str(report.threads),
         "best_backend_batch1": report.best(1).name if 1 in report.batch_sizes else "n/a",
     }
-    with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
-        tracking.log_params({**{f"benchmark.{k}": v for k, v in asdict(bench).items()},
-                             **({} if bench.model_uri else {"train.model": train_cfg.model,
-                                                            "train.widths": train_cfg.widths,
-                                                            "train.hidden": train_cfg.hidden}),
-                             "data.data_dir": data_cfg.data_dir})
-        tracking.log_metrics(benchmark_metrics(report))
-        tracking.log_dict(document, "benchmark.json")
-        tracking.log_text(report.table() + "\n", "benchmark.txt")
-        tracking.log_table(benchmark_rows(report), "benchmark_table.json")
+    try:
+        with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
+            tracking.log_params({**{f"benchmark.{k}": v for k, v in asdict(bench).items()},
+                                 **({} if bench.model_uri else {"train.model": train_cfg.model,
+                                                                "train.widths": train_cfg.widths,
+                                                                "train.hidden": train_cfg.hidden}),
+                                 "data.data_dir": data_cfg.data_dir})
+            tracking.log_metrics(benchmark_metrics(report))
+            tracking.log_dict(document, "benchmark.json")
+            tracking.log_text(report.table() + "\n", "benchmark.txt")
+            tracking.log_table(benchmark_rows(report), "benchmark_table.json")
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    _move_into_place(staged, json_path)
     return BenchmarkOutcome(run_id, report, json_path)
+
+
+def _stage_text(folder: Path, name: str, text: str) -> Path:
+    """``text`` in a new hidden file of ``folder`` (to be moved to ``folder / name``), or an ExportError."""
+    staged = None
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{name}-", delete=False) as file:
+            staged = Path(file.name)
+            file.write(text)
+    except OSError as error:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {folder / name}: {error.strerror or error}") from None
+    return staged
+
+
+def _move_into_place(staged: Path, path: Path) -> None:
+    try:
+        os.replace(staged, path)
+    except OSError as error:
+        staged.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def _benchmark_data(
@@ -143,7 +180,8 @@ def _benchmark_data(
     try:
         train, test, names, _ = load_dataset(data_cfg)
     except DataError as error:
-        if data_cfg.data_dir != DataConfig().data_dir or data_cfg.download:  # asked for: must not fail unnoticed
+        asked_for = data_cfg.data_dir != DataConfig().data_dir or data_cfg.download
+        if asked_for or Path(data_cfg.data_dir).expanduser().exists():  # asked for, or there but broken
             raise
         reason = f"no calibration images ({error})"
         lost = "no test accuracy, " if trained else ""
@@ -223,7 +261,14 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     """
     tracking.check_tracking_store()
     out_dir = check_writable_folder(Path(export.output_dir))
+    check_file_targets(out_dir, (EXPORT_CHECKS,))
     model, classes = load_classifier(export.model_uri)
+    source_run_id = tracking.model_source_run(export.model_uri)
+    # MLflow refuses to log into a deleted run: the files then go into a new run, as for an unknown one.
+    into_source_run = (bool(source_run_id) and not tracking.inside_project_run()
+                       and tracking.run_is_active(source_run_id))
+    if not into_source_run:
+        tracking.check_run_target(tracking_cfg.experiment_name)
     try:
         train, test, names, _ = load_dataset(data_cfg)
     except DataError as error:
@@ -232,37 +277,49 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
         raise DataError(f"{need}: {error}") from None
     check_class_count(classes, names, data_cfg.data_dir)
     calibration = calibration_images(train, export.calibration_images) if export.int8 else None
+    tags = {"onnx_exported": "int8" if calibration is not None else "fp32"}
+    logged: dict[str, str] = {}
 
-    result = export_and_verify(model, out_dir, test=test, calibration=calibration)
-    checks = out_dir / "export_checks.json"
-    checks.write_text(json.dumps({
-        "model_uri": export.model_uri,
-        "onnx_fp32": result.onnx_check.to_dict(),
-        "onnx_int8": result.int8_check.to_dict() if result.int8_check else None,
-        "weight_bytes_fp32": result.weight_bytes_fp32,
-        "weight_bytes_int8": result.weight_bytes_int8,
-        "calibration_images": result.calibration_images,
-    }, indent=2))
-    files = {path: "onnx" for path in (result.onnx_path, result.int8_path, checks) if path is not None}
-    source_run_id = tracking.model_source_run(export.model_uri)
-    tags = {"onnx_exported": "int8" if result.int8_path else "fp32"}
-    if source_run_id and not tracking.inside_project_run() and tracking.get_run(source_run_id):
-        unused = [flag for flag, given in (("--experiment-name", tracking_cfg.experiment_name
-                                            != TrackingConfig().experiment_name),
-                                           ("--run-name", tracking_cfg.run_name)) if given]
-        if unused:
-            log.warning("%s not used: the files are logged into the model's own run %s",
-                        " and ".join(unused), source_run_id)
-        tracking.add_to_run(source_run_id, metrics=result.metrics(), tags=tags, artifacts=files)
-        return ExportOutcome(source_run_id, result, logged_into_source_run=True)
-    run_tags = {**tags, RUN_KIND: "export", "model_uri": export.model_uri,
-                "source_run_id": source_run_id or "unknown"}
-    with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=run_tags) as run_id:
-        tracking.log_params({f"export.{k}": v for k, v in asdict(export).items()})
-        tracking.log_metrics(result.metrics())
-        for path in files:
-            tracking.log_artifact(path, "onnx")
-    return ExportOutcome(run_id, result, logged_into_source_run=False)
+    def publish(staged: ExportResult) -> list[Path]:
+        # Runs on the checked files while they are still staged: a failure to log them leaves
+        # --output-dir as it was (and a new run FAILED).
+        checks = staged.onnx_path.parent / EXPORT_CHECKS
+        document = json.dumps({
+            "model_uri": export.model_uri,
+            "onnx_fp32": staged.onnx_check.to_dict(),
+            "onnx_int8": staged.int8_check.to_dict() if staged.int8_check else None,
+            "weight_bytes_fp32": staged.weight_bytes_fp32,
+            "weight_bytes_int8": staged.weight_bytes_int8,
+            "calibration_images": staged.calibration_images,
+        }, indent=2)
+        try:
+            checks.write_text(document)
+        except OSError as error:
+            raise ExportError(f"cannot write {out_dir / EXPORT_CHECKS}: {error.strerror or error}") from None
+        files = [path for path in (staged.onnx_path, staged.int8_path, checks) if path is not None]
+        if into_source_run:
+            unused = [flag for flag, given in (("--experiment-name", tracking_cfg.experiment_name
+                                                != TrackingConfig().experiment_name),
+                                               ("--run-name", tracking_cfg.run_name)) if given]
+            if unused:
+                log.warning("%s not used: the files are logged into the model's own run %s",
+                            " and ".join(unused), source_run_id)
+            tracking.add_to_run(source_run_id, metrics=staged.metrics(), tags=tags,
+                                artifacts={path: "onnx" for path in files})
+            logged["run_id"] = source_run_id
+        else:
+            run_tags = {**tags, RUN_KIND: "export", "model_uri": export.model_uri,
+                        "source_run_id": source_run_id or "unknown"}
+            with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=run_tags) as run_id:
+                tracking.log_params({f"export.{k}": v for k, v in asdict(export).items()})
+                tracking.log_metrics(staged.metrics())
+                for path in files:
+                    tracking.log_artifact(path, "onnx")
+            logged["run_id"] = run_id
+        return [checks]
+
+    result = export_and_verify(model, out_dir, test=test, calibration=calibration, publish=publish)
+    return ExportOutcome(logged["run_id"], result, logged_into_source_run=into_source_run)
 
 
 # --------------------------------------------------------------------------------------------------

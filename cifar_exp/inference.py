@@ -21,7 +21,7 @@ import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -314,6 +314,18 @@ def check_writable_folder(folder: Path) -> Path:
     except OSError as error:
         raise ExportError(f"cannot write to {folder}: {error.strerror or error}") from None
     return folder
+
+
+def check_file_targets(folder: Path, names: Iterable[str]) -> None:
+    """Refuse, before any slow work, a file name in ``folder`` taken by a folder (no file can replace it)."""
+    for name in names:
+        target = Path(folder).expanduser() / name
+        try:
+            taken = target.is_dir()
+        except OSError as error:  # e.g. a name too long for the file system
+            raise ExportError(f"cannot write {target}: {error.strerror or error}") from None
+        if taken:
+            raise ExportError(f"cannot write {target}: it is a folder")
 
 
 def make_folder(folder: Path) -> Path:
@@ -1247,25 +1259,29 @@ def export_and_verify(
     test: ImageSet,
     calibration: np.ndarray | None = None,
     threads: int | None = None,
+    publish: Callable[[ExportResult], Iterable[Path]] | None = None,
 ) -> ExportResult:
     """``out_dir/model.onnx`` (and ``model.int8.onnx`` with ``calibration``), checked on ``test``.
 
     Raises ``ExportError`` when the fp32 ONNX model's logits stray from PyTorch's by more than
     float rounding (``FP32_LOGIT_TOLERANCE``). The files are written and checked in a staging
-    folder inside ``out_dir`` and moved into place only when every check passed, so a failed
-    export leaves ``out_dir`` as it was; an older ``model.int8.onnx`` that this export does not
-    replace is removed, since it belongs to another model.
+    folder inside ``out_dir`` and moved into place only when every check passed and ``publish``
+    (given the staged result, e.g. to log its files; it returns any files it added beside them,
+    which move too) returned, so a failed export leaves ``out_dir`` as it was; an older
+    ``model.int8.onnx`` that this export does not replace is removed, since it belongs to another model.
     """
     threads = threads or available_cores()
     model = shipped_copy(model)
     out_dir = check_writable_folder(out_dir)
+    check_file_targets(out_dir, EXPORTED_FILES)
     created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # innermost first
     make_folder(out_dir)
     try:
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
             staged = _export_and_verify_in(model, Path(staging), test=test, calibration=calibration,
                                            threads=threads)
-            _move_exported_files(Path(staging), out_dir)
+            extra_files = list(publish(staged)) if publish else []
+            _move_exported_files(Path(staging), out_dir, extra_files)
     except BaseException:
         for folder in created:  # made for this export, which wrote nothing into them
             with contextlib.suppress(OSError):
@@ -1278,15 +1294,24 @@ def export_and_verify(
     )
 
 
-def _move_exported_files(staging: Path, out_dir: Path) -> None:
-    """The checked files into ``out_dir``; an older int8 file this export did not replace goes."""
-    for name in ("model.onnx", "model.int8.onnx"):
-        source = staging / name
-        if source.exists():
-            os.replace(source, out_dir / name)
-        elif (out_dir / name).exists():
-            log.info("removing %s, left by an earlier export with --int8", out_dir / name)
-            (out_dir / name).unlink()
+EXPORTED_FILES = ("model.onnx", "model.int8.onnx")
+
+
+def _move_exported_files(staging: Path, out_dir: Path, extra_files: list[Path]) -> None:
+    """The checked files (and ``extra_files``, staged beside them) into ``out_dir``; an older int8
+    file this export did not replace goes."""
+    try:
+        for name in EXPORTED_FILES:
+            source = staging / name
+            if source.exists():
+                os.replace(source, out_dir / name)
+            elif (out_dir / name).exists():
+                log.info("removing %s, left by an earlier export with --int8", out_dir / name)
+                (out_dir / name).unlink()
+        for source in extra_files:
+            os.replace(source, out_dir / source.name)
+    except OSError as error:
+        raise ExportError(f"cannot write to {out_dir}: {error.strerror or error} ({error.filename})") from None
 
 
 def _export_and_verify_in(

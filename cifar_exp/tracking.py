@@ -488,6 +488,38 @@ def get_run(run_id: str) -> RunRecord | None:
         return None
 
 
+def run_is_active(run_id: str) -> bool:
+    """Whether run ``run_id`` exists and is not deleted (MLflow still returns deleted runs, but refuses
+    to log into them)."""
+    try:
+        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def check_run_target(experiment_name: str) -> None:
+    """Fail fast, before slow work or anything written, where a new run could not start: under ``mlflow
+    run``, ``MLFLOW_RUN_ID`` must name a run of this store that is not deleted; else an experiment
+    ``experiment_name`` must not be a deleted one (MLflow keeps the name)."""
+    client = MlflowClient()
+    if inside_project_run():
+        run_id = os.environ["MLFLOW_RUN_ID"]
+        try:
+            stage = client.get_run(run_id).info.lifecycle_stage
+        except MlflowException as error:
+            raise TrackingError(f"cannot log into MLFLOW_RUN_ID {run_id}: {first_line(error)}") from None
+        if stage != "active":
+            raise TrackingError(f"cannot log into MLFLOW_RUN_ID {run_id}: the run was deleted")
+        return
+    try:
+        experiment = client.get_experiment_by_name(experiment_name)
+    except MlflowException as error:
+        raise TrackingError(f"cannot use experiment {experiment_name!r}: {first_line(error)}") from None
+    if experiment is not None and experiment.lifecycle_stage != "active":
+        raise TrackingError(f"experiment {experiment_name!r} was deleted: restore it (`mlflow experiments restore "
+                            f"--experiment-id {experiment.experiment_id}`) or pass another --experiment-name")
+
+
 def dataset_digest(run_id: str, split: str) -> str | None:
     """The digest of the ``split`` (train, val, test) dataset input that ``log_datasets`` recorded for
     run ``run_id``; None for an unknown run or one that recorded none."""

@@ -107,6 +107,7 @@ SETTINGS_CLAIM = "settings_claim:"  # study attribute prefix: the settings a wor
 CLAIM_SECONDS = 600  # a claim this old was left by a worker that died while starting the study
 NOT_STUDY_SETTINGS = {"lr", "lr_decay", "device", "amp_dtype", "channels_last", "compile", "cuda_graphs",
                       "eval_batch_size", "recipe"}
+HEARTBEAT_SETTING = "tune.heartbeat_interval"  # a study setting on database storages (with heartbeats)
 SEARCHED_WIDTH_SETTINGS = {"widths", "hidden"}  # searched, not fixed, in accuracy,latency studies
 DATA_STUDY_SETTINGS = ("val_size", "split_seed")
 
@@ -208,6 +209,7 @@ def tune(
                                        width_params.get(HIDDEN_PARAM))
         baseline_params.update(width_params)
     tracking.check_tracking_store()
+    tracking.check_run_target(cfg.tracking.experiment_name)  # before the study is created
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp_dtype(cfg.train, device)
     study_name = tune_cfg.study_name or default_study_name(cfg, tune_cfg)
@@ -573,6 +575,10 @@ def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig, data: Splits | N
         settings.update({"data.train_digest": data.train.digest(), "data.val_digest": data.val.digest()})
     if teacher is not None:
         settings["train.teacher_run_ids"] = ",".join(teacher.source_run_ids)
+    if not _is_journal_file(tune_cfg.storage or default_storage()):
+        # Optuna judges a trial stale by the checking worker's grace period, not its runner's: a worker
+        # with a shorter interval would fail the live trials of the others.
+        settings[HEARTBEAT_SETTING] = tune_cfg.heartbeat_interval
     if tune_cfg.multi_objective:
         # What else its values depend on: the choices searched (Optuna refuses other categorical
         # choices for a parameter within a study), the threads latency is timed with and the CPU it
@@ -597,6 +603,11 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
     defaults = study_settings(ExperimentConfig(), tune_cfg)
     recorded = {k: stored.get(k, defaults.get(k, v)) for k, v in settings.items()}
     differ = {k: (recorded[k], v) for k, v in settings.items() if recorded[k] != v}
+    if HEARTBEAT_SETTING in differ and len(differ) == 1:
+        raise StorageError(
+            f"study {study_name!r} runs with --heartbeat-interval {differ[HEARTBEAT_SETTING][0]}: every worker "
+            "of a study must use the same (a shorter one would fail the other workers' live trials)"
+        )
     if differ:
         changes = ", ".join(f"{k.split('.')[1].replace('_', '-')} {old} -> {new}"
                             for k, (old, new) in differ.items())

@@ -953,3 +953,96 @@ def test_an_untrained_architecture_takes_calibration_images_from_any_dataset(tin
     assert calibration.shape == (16, 3, 32, 32) and test is None and reason == ""
     with pytest.raises(DataError, match=f"the model predicts 10 classes but {three} holds 3"):
         _benchmark_data(bench, data, 10, trained=True)
+
+
+def test_export_of_a_model_whose_run_was_deleted_goes_into_a_new_run(in_store, tiny_data, tmp_path):
+    _, _, cache = in_store
+    with tracking.start_run("deleted-source") as source_run:
+        tracking.log_model(build_classifier(TrainConfig(), 10), "deleted-source-model")
+    MlflowClient().delete_run(source_run)  # its registered version still loads; MLflow refuses to log into it
+    result = run_cli("export", "--model-uri", "models:/deleted-source-model/1", "--output-dir", tmp_path / "out",
+                     "--data-dir", tiny_data, "--cache-dir", cache, "--experiment-name", "exports")
+    assert result.exit_code == 0, result.output
+    export_run = next(r for r in all_runs() if r.data.tags.get("run_kind") == "export"
+                      and r.data.tags["model_uri"] == "models:/deleted-source-model/1")
+    assert export_run.info.status == "FINISHED" and export_run.data.tags["source_run_id"] == source_run
+    assert {a.path for a in MlflowClient().list_artifacts(export_run.info.run_id, "onnx")} == {
+        "onnx/model.onnx", "onnx/export_checks.json"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export_checks.json", "model.onnx"]
+
+
+def test_an_export_that_cannot_be_logged_leaves_the_folder_as_it_was(in_store, tiny_data, tmp_path, monkeypatch):
+    run_id, _, cache = in_store
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_text("an earlier export")
+
+    def store_gone(run_id, **_):
+        raise TrackingError(f"cannot log into run {run_id}: the store went away")
+
+    monkeypatch.setattr(tracking, "add_to_run", store_gone)
+    result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--output-dir", out,
+                     "--data-dir", tiny_data, "--cache-dir", cache)
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        f"Error: cannot log into run {run_id}: the store went away"]
+    assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_text() == "an earlier export"
+
+
+def test_export_refuses_an_output_file_name_taken_by_a_folder(in_store, tiny_data, tmp_path):
+    run_id, _, cache = in_store
+    (tmp_path / "out" / "export_checks.json").mkdir(parents=True)
+    before = MlflowClient().list_artifacts(run_id)
+    result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--output-dir", tmp_path / "out",
+                     "--data-dir", tiny_data, "--cache-dir", cache)
+    assert result.exit_code == 1
+    assert f"Error: cannot write {tmp_path / 'out' / 'export_checks.json'}: it is a folder" in result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["export_checks.json"]
+    assert MlflowClient().list_artifacts(run_id) == before
+
+
+def test_benchmark_into_a_deleted_experiment_fails_before_measuring(in_store, tmp_path):
+    MlflowClient().delete_experiment(MlflowClient().create_experiment("gone"))
+    before = len(all_runs())
+    result = run_cli("benchmark", "--model", "seed", "--experiment-name", "gone", "--output", tmp_path / "b.json")
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        "Error: experiment 'gone' was deleted: restore it (`mlflow experiments restore --experiment-id "
+        f"{MlflowClient().get_experiment_by_name('gone').experiment_id}`) or pass another --experiment-name"]
+    assert "p50" not in result.output  # nothing was measured
+    assert len(all_runs()) == before and not (tmp_path / "b.json").exists()
+
+
+def test_benchmark_output_name_too_long_is_one_line(in_store, tmp_path):
+    output = tmp_path / ("a" * 300 + ".json")
+    result = run_cli("benchmark", "--model", "seed", "--output", output)
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        f"Error: cannot write --output {output}: File name too long"]
+
+
+def test_a_benchmark_that_fails_while_logging_writes_no_report(in_store, tmp_path, monkeypatch):
+    def store_gone(*_, **__):
+        raise TrackingError("the store went away")
+
+    monkeypatch.setattr(tracking, "log_table", store_gone)
+    result = run_cli("benchmark", "--model", "seed", "--backends", "pytorch-fp32", "--experiment-name",
+                     "failed-benchmarks", "--output", tmp_path / "b.json", *QUICK_ARGS)
+    assert result.exit_code == 1 and "Error: the store went away" in result.output
+    assert list(tmp_path.iterdir()) == []  # neither the report nor its staged copy
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("failed-benchmarks").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_benchmark_with_a_broken_dataset_at_the_default_folder_fails(in_store, tmp_path, monkeypatch):
+    # No dataset at ./data: int8 and the accuracies are skipped, with a warning. A broken one there
+    # is an error: skipping would hide it.
+    run_id = in_store[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "cat" / "0.png").write_bytes(b"not an image")
+    before = len(all_runs())
+    result = run_cli("benchmark", "--model-uri", f"runs:/{run_id}/model", "--output", tmp_path / "b.json")
+    assert result.exit_code == 1, result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+    assert len(all_runs()) == before and not (tmp_path / "b.json").exists()

@@ -421,6 +421,33 @@ def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tr
     assert "holds trials trained with other settings (epochs 5 -> 2" in result.output
     assert all_runs() == []
 
+    # Optuna judges a trial stale by the checking worker's heartbeat grace period: all must share it.
+    args = ["--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--study-name", "heartbeats",
+            "--n-trials", "1", "--no-baseline"]
+    assert run_cli("tune", *args).exit_code == 0
+    assert optuna.load_study(study_name="heartbeats", storage=storage).user_attrs["settings"][
+        "tune.heartbeat_interval"] == 30  # the default
+    runs = len(all_runs())
+    result = run_cli("tune", *args, "--heartbeat-interval", "5")
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        "Error: study 'heartbeats' runs with --heartbeat-interval 30: every worker of a study must use the same "
+        "(a shorter one would fail the other workers' live trials)"]
+    assert len(all_runs()) == runs
+    journal = f"{tmp_path}/journal.log"  # no heartbeats there: nothing to share
+    assert "tune.heartbeat_interval" not in study_settings(ExperimentConfig(), TuneConfig(storage=journal))
+
+
+def test_tune_into_a_deleted_experiment_fails_before_creating_the_study(tiny_data, tracking_store, cache_dir,
+                                                                         tmp_path):
+    MlflowClient().delete_experiment(MlflowClient().create_experiment("gone"))
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS,
+                     "--experiment-name", "gone")
+    assert result.exit_code == 1
+    assert "Error: experiment 'gone' was deleted: restore it" in result.output
+    assert not (tmp_path / "mlruns" / "optuna.db").exists()  # no study, no storage file
+    assert all_runs() == []
+
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask and tell, without optimize
 def test_a_resumed_study_samples_new_trials(tmp_path):
