@@ -95,12 +95,7 @@ def benchmark_and_track(
     tracking.check_run_target(tracking_cfg.experiment_name)
     json_path = Path(bench.output).expanduser()
     check_writable_folder(json_path.parent)
-    try:
-        output_is_folder = json_path.is_dir()
-    except OSError as error:  # e.g. a name too long for the file system
-        raise ExportError(f"cannot write --output {json_path}: {error.strerror or error}") from None
-    if output_is_folder:
-        raise ExportError(f"--output {json_path} is a folder; name the JSON file to write")
+    check_file_targets(json_path.parent, (json_path.name,))
     source_run_id = None
     if bench.model_uri:
         model, classes = load_classifier(bench.model_uri)
