@@ -282,8 +282,14 @@ def tune(
 
         objective = _Objective(cfg, tune_cfg, splits, study_name, progress, teacher.model if teacher else None)
         with _quiet_optuna():
-            study.optimize(objective, n_trials=tune_cfg.n_trials, timeout=tune_cfg.timeout,
-                           callbacks=[after_trial], gc_after_trial=True)
+            try:
+                study.optimize(objective, n_trials=tune_cfg.n_trials, timeout=tune_cfg.timeout,
+                               callbacks=[after_trial], gc_after_trial=True)
+            except Exception as error:
+                lost = objective.lost_trial(study, error)
+                if lost is None:
+                    raise
+                raise StorageError(lost) from None
         best, baseline = best_trial(study), baseline_trial(study)
         pareto = pareto_trials(study) if tune_cfg.multi_objective else []
         _log_study_summary(study, best, baseline, ran, tune_cfg, pareto, decay=decay)
@@ -337,6 +343,21 @@ class _Objective:
         self.searches_decay = searches_decay(cfg.train)
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
         self.process = worker_process()
+        self.trial: optuna.Trial | None = None  # the trial running or run last
+
+    def lost_trial(self, study: optuna.Study, error: Exception) -> str | None:
+        """Why ``error`` (raised by ``study.optimize``) means that another worker failed this worker's
+        trial as stale (its heartbeat silent past the grace period, e.g. in a network outage), or None."""
+        told_too_late = isinstance(error, optuna.exceptions.UpdateFinishedTrialError) or (
+            isinstance(error, ValueError) and str(error) == "Cannot tell a FAIL trial.")  # Optuna's own tell
+        if self.trial is None or not told_too_late:
+            return None
+        state = study.get_trials(deepcopy=False)[self.trial.number].state
+        if state != TrialState.FAIL:
+            return None
+        return (f"trial {self.trial.number} of study {self.study_name} was failed by another worker: no heartbeat "
+                f"from this one for over {2 * self.tune_cfg.heartbeat_interval} s (a stall or a network outage); "
+                "this worker stops")
 
     def _suggest(self, trial: optuna.Trial) -> TrainConfig:
         searched: dict[str, Any] = {
@@ -364,6 +385,7 @@ class _Objective:
             raise
 
     def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        self.trial = trial
         with deferred():  # each suggestion and attribute is a write to the Optuna storage
             trial.set_user_attr("worker", self.worker)
             trial.set_user_attr("worker_process", self.process)

@@ -1016,3 +1016,29 @@ def test_two_workers_share_one_postgresql_study(postgres_url, tiny_data, cache_d
     for parent in parents:
         assert parent.data.metrics["study_trials"] >= per_worker
         assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.csv", "plots"}
+
+
+def test_a_worker_whose_trial_another_worker_failed_stops_in_one_line(tiny_data, tracking_store, cache_dir,
+                                                                      tmp_path, monkeypatch):
+    # As another worker does when this one's heartbeat stays silent past the grace period (a stall, a
+    # network outage): after epoch 1 the running trial is marked FAIL in the storage behind its back.
+    from cifar_exp import tracking
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    log_metrics = tracking.log_metrics
+
+    def log_then_lose_the_trial(metrics, step=None):
+        log_metrics(metrics, step=step)
+        if step == 1:
+            other_worker = optuna.load_study(study_name="lost", storage=storage)
+            [running] = other_worker.get_trials(states=(TrialState.RUNNING,))
+            other_worker._storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+
+    monkeypatch.setattr(tracking, "log_metrics", log_then_lose_the_trial)
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--storage", storage,
+                     "--study-name", "lost", "--n-trials", "1", "--no-baseline", "--pruner", "none")
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        "Error: trial 0 of study lost was failed by another worker: no heartbeat from this one for over 60 s "
+        "(a stall or a network outage); this worker stops"]
+    assert {run.info.status for run in all_runs()} == {"FAILED"}  # the trial's run and the study's, none RUNNING
