@@ -273,9 +273,10 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     check_class_count(classes, names, data_cfg.data_dir)
     calibration = calibration_images(train, export.calibration_images) if export.int8 else None
     tags = {"onnx_exported": "int8" if calibration is not None else "fp32"}
-    logged: dict[str, str] = {}
+    run_id = source_run_id if into_source_run else None  # a new run's id once it is opened
 
     def publish(staged: ExportResult) -> list[Path]:
+        nonlocal run_id
         # Runs on the checked files while they are still staged: a failure to log them leaves
         # --output-dir as it was (and a new run FAILED).
         checks = staged.onnx_path.parent / EXPORT_CHECKS
@@ -301,7 +302,6 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
                             " and ".join(unused), source_run_id)
             tracking.add_to_run(source_run_id, metrics=staged.metrics(), tags=tags,
                                 artifacts={path: "onnx" for path in files})
-            logged["run_id"] = source_run_id
         else:
             run_tags = {**tags, RUN_KIND: "export", "model_uri": export.model_uri,
                         "source_run_id": source_run_id or "unknown"}
@@ -310,11 +310,10 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
                 tracking.log_metrics(staged.metrics())
                 for path in files:
                     tracking.log_artifact(path, "onnx")
-            logged["run_id"] = run_id
         return [checks]
 
     result = export_and_verify(model, out_dir, test=test, calibration=calibration, publish=publish)
-    return ExportOutcome(logged["run_id"], result, logged_into_source_run=into_source_run)
+    return ExportOutcome(run_id, result, logged_into_source_run=into_source_run)
 
 
 # --------------------------------------------------------------------------------------------------
