@@ -361,3 +361,33 @@ def test_each_fit_reports_its_own_peak_memory_on_cpu(splits):
     before = process_peak()
     result = fit(TrainConfig(**{**TINY, "epochs": 1}, device="cpu"), splits)
     assert 0 < result.peak_memory_bytes < before - 2**29
+
+
+@pytest.mark.slow  # inductor compiles the training step on first use (~30 s on 2 cores)
+def test_a_compiled_training_step_trains_as_the_eager_one_and_returns_a_plain_model(splits, monkeypatch):
+    cfg = TrainConfig(**{**TINY, "epochs": 2}, amp=False)
+    eager = fit(cfg, splits)
+    compiled_models = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compiled_models.append(model) or compile_(model))
+    compiled = fit(dataclasses.replace(cfg, compile=True), splits)
+    assert len(compiled_models) == 1
+    # The same weights and batches: only the kernels' summation order differs.
+    for ours, theirs in zip(compiled.history, eager.history, strict=True):
+        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-3)
+        assert ours.val_loss == pytest.approx(theirs.val_loss, rel=1e-3)
+    # What is logged and exported is the model itself, not torch.compile's wrapper of it.
+    assert type(compiled.model) is type(eager.model)
+    assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()
+    assert (evaluate(compiled.model, splits.test).predictions == evaluate(eager.model, splits.test).predictions).mean() > 0.95
+
+
+def test_progress_bars_go_to_stderr_and_change_nothing(splits, capsys):
+    cfg = TrainConfig(**{**TINY, "epochs": 2}, amp=False)
+    quiet = fit(cfg, splits)
+    assert capsys.readouterr().err == ""
+    shown = fit(cfg, splits, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "epoch 1/2" in captured.err and "epoch 2/2" in captured.err and "batch" in captured.err
+    assert [s.train_loss for s in shown.history] == [s.train_loss for s in quiet.history]

@@ -126,6 +126,18 @@ def test_three_trial_study(tiny_data, tracking_store, cache_dir, tmp_path):
     assert len(study.trials) == 4 and not study.trials[3].user_attrs.get("baseline")
 
 
+def test_timeout_stops_starting_trials(tiny_data, tracking_store, cache_dir, tmp_path):
+    # Optuna checks the time between trials: the first trial runs to its end, no second one starts.
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--n-trials", "20",
+                     "--timeout", "0.01", "--sampler", "random", "--pruner", "none")
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="cifar10-seed-2ep", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+    parent = next(r for r in all_runs() if r.data.tags.get("run_kind") == "tune-study")
+    assert parent.info.status == "FINISHED" and parent.data.params["tune.timeout"] == "0.01"
+    assert len(children_of(parent.info.run_id)) == 1
+
+
 def test_a_study_of_another_schedule_searches_lr_alone(tiny_data, tracking_store, cache_dir, tmp_path):
     # The decay acts only in the exp schedule: a cosine study searches the learning rate alone.
     result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--schedule", "cosine",
