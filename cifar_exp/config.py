@@ -101,8 +101,8 @@ class TrainConfig:
     )
     lr_decay: float = option(0.95, "Learning-rate decay factor applied after every epoch (schedule exp).")
     warmup_epochs: float = option(
-        0.0, "Learning-rate warm-up, in epochs: linear up to lr for exp and cosine; the rising phase of "
-        "onecycle (0 there: 30% of the steps, PyTorch's default)."
+        0.0, "Learning-rate warm-up, in epochs: linear up to lr for exp and cosine, whose decay then "
+        "begins; the rising phase of onecycle (0 there: 30% of the steps, PyTorch's default)."
     )
     momentum: float = option(0.0, "SGD momentum (the seed report names none); beta1 for adamw (0 there: 0.9).")
     weight_decay: float = option(0.0, "Weight decay, applied to weights only (not to biases or BatchNorm).")
@@ -224,9 +224,11 @@ class TrackingConfig:
         if name is not None and not name.strip():
             # An empty name (the MLproject's default) means none given: cifar10-<model>.
             object.__setattr__(self, "registered_model_name", None)
-        elif name is not None and ("/" in name or ":" in name):
-            # The Model Registry's rule; checked here, not after the training it would waste.
-            raise ConfigError(f"registered-model-name must not contain '/' or ':', got {name!r}")
+        elif name is not None and (any(c in name for c in "/:@") or name == "." or name.startswith("..")):
+            # The Model Registry's rules (no '/' or ':'; no name that reads as a relative path), checked
+            # here, not after the training it would waste; and '@', which models:/NAME@ALIAS cannot address.
+            raise ConfigError(f"registered-model-name must not contain '/', ':' or '@', nor be '.' or start "
+                              f"with '..', got {name!r}")
 
 
 @dataclass(frozen=True)

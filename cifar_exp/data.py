@@ -85,6 +85,18 @@ def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet, tuple[str, ...], 
     )
 
 
+def load_test_set(cfg: DataConfig) -> tuple[ImageSet, tuple[str, ...], str]:
+    """The test split alone, for evaluation: an image folder with test/ but no train/ (a held-out
+    test set shipped on its own) is enough, its classes then named by test/'s folders. Where train/
+    exists the whole dataset loads as ``load_dataset`` loads it (its classes are train's)."""
+    root = Path(cfg.data_dir).expanduser()
+    if (root / "test").is_dir() and not (root / "train").exists():
+        sets, classes, source = _load_image_folder_splits(root.resolve(), _cache_dir(cfg), ("test",))
+        return sets["test"], classes, source
+    _, test, classes, source = load_dataset(cfg)
+    return test, classes, source
+
+
 def stratified_split(data: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """Split off ``val_size`` images with every class in the same proportion as in ``data``."""
     train_idx, val_idx = stratified_split_indices(data.labels, val_size, seed)
@@ -148,14 +160,22 @@ def _load_torchvision(root: Path, download: bool) -> tuple[ImageSet, ImageSet, t
 
 
 def _load_image_folder(root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet, tuple[str, ...], str]:
-    files = {split: _list_split(root, split) for split in ("train", "test")}
-    classes = tuple(files["train"])
-    missing = [c for c in classes if c not in files["test"]]
-    if missing:
-        raise DataError(f"{root / 'test'} has no folder for class {missing[0]!r} that train has")
-    extra = [c for c in files["test"] if c not in files["train"]]
-    if extra:
-        raise DataError(f"{root / 'test'} has class folder {extra[0]!r} that train lacks")
+    sets, classes, source = _load_image_folder_splits(root, cache_dir, ("train", "test"))
+    return sets["train"], sets["test"], classes, source
+
+
+def _load_image_folder_splits(root: Path, cache_dir: Path, splits: tuple[str, ...],
+                              ) -> tuple[dict[str, ImageSet], tuple[str, ...], str]:
+    """``splits`` of an image folder, decoded or from the cache; the classes are the first split's."""
+    files = {split: _list_split(root, split) for split in splits}
+    classes = tuple(files[splits[0]])
+    if "test" in files and "train" in files:
+        missing = [c for c in classes if c not in files["test"]]
+        if missing:
+            raise DataError(f"{root / 'test'} has no folder for class {missing[0]!r} that train has")
+        extra = [c for c in files["test"] if c not in files["train"]]
+        if extra:
+            raise DataError(f"{root / 'test'} has class folder {extra[0]!r} that train lacks")
 
     listing = [(split, c, f.name, *_size_and_mtime(f)) for split in files for c in classes for f in files[split][c]]
     digest = hashlib.sha256(repr((CACHE_FORMAT, str(root), listing)).encode()).hexdigest()[:20]
@@ -166,7 +186,8 @@ def _load_image_folder(root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet,
         try:
             cached = torch.load(cache_file, weights_only=True)
             log.info("loaded decoded images from cache %s", cache_file)
-            return _cached_sets(cached) + (tuple(cached["classes"]), source)
+            sets = {split: ImageSet(split, cached[f"{split}_images"], cached[f"{split}_labels"]) for split in splits}
+            return sets, tuple(cached["classes"]), source
         except Exception as error:  # a truncated or foreign file: decode again
             log.warning("ignoring unreadable cache %s: %s", cache_file, error)
 
@@ -181,7 +202,7 @@ def _load_image_folder(root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet,
                 with contextlib.suppress(OSError):
                     stale.unlink()
                     log.info("removed the outdated cache %s", stale)
-    return sets["train"], sets["test"], classes, source
+    return sets, classes, source
 
 
 def _size_and_mtime(entry: os.DirEntry) -> tuple[int, int]:
@@ -190,10 +211,6 @@ def _size_and_mtime(entry: os.DirEntry) -> tuple[int, int]:
     except OSError as error:  # e.g. a symlink to a file that is gone
         raise DataError(f"cannot read image {entry.path}: {error.strerror or error}") from None
     return info.st_size, info.st_mtime_ns
-
-
-def _cached_sets(cached: dict) -> tuple[ImageSet, ImageSet]:
-    return tuple(ImageSet(s, cached[f"{s}_images"], cached[f"{s}_labels"]) for s in ("train", "test"))
 
 
 def _list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:

@@ -16,7 +16,7 @@ import torch
 
 from cifar_exp import tracking
 from cifar_exp.config import EvaluateConfig, ExperimentConfig, TrainConfig
-from cifar_exp.data import Splits, load_dataset, load_splits
+from cifar_exp.data import Splits, load_splits, load_test_set
 from cifar_exp.errors import DataError
 from cifar_exp.inference import check_class_count, check_classifier
 from cifar_exp.models import Ensemble
@@ -142,7 +142,7 @@ def evaluate_and_track(evaluate: EvaluateConfig, cfg: ExperimentConfig) -> Evalu
     device = resolve_device(cfg.train.device)
     model = tracking.load_model(model_uri).to(device)
     class_count = check_classifier(model, model_uri, device)
-    _, test_set, classes, source = load_dataset(data_cfg)
+    test_set, classes, source = load_test_set(data_cfg)
     check_class_count(class_count, classes, data_cfg.data_dir)
     source_run_id = _check_trained_classes(model_uri, classes, data_cfg.data_dir)
     splits = Splits(test_set, test_set, test_set, classes, source, val_is_test=True)
@@ -208,7 +208,10 @@ def _check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: s
     source_run_id = tracking.model_source_run(model_uri)
     source_run = tracking.get_run(source_run_id) if source_run_id else None
     trained_on = source_run.params.get(CLASSES_PARAM) if source_run else None
-    if trained_on and trained_on != ",".join(classes):
+    held = ",".join(classes)
+    if trained_on and len(trained_on) >= tracking.PARAM_VALUE_LIMIT:  # MLflow kept the list's beginning
+        held = held[:len(trained_on)]
+    if trained_on and trained_on != held:
         # ImageFolder numbers classes by folder name: other names or another order mislabel every image.
         raise DataError(f"{model_uri} was trained on classes {trained_on}; {data_dir} holds {','.join(classes)}")
     return source_run_id

@@ -136,20 +136,27 @@ def _plot_curves(epochs: list[int], series: dict[str, list[float]], ylabel: str,
     plt.close(fig)
 
 
+# Past this many classes the plot shows colours only (the counts are in confusion_matrix.csv): one
+# text artist per cell and a figure growing with the classes took minutes and gigabytes at 100-200.
+MAX_LABELLED_CLASSES = 30
+
+
 def plot_confusion_matrix(metrics: ClassMetrics, path: Path) -> None:
     matrix = metrics.confusion
-    size = max(5.0, 0.6 * len(metrics.classes) + 2)
+    labelled = len(metrics.classes) <= MAX_LABELLED_CLASSES
+    size = max(5.0, 0.6 * min(len(metrics.classes), MAX_LABELLED_CLASSES) + 2)
     fig, ax = plt.subplots(figsize=(size, size), dpi=120)
     ax.imshow(matrix, cmap="Blues")
-    ticks = np.arange(len(metrics.classes))
-    ax.set_xticks(ticks, metrics.classes, rotation=45, ha="right")
-    ax.set_yticks(ticks, metrics.classes)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for (row, col), count in np.ndenumerate(matrix):
-        ax.text(col, row, str(count), ha="center", va="center", fontsize=8,
-                color="white" if count > threshold else "black")
+    if labelled:
+        ticks = np.arange(len(metrics.classes))
+        ax.set_xticks(ticks, metrics.classes, rotation=45, ha="right")
+        ax.set_yticks(ticks, metrics.classes)
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for (row, col), count in np.ndenumerate(matrix):
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if count > threshold else "black")
+    ax.set_xlabel("predicted class" + ("" if labelled else " (index)"))
+    ax.set_ylabel("true class" + ("" if labelled else " (index)"))
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     ax.set_title(f"confusion matrix ({matrix.sum()} images, accuracy {accuracy:.2%})")
     fig.tight_layout()

@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import re
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
@@ -47,6 +50,7 @@ PREVIOUS_CHAMPION = "previous_champion"  # version tag: the champion it replaced
 NOT_CANDIDATE = "no_champion_candidate"  # version tag: why its validation accuracy cannot be compared
 CREATED_NAME = "created_registered_model"  # version tag: its registration created the registered model
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+PARAM_VALUE_LIMIT = 6000  # characters of a param value MLflow keeps (it cuts longer ones, with a warning)
 
 
 def tracking_uri() -> str:
@@ -85,7 +89,7 @@ def check_tracking_store() -> str:
             raise TrackingError(f"MLflow tracking server {shown} is unreachable: {reason}") from None
     else:
         try:
-            with _creation_lock(sqlite_file(uri)):
+            with _store_lock(sqlite_file(uri)):
                 MlflowClient(uri).search_experiments(max_results=1)
         except Exception as error:
             # first line: SQLAlchemy appends a "Background on this error" line
@@ -94,10 +98,10 @@ def check_tracking_store() -> str:
 
 
 @contextlib.contextmanager
-def _creation_lock(database: Path | None) -> Iterator[None]:
-    """Hold an exclusive lock beside a SQLite store while opening it: MLflow creates and migrates the
-    schema on first use, and two processes doing so at once fail ("duplicate column name"), e.g.
-    tune workers started together on a new store."""
+def _store_lock(database: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store: while opening it (MLflow creates and migrates the
+    schema on first use, and two processes doing so at once fail, "duplicate column name": e.g. tune
+    workers started together on a new store), and around the champion rule's read-compare-set."""
     with contextlib.ExitStack() as held:
         if database is not None:
             try:
@@ -143,12 +147,40 @@ def start_run(
     try:
         with deferred():  # a signal that arrives while the run is created is raised once it exists
             run = _start_or_resume_run(experiment_name, run_name, tags=tags, nested=nested)
+        _check_artifact_folder(run.info.artifact_uri)
         yield run.info.run_id
     except BaseException as error:
         if run is not None:
             _end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     _end_run("FINISHED")
+
+
+def _check_artifact_folder(artifact_uri: str) -> None:
+    """A run whose artifacts cannot be written to a local folder fails now, not after its training
+    (``./mlruns`` taken by a file, a read-only working folder). Remote artifact stores are not probed."""
+    if urllib.parse.urlparse(artifact_uri).scheme not in ("", "file"):
+        return
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    folder = Path(local_file_uri_to_path(artifact_uri))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # MLflow makes it on the first artifact; made now
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise TrackingError(f"cannot write the run's artifacts to {folder}: {error.strerror or error}") from None
+
+
+def _writes_artifacts(function):
+    """An artifact that cannot be written (disk full, permissions) is a one-line TrackingError."""
+    @functools.wraps(function)
+    def logged(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except OSError as error:
+            raise TrackingError(f"cannot write an artifact of the active run: {error}") from None
+    return logged
 
 
 @deferred()
@@ -216,11 +248,13 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 @deferred()
+@_writes_artifacts
 def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifacts(str(folder), artifact_path)
 
 
 @deferred()
+@_writes_artifacts
 def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, artifact_file)
 
@@ -338,6 +372,15 @@ def promote_if_champion(
         client.set_model_version_tag(name, str(version), NOT_CANDIDATE, not_candidate)
         log.warning("%s version %s is no champion candidate: %s", name, version, not_candidate)
         return False
+    # Two runs finishing together would both read the same holder, and the later write would win
+    # whatever its accuracy: on a SQLite store the rule holds the store's lock. (A tracking server
+    # offers no compare-and-set: there the alias can race, README says so.)
+    with _store_lock(sqlite_file(tracking_uri())):
+        return _promote_if_better(client, name, str(version), val_accuracy, validation_digest)
+
+
+def _promote_if_better(client: MlflowClient, name: str, version: str, val_accuracy: float,
+                       validation_digest: str) -> bool:
     # A missing alias is read from the model's alias table, not inferred from an error: a store that is
     # briefly unavailable ("database is locked") must fail the run, not crown this version unopposed.
     holder_version = client.get_registered_model(name).aliases.get(CHAMPION)
@@ -361,8 +404,8 @@ def promote_if_champion(
         best = float("-inf")
     if round(val_accuracy, CHAMPION_DECIMALS) > best:  # as the holder's was kept: a tie keeps the holder
         if holder is not None:  # what delete_model_version gives the alias back to
-            client.set_model_version_tag(name, str(version), PREVIOUS_CHAMPION, str(holder.version))
-        client.set_registered_model_alias(name, CHAMPION, str(version))
+            client.set_model_version_tag(name, version, PREVIOUS_CHAMPION, str(holder.version))
+        client.set_registered_model_alias(name, CHAMPION, version)
         log.info("%s version %s (validation accuracy %.4f) is the new champion", name, version, val_accuracy)
         return True
     log.info("%s champion stays (validation accuracy %.4f >= %.4f)", name, best, val_accuracy)
@@ -375,15 +418,16 @@ def delete_model_version(name: str, version: str | int) -> None:
     best effort. If it had become champion, the alias goes back to the version that held it before."""
     client = MlflowClient()
     try:
-        doomed = client.get_model_version(name, str(version))
-        previous = doomed.tags.get(PREVIOUS_CHAMPION)
-        if CHAMPION in doomed.aliases and previous:
-            try:
-                client.set_registered_model_alias(name, CHAMPION, previous)
-                log.warning("%s champion is version %s again", name, previous)
-            except MlflowException:  # that version was deleted since: the alias goes with this one
-                log.warning("%s has no champion now: version %s, which held it before version %s, is gone; "
-                            "set the alias by hand", name, previous, version)
+        with _store_lock(sqlite_file(tracking_uri())):  # the alias is read and moved as the champion rule does
+            doomed = client.get_model_version(name, str(version))
+            previous = doomed.tags.get(PREVIOUS_CHAMPION)
+            if CHAMPION in doomed.aliases and previous:
+                try:
+                    client.set_registered_model_alias(name, CHAMPION, previous)
+                    log.warning("%s champion is version %s again", name, previous)
+                except MlflowException:  # that version was deleted since: the alias goes with this one
+                    log.warning("%s has no champion now: version %s, which held it before version %s, is gone; "
+                                "set the alias by hand", name, previous, version)
         client.delete_model_version(name, str(version))
         log.warning("deleted %s version %s: its run did not finish", name, version)
     except MlflowException as error:
@@ -427,23 +471,18 @@ def load_model(model_uri: str) -> nn.Module:
 
 
 def model_source_run(model_uri: str) -> str | None:
-    """The run id that logged the model behind ``models:/...`` or ``runs:/...``, if known."""
-    try:
-        if model_uri.startswith("runs:/"):
-            return model_uri.split("/")[1]
-        if model_uri.startswith("models:/"):
-            name_ref = model_uri[len("models:/"):]
-            client = MlflowClient()
-            if "@" in name_ref:
-                name, alias = name_ref.split("@", 1)
-                return client.get_model_version_by_alias(name, alias).run_id
-            if "/" not in name_ref:  # models:/m-<id>: a logged model (what log_model returns)
-                return client.get_logged_model(name_ref).source_run_id
-            name, version = name_ref.split("/", 1)
-            return client.get_model_version(name, version).run_id
-    except MlflowException:
+    """The run id that logged the model behind ``models:/...`` or ``runs:/...``; None for a model
+    no run logged (a local path, say). A registry lookup that fails is an error, not an unknown run:
+    callers check the run's classes and training images."""
+    if model_uri.startswith("runs:/"):
+        return model_uri.split("/")[1]
+    if not model_uri.startswith("models:/"):
         return None
-    return None
+    try:
+        # Every form: a version, /latest, @alias, or m-<id> (a logged model, what log_model returns).
+        return mlflow.models.get_model_info(model_uri).run_id
+    except Exception as error:
+        raise TrackingError(f"cannot find the run behind {model_uri}: {first_line(error)}") from None
 
 
 # --- Inference runs (benchmark, export, pareto) ---------------------------------------------------
@@ -462,16 +501,19 @@ class RunRecord:
 
 
 @deferred()
+@_writes_artifacts
 def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_dict(dict(data), artifact_file)
 
 
 @deferred()
+@_writes_artifacts
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
 
 @deferred()
+@_writes_artifacts
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path)
 
@@ -582,7 +624,7 @@ def add_to_run(
         )
         for path, artifact_path in artifacts.items():
             client.log_artifact(run_id, str(path), artifact_path)
-    except MlflowException as error:
+    except (MlflowException, OSError) as error:
         raise TrackingError(f"cannot log into run {run_id}: {first_line(error)}") from None
 
 

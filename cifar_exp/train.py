@@ -287,7 +287,9 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     if cfg.schedule == "exp":
-        return warmup * cfg.lr_decay ** (step // steps_per_epoch)  # constant within an epoch, as the seed
+        # The decay starts once the warm-up has reached lr (as cosine's does), and is constant within
+        # an epoch after it, as the seed's.
+        return warmup * cfg.lr_decay ** (max(0, step - warmup_steps) // steps_per_epoch)
     progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
     return warmup * 0.5 * (1 + math.cos(math.pi * progress))
 

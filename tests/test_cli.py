@@ -142,6 +142,18 @@ def test_evaluate_unknown_model_uri(tiny_data, tracking_store, cache_dir):
     assert all_runs() == []
 
 
+def test_a_run_whose_artifacts_cannot_be_written_fails_before_training(tiny_data, tracking_store, cache_dir,
+                                                                       tmp_path):
+    (tmp_path / "mlruns").write_text("")  # where MLflow keeps a new experiment's artifacts: a file
+    result = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--epochs", "2", "--val-size", "50")
+    assert result.exit_code == 1
+    assert "epoch 1/2" not in result.output
+    assert result.output.splitlines()[-1].startswith(
+        f"Error: cannot write the run's artifacts to {tmp_path / 'mlruns'}/1/") and "Not a directory" in result.output
+    [run] = all_runs()
+    assert run.info.status == "FAILED" and "train_loss" not in run.data.metrics
+
+
 @pytest.mark.slow
 def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     trained = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--lr", "0.05")
@@ -178,11 +190,11 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     shutil.copytree(tiny_data, renamed)
     for split in ("train", "test"):
         (renamed / split / "airplane").rename(renamed / split / "plane")
-    refused = run_cli("evaluate", "--model-uri", "models:/cifar10-seed@champion", "--data-dir", renamed,
-                      "--cache-dir", cache_dir)
-    assert refused.exit_code == 1
-    assert (f"Error: models:/cifar10-seed@champion was trained on classes {','.join(CLASSES)}; {renamed} holds "
-            "automobile,bird,") in refused.output
+    for uri in ("models:/cifar10-seed@champion", "models:/cifar10-seed/latest"):
+        refused = run_cli("evaluate", "--model-uri", uri, "--data-dir", renamed, "--cache-dir", cache_dir)
+        assert refused.exit_code == 1
+        assert (f"Error: {uri} was trained on classes {','.join(CLASSES)}; {renamed} holds "
+                "automobile,bird,") in refused.output
     # As a command whose stderr is no terminal: MLflow's download progress bars stay off.
     command = subprocess.run([sys.executable, "-m", "cifar_exp", "evaluate", "--model-uri",
                               f"runs:/{train_run.info.run_id}/model", "--data-dir", renamed, "--cache-dir", cache_dir],
@@ -342,3 +354,20 @@ def test_a_run_id_from_elsewhere_is_one_line(tiny_data, tracking_store, cache_di
     assert result.exit_code == 1, result.output
     assert result.output.startswith("Error: cannot log into MLFLOW_RUN_ID deadbeef: ")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_evaluate_needs_only_a_test_folder(tiny_data, tracking_store, cache_dir, tmp_path):
+    trained = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--epochs", "2", "--val-size", "50")
+    assert trained.exit_code == 0, trained.output
+    held_out = tmp_path / "held-out"
+    shutil.copytree(Path(tiny_data) / "test", held_out / "test")  # a test set shipped on its own
+    full = run_cli("evaluate", "--data-dir", tiny_data, "--cache-dir", cache_dir)
+    alone = run_cli("evaluate", "--data-dir", held_out, "--cache-dir", cache_dir)
+    assert alone.exit_code == 0, alone.output
+    full_run, alone_run = sorted((r for r in all_runs() if "model_uri" in r.data.params),
+                                 key=lambda r: r.info.start_time)
+    assert alone_run.data.metrics == full_run.data.metrics  # the same images, the same labels
+    # Its class folders name the labels: one missing would shift them, and is refused.
+    shutil.rmtree(held_out / "test" / "airplane")
+    refused = run_cli("evaluate", "--data-dir", held_out, "--cache-dir", cache_dir)
+    assert refused.exit_code == 1 and "Error: " in refused.output

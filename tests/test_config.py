@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -82,12 +83,30 @@ def test_other_configs_refuse_nan_too():
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"experiment_name": " "}, "experiment-name must not be empty"),
-    ({"registered_model_name": "a/b"}, "registered-model-name must not contain '/' or ':', got 'a/b'"),
-    ({"registered_model_name": "a:b"}, "registered-model-name must not contain '/' or ':', got 'a:b'"),
+    *[({"registered_model_name": name}, f"registered-model-name must not contain '/', ':' or '@', nor be '.' or "
+       f"start with '..', got '{name}'") for name in ("a/b", "a:b", "..cifar", ".", "cifar@v2")],
 ])
 def test_tracking_names_mlflow_would_refuse_are_refused_before_training(fields, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         TrackingConfig(**fields)
+
+
+@pytest.mark.parametrize("name", ["a/b", "a:b", "..cifar", ".", "cifar10-seed", "my model", ".hidden", "a..b"])
+def test_registered_model_names_follow_the_registrys_own_check(name):
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+        registry_accepts = True
+    except MlflowException:
+        registry_accepts = False
+    try:
+        TrackingConfig(registered_model_name=name)
+        we_accept = True
+    except ConfigError:
+        we_accept = False
+    assert we_accept == registry_accepts
 
 
 def test_an_empty_registered_model_name_means_the_default():

@@ -153,10 +153,13 @@ def test_exp_schedule_is_the_seeds_per_epoch_decay():
     assert lrs == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025] * 4)
 
 
-def test_exp_schedule_with_warmup_ramps_then_decays_per_epoch():
+def test_exp_schedule_with_warmup_ramps_to_lr_then_decays_per_epoch():
     lrs = _lrs(TrainConfig(epochs=3, lr=0.1, lr_decay=0.5, warmup_epochs=1), steps_per_epoch=4)
-    # linear warm-up over the first epoch's 4 steps, then the seed's decay from epoch 2 on
-    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1] + [0.05] * 4 + [0.025] * 4)
+    # linear warm-up over the first epoch's 4 steps, then the seed's schedule: lr, then x0.5 per epoch
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1] + [0.1] * 4 + [0.05] * 4)
+    # A warm-up of several epochs reaches lr too: the decay waits for it.
+    lrs = _lrs(TrainConfig(epochs=4, lr=0.1, lr_decay=0.5, warmup_epochs=2), steps_per_epoch=2)
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1] + [0.1] * 2 + [0.05] * 2)
 
 
 def test_cosine_schedule_with_warmup():

@@ -1,11 +1,15 @@
 """End to end: a tracked training run holds every deliverable, and the registry behaves."""
 
+import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -20,7 +24,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_
 from cifar_exp import experiment, tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
 from cifar_exp.data import load_splits
-from cifar_exp.errors import TrackingError, TrainingDivergedError
+from cifar_exp.errors import DataError, TrackingError, TrainingDivergedError
 from cifar_exp.experiment import train_and_track
 from cifar_exp.models import Ensemble
 from cifar_exp.train import evaluate
@@ -136,10 +140,13 @@ def test_every_form_of_model_uri_names_its_source_run(trained):
     outcome, _, _ = trained
     assert outcome.model_uri.startswith("models:/m-")  # MLflow 3's logged-model URI, as train prints it
     for uri in (outcome.model_uri, f"runs:/{outcome.run_id}/model", "models:/cifar10-seed/1",
-                "models:/cifar10-seed@champion"):
+                "models:/cifar10-seed@champion", "models:/cifar10-seed/latest"):
         assert tracking.model_source_run(uri) == outcome.run_id, uri
-    for unknown in ("models:/m-0000", "models:/no-such-model/1", "models:/cifar10-seed@nobody"):
-        assert tracking.model_source_run(unknown) is None, unknown
+    # A registry lookup that fails is no unknown run: callers check the run's classes and images.
+    for missing in ("models:/m-0000", "models:/no-such-model/1", "models:/cifar10-seed@nobody"):
+        with pytest.raises(TrackingError, match=f"cannot find the run behind {missing}: "):
+            tracking.model_source_run(missing)
+    assert tracking.model_source_run("/srv/models/cifar10") is None  # a local folder: no run logged it
 
 
 def test_champion_moves_only_to_a_better_version(trained):
@@ -362,6 +369,36 @@ def test_a_tie_keeps_the_champion(tracking_store):
     assert MlflowClient().get_model_version_by_alias("tie", "champion").version == first
 
 
+def test_two_runs_finishing_together_leave_the_alias_on_the_better_one(tracking_store, monkeypatch):
+    # Both read the holder (0.5) before either writes, and the worse one writes last: without the
+    # store's lock around the rule the 0.8 version would end up champion over the 0.9 one.
+    mlflow.set_experiment("race")
+    first, better, worse = _bare_versions("race", 3)
+    assert tracking.promote_if_champion("race", first, val_accuracy=0.5, test_accuracy=0.5, validation_digest="v")
+    both_read = threading.Barrier(2, timeout=2)  # broken (and passed) when the lock keeps one reader waiting
+    read_model, set_alias = MlflowClient.get_registered_model, MlflowClient.set_registered_model_alias
+
+    def read_together(self, name):
+        model = read_model(self, name)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_read.wait()
+        return model
+
+    def worse_writes_last(self, name, alias, version):
+        if str(version) == str(worse):
+            time.sleep(0.5)
+        return set_alias(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", read_together)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", worse_writes_last)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(tracking.promote_if_champion, "race", version, val_accuracy=accuracy,
+                                   test_accuracy=0.5, validation_digest="v")
+                       for version, accuracy in ((better, 0.9), (worse, 0.8))]:
+            future.result()
+    assert MlflowClient().get_model_version_by_alias("race", "champion").version == better
+
+
 def test_a_registry_error_while_reading_the_champion_fails_instead_of_crowning(tracking_store, monkeypatch):
     mlflow.set_experiment("unavailable")
     first, second = _bare_versions("busy", 2)
@@ -509,3 +546,28 @@ def test_a_dataset_stored_by_another_run_at_the_same_moment_is_linked_again(trac
     assert calls == ["training", "training", "validation"]
     inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
     assert sorted(i.tags[0].value for i in inputs) == ["training", "validation"]
+
+
+def test_an_artifact_that_cannot_be_written_is_a_one_line_error(tracking_store, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mlflow, "log_text", disk_full)
+    with pytest.raises(TrackingError, match=r"^cannot write an artifact of the active run: \[Errno 28\] No space left"):
+        with tracking.start_run("full"):
+            tracking.log_text("report", "report.txt")
+    assert MlflowClient().search_runs([MlflowClient().get_experiment_by_name("full").experiment_id])[0].info.status \
+        == "FAILED"
+
+
+def test_a_class_list_mlflow_cut_short_is_compared_as_far_as_it_was_kept(tracking_store):
+    classes = tuple(f"n{i:08d}" for i in range(700))  # 6,299 characters joined: MLflow keeps 6,000
+    mlflow.set_experiment("many-classes")
+    with mlflow.start_run() as run:
+        mlflow.log_param(experiment.CLASSES_PARAM, ",".join(classes))
+    assert len(MlflowClient().get_run(run.info.run_id).data.params[experiment.CLASSES_PARAM]) == 6000
+    uri = f"runs:/{run.info.run_id}/model"
+    assert experiment._check_trained_classes(uri, classes, "imagenet32") == run.info.run_id
+    reordered = (classes[1], classes[0], *classes[2:])
+    with pytest.raises(DataError, match=f"^{uri} was trained on classes n00000000,n00000001,"):
+        experiment._check_trained_classes(uri, reordered, "imagenet32")
