@@ -36,8 +36,8 @@ import torch
 from cifar_exp.cli import CHATTY_LOGGERS
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, recipe_config
 from cifar_exp.data import Splits, load_splits
-from cifar_exp.errors import CifarExpError, ConfigError
-from cifar_exp.inference import count_macs, measure_latency
+from cifar_exp.errors import CifarExpError, ConfigError, ExportError
+from cifar_exp.inference import check_writable_folder, count_macs, measure_latency
 from cifar_exp.models import NUM_CLASSES, count_parameters
 from cifar_exp.train import (
     build_classifier,
@@ -130,9 +130,12 @@ def train_tracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
 
 def save(model: torch.nn.Module, folder: str | None, name: str) -> None:
     if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        # CPU tensors: weights trained on a GPU then load on machines without one (no map_location needed)
-        torch.save({key: value.cpu() for key, value in model.state_dict().items()}, Path(folder) / f"{name}.pt")
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            # CPU tensors: weights trained on a GPU then load on machines without one (no map_location needed)
+            torch.save({key: value.cpu() for key, value in model.state_dict().items()}, Path(folder) / f"{name}.pt")
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            raise ExportError(f"cannot save {name}.pt in {folder}: {error}") from None
 
 
 def tta_label(train: TrainConfig) -> str:
@@ -166,12 +169,12 @@ def train_seeds(args: argparse.Namespace, base: ExperimentConfig, teacher_base: 
                                   tracking=replace(cfg.tracking, run_name=f"{run_name}-teacher"))
             teacher = train(teacher_cfg)
             teachers.append(teacher)
+            print(f"seed {seed} teacher: {describe(teacher)}", flush=True)  # before a save that may fail
             save(teacher.model, args.save_dir, f"{run_name}-teacher")
-            print(f"seed {seed} teacher: {describe(teacher)}", flush=True)
             cfg = replace(cfg, train=replace(cfg.train, teacher=teacher.teacher_uri))
         rows.append(train(cfg, teacher))
-        save(rows[-1].model, args.save_dir, run_name)
         print(f"seed {seed}: {describe(rows[-1])}", flush=True)
+        save(rows[-1].model, args.save_dir, run_name)
 
     return rows, teachers
 
@@ -186,7 +189,8 @@ def main() -> None:
     parser.add_argument("--teacher-set", dest="teacher_overrides", action="append", default=[],
                         metavar="FIELD=VALUE",
                         help="Distil each seed's model from a teacher trained first with the same seed: the recipe "
-                        "with these overrides (repeatable; --model and --set do not apply to it).")
+                        "with these overrides (repeatable; --model and --set do not apply to it, --epochs does "
+                        "unless one sets epochs here).")
     parser.add_argument("--save-dir", help="Also save each trained model's state_dict here as RUN_NAME.pt, in "
                         "its shipped form (load it into cifar_exp.train.build_shipped_classifier), e.g. to check "
                         "untracked models elsewhere.")
@@ -216,7 +220,8 @@ def main() -> None:
         if args.teacher_overrides:
             if "teacher" in overrides:
                 raise ConfigError("--teacher-set trains the teacher: drop --set teacher")
-            teacher_overrides = dict(parse_override(t, "--teacher-set") for t in args.teacher_overrides)
+            teacher_overrides = {"epochs": args.epochs} if args.epochs is not None else {}
+            teacher_overrides.update(parse_override(t, "--teacher-set") for t in args.teacher_overrides)
             try:
                 teacher_base = recipe_config(args.recipe, **teacher_overrides)
                 build_network(teacher_base)
@@ -231,7 +236,9 @@ def main() -> None:
         build_network(base.train)  # an unknown model or knob fails here, before the data loads
         if args.untracked and base.train.teacher_uris() and teacher_base is None:
             raise ConfigError("--set teacher needs MLflow to load the teacher's models: drop --untracked")
-    except ConfigError as error:
+        if args.save_dir and not args.latency_only:
+            check_writable_folder(Path(args.save_dir))  # before hours of training, not after the first run
+    except (ConfigError, ExportError) as error:
         parser.error(str(error))
     seed_model = build_classifier(recipe_config("seed"), NUM_CLASSES).eval()
     if args.latency_only:

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 import os
+import shlex
 import signal
 import sys
 import typing
@@ -26,8 +27,12 @@ from cifar_exp.config import (
     TrackingConfig,
     TrainConfig,
     TuneConfig,
+    recipe_config,
 )
 from cifar_exp.errors import CifarExpError
+
+if typing.TYPE_CHECKING:
+    from cifar_exp.tune import TrialSummary
 
 CONFIG_SECTIONS = {"data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
 TUNE_SECTIONS = {**CONFIG_SECTIONS, "tune": TuneConfig}  # the options of `tune`
@@ -90,6 +95,25 @@ def build_config(options: dict[str, Any]) -> ExperimentConfig:
         for section, cls in CONFIG_SECTIONS.items()
     }
     return ExperimentConfig(**sections)
+
+
+def train_command(cfg: ExperimentConfig, trial: TrialSummary) -> str:
+    """``cifar-exp train ...`` that trains ``trial`` again: the data and train options of the study's
+    ``cfg`` that differ from their defaults (or its recipe's), then the trial's searched settings."""
+    words = ["cifar-exp", "train"]
+    if cfg.train.recipe != TrainConfig().recipe:
+        words += ["--recipe", cfg.train.recipe]
+    for section, defaults in ((cfg.data, DataConfig()), (cfg.train, recipe_config(cfg.train.recipe))):
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if field.name == "recipe" or field.name in trial.train_fields() or value == getattr(defaults, field.name):
+                continue
+            name = field.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(f"--{name}" if value else f"--no-{name}")
+            else:
+                words += [f"--{name}", str(value)]
+    return f"{shlex.join(words)} {trial.train_options()}"
 
 
 def build_tune_config(options: dict[str, Any]) -> TuneConfig:
@@ -216,7 +240,8 @@ def tune(**options: Any) -> None:
         click.echo(f"Pareto set: {len(outcome.pareto)} trials, fastest first")
         for trial in outcome.pareto:
             click.echo(f"  trial {trial.number}: val_accuracy {trial.value:.4f}, latency {trial.latency_ms:.3f} ms, "
-                       f"{trial.parameter_count:,} parameters; train with {trial.train_options()}")
+                       f"{trial.parameter_count:,} parameters; train with "
+                       f"{train_command(cfg, trial)}")
     else:
         click.echo(f"best: trial {best.number}, {best.searched()}, val_accuracy {best.value:.4f}")
     if baseline is not None and baseline.value is not None:

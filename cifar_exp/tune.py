@@ -155,6 +155,11 @@ class TrialSummary:
         tag = " (baseline)" if self.baseline else ""
         return f"trial {self.number}{tag} {self.state} {result} [{params}]".replace("  ", " ")
 
+    def train_fields(self) -> set[str]:
+        """The TrainConfig fields that ``train_options`` sets."""
+        fields = {"lr", DECAY_PARAM, HIDDEN_PARAM} & set(self.params)
+        return fields | ({"widths"} if WIDTH_PARAMS[0] in self.params else set())
+
     def train_options(self) -> str:
         """The ``cifar-exp train`` options that give this trial's searched settings (full precision)."""
         options = [f"--lr {self.params['lr']!r}"]
@@ -607,10 +612,11 @@ def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig, data: Splits | N
         # is timed on (latencies from two kinds of machine cannot share one Pareto front).
         settings.update({
             "tune.width_choices": ",".join(map(str, tune_cfg.width_choice_list())),
-            "tune.hidden_choices": ",".join(map(str, tune_cfg.hidden_choice_list())),
             "tune.latency_threads": tune_cfg.latency_threads,
             "tune.latency_cpu": cpu_name(),
         })
+        if architecture(cfg.train.model).hidden is not None:  # the others ignore --hidden-choices
+            settings["tune.hidden_choices"] = ",".join(map(str, tune_cfg.hidden_choice_list()))
     return settings
 
 

@@ -55,6 +55,24 @@ def test_accuracy_distils_each_seed_from_its_own_tracked_teacher(tiny_data, trac
     student.load_state_dict(torch.load(saved / "pico-pico-seed1.pt", weights_only=True))
 
 
+def test_accuracy_trains_the_teacher_for_the_students_epochs_unless_told_otherwise(tiny_data, tmp_path):
+    teacher = [arg for arg in TEACHER if arg not in ("--teacher-set", "epochs=1")]  # SHORT's --epochs 1 only
+    teacher = [word for setting in teacher for word in ("--teacher-set", setting)]
+    result = run_accuracy(*SHORT, *teacher, "--seeds", "0", "--untracked", "--data-dir", str(tiny_data),
+                          cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("epoch 1/1 ") == 2 and "epoch 1/50" not in result.stderr  # teacher, then student
+
+
+def test_accuracy_refuses_a_save_dir_it_cannot_write_before_loading_data(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    result = run_accuracy(*SHORT, "--save-dir", str(taken / "models"), "--data-dir", str(tmp_path / "missing"),
+                          cache=tmp_path)
+    assert result.returncode == 2
+    assert f"cannot write to {taken / 'models'}: Not a directory" in result.stderr and "missing" not in result.stderr
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--set", "teacher=runs:/abc/model"], "--teacher-set trains the teacher: drop --set teacher"),
     (["--teacher-set", "widths=1,2"], "--teacher-set: widths must be three positive integers"),

@@ -363,7 +363,7 @@ def test_evaluate_needs_only_a_test_folder(tiny_data, tracking_store, cache_dir,
     shutil.copytree(Path(tiny_data) / "test", held_out / "test")  # a test set shipped on its own
     full = run_cli("evaluate", "--data-dir", tiny_data, "--cache-dir", cache_dir)
     alone = run_cli("evaluate", "--data-dir", held_out, "--cache-dir", cache_dir)
-    assert alone.exit_code == 0, alone.output
+    assert full.exit_code == alone.exit_code == 0, full.output + alone.output
     full_run, alone_run = sorted((r for r in all_runs() if "model_uri" in r.data.params),
                                  key=lambda r: r.info.start_time)
     assert alone_run.data.metrics == full_run.data.metrics  # the same images, the same labels

@@ -1,7 +1,9 @@
 """Optuna sweeps: a parent run with a child per trial, pruning, NaN trials, bad input, many workers."""
 
 import csv
+import dataclasses
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -20,8 +22,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cifar_exp.cli import main
-from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig
+from cifar_exp.cli import main, train_command
+from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig, recipe_config
 from cifar_exp.data import ImageSet, Splits, load_splits
 from cifar_exp.errors import ConfigError, StorageError
 from cifar_exp.experiment import Teacher
@@ -53,6 +55,16 @@ def tiny_config(data_dir, cache_dir, epochs=3, **train):
         train=TrainConfig(**{"epochs": epochs, "batch_size": 32, "eval_batch_size": 100, **train}),
         tracking=TrackingConfig(experiment_name="tests"),
     )
+
+
+def train_config_of(command):
+    """The ExperimentConfig that the ``cifar-exp train ...`` line ``command`` would train."""
+    from cifar_exp.cli import build_config, train
+
+    words = shlex.split(command)
+    assert words[:2] == ["cifar-exp", "train"]
+    with train.make_context("train", words[2:]) as context:
+        return build_config(context.params)
 
 
 def children_of(parent_id, client=None):
@@ -503,6 +515,18 @@ def test_a_setting_a_study_never_recorded_counts_as_its_default(tmp_path):
         open_study(distilled, TuneConfig(), "old", storage)
 
 
+def test_hidden_choices_count_only_for_a_model_with_a_hidden_layer(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    two = dict(objectives="accuracy,latency", width_choices="16,32")
+    pico = ExperimentConfig(train=recipe_config("pico"))
+    # pico has none: the choices are ignored, and a worker with other ones joins the study.
+    open_study(pico, TuneConfig(**two, hidden_choices="64"), "pico", storage)
+    open_study(pico, TuneConfig(**two), "pico", storage)
+    open_study(ExperimentConfig(), TuneConfig(**two, hidden_choices="64"), "seed", storage)
+    with pytest.raises(StorageError, match=r"other settings \(hidden-choices 64 -> 128,256,512,1024\)"):
+        open_study(ExperimentConfig(), TuneConfig(**two), "seed", storage)
+
+
 def test_two_workers_starting_a_study_with_other_settings_do_not_both_go_on(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     race = optuna.create_study(study_name="race", storage=storage, direction="maximize")
@@ -639,8 +663,14 @@ def test_accuracy_latency_study_logs_its_pareto_set(tiny_data, tracking_store, c
         params = study.trials[number].params
         widths = ",".join(str(params[f"width{i}"]) for i in (1, 2, 3))
         assert f"val_accuracy {study.trials[number].values[0]:.4f}, latency " in line
-        assert line.endswith(f"train with --lr {params['lr']!r} --lr-decay {params['lr_decay']!r} "
+        assert line.endswith(f" --lr {params['lr']!r} --lr-decay {params['lr_decay']!r} "
                              f"--widths {widths} --hidden {params['hidden']}")
+        # The printed command trains the trial's network with the study's other settings.
+        retrained = train_config_of(line.split("; train with ", 1)[1])
+        assert retrained.train == dataclasses.replace(
+            TrainConfig(epochs=1, batch_size=32, eval_batch_size=100), lr=params["lr"], lr_decay=params["lr_decay"],
+            widths=widths, hidden=params["hidden"])
+        assert retrained.data == DataConfig(data_dir=str(tiny_data), cache_dir=cache_dir, val_size=50)
 
     client = MlflowClient()
     parents = [r for r in all_runs(client) if r.data.tags.get("run_kind") == "tune-study"]
@@ -1054,3 +1084,16 @@ def test_a_worker_whose_trial_another_worker_failed_stops_in_one_line(tiny_data,
         "Error: trial 0 of study lost was failed by another worker: no heartbeat from this one for over 60 s "
         "(a stall or a network outage); this worker stops"]
     assert {run.info.status for run in all_runs()} == {"FAILED"}  # the trial's run and the study's, none RUNNING
+
+
+def test_the_train_command_of_a_trial_keeps_the_studys_recipe_and_settings():
+    study = ExperimentConfig(data=DataConfig(data_dir="/data/cifar 10", val_size=500),
+                             train=recipe_config("pico", epochs=12, warmup_epochs=0, tta=False, widths="32,64,96"))
+    trial = TrialSummary(number=3, state="COMPLETE", value=0.8, latency_ms=0.1, parameter_count=1000,
+                         params={"lr": 0.123, "width1": 16, "width2": 24, "width3": 40}, epochs=12,
+                         baseline=False, reason=None)
+    command = train_command(study, trial)
+    assert command.startswith("cifar-exp train --recipe pico ") and command.endswith(" --lr 0.123 --widths 16,24,40")
+    retrained = train_config_of(command)
+    assert retrained.train == dataclasses.replace(study.train, lr=0.123, widths="16,24,40")
+    assert retrained.data == study.data
