@@ -108,10 +108,21 @@ def test_a_broken_symlink_is_named(tmp_path, cache_dir):
 
 def test_stratified_split_keeps_class_proportions_and_is_seeded():
     labels = torch.arange(10).repeat_interleave(100)  # 1000 images, 100 per class
-    data = ImageSet("train", torch.arange(1000).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).to(torch.uint8), labels)
+    index = torch.arange(1000)
+    # Each image carries its index (high byte in channel 0, low byte in channel 1), to follow it.
+    images = torch.stack([index // 256, index % 256, index * 0], 1).view(-1, 3, 1, 1).expand(-1, 3, 32, 32)
+    data = ImageSet("train", images.to(torch.uint8), labels)
     train, val = stratified_split(data, 200, seed=1)
     assert len(train) == 800 and len(val) == 200
     assert torch.bincount(val.labels).tolist() == [20] * 10
+
+    def indices(part):
+        return (part.images[:, 0, 0, 0].long() * 256 + part.images[:, 1, 0, 0].long()).tolist()
+
+    # Every image lands in exactly one part, with its own label.
+    assert sorted(indices(train) + indices(val)) == list(range(1000))
+    for part in (train, val):
+        assert [i // 100 for i in indices(part)] == part.labels.tolist()
     again_train, again_val = stratified_split(data, 200, seed=1)
     assert torch.equal(val.labels, again_val.labels) and torch.equal(val.images, again_val.images)
     _, other_val = stratified_split(data, 200, seed=2)

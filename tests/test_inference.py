@@ -102,6 +102,51 @@ def test_time_calls_measures_a_known_duration():
     assert stats.spread == pytest.approx((p50s[-1] - p50s[0]) / p50s[1])
 
 
+@pytest.mark.parametrize(("backend", "autocast_dtype"), [("pytorch-fp32", None), ("pytorch-bf16", torch.bfloat16)])
+def test_pytorch_backends_time_and_predict_with_the_threads_and_precision_asked_for(backend, autocast_dtype):
+    seen = set()
+
+    class Probe(torch.nn.Linear):
+        def forward(self, images):
+            autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            seen.add((torch.get_num_threads(), autocast))
+            return super().forward(images.flatten(1))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner = inference._TorchBackend(backend, Probe(3 * 32 * 32, 10), torch.device("cpu"), threads=1)
+        runner.latency(1, repeats=1, seconds_per_repeat=0.01, warmup_seconds=0.0)
+        runner.predict(np.zeros((2, 3, 32, 32), np.float32))
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {(1, autocast_dtype)}
+
+
+def test_latency_statistics_of_known_call_times():
+    # Two repeats of 5 calls (ms); numpy's linear-interpolation percentiles of all 10 by hand.
+    stats = inference.summarize_times([[1, 2, 3, 4, 100], [2, 2, 3, 5, 7]], batch_size=8, threads=2)
+    # sorted: 1 2 2 2 3 3 4 5 7 100 -> p50 between 3 and 3; p90 at rank 8.1: 7 + 0.1 * 93; p99 at 8.91
+    assert (stats.p50_ms, stats.p90_ms, stats.p99_ms) == pytest.approx((3.0, 16.3, 91.63))
+    assert stats.mean_ms == pytest.approx(12.9) and stats.calls == 10
+    assert stats.repeat_p50_ms == (3.0, 3.0)
+    assert stats.images_per_second == pytest.approx(8 * 10 / 0.129)  # 80 images in 129 ms
+    skewed = inference.summarize_times([[1, 1, 9], [2, 2, 2], [4, 4, 4]], batch_size=1, threads=1)
+    assert skewed.repeat_p50_ms == (1.0, 2.0, 4.0) and skewed.spread == pytest.approx((4 - 1) / 2)
+
+
+def test_logit_agreement_counts_each_disagreement():
+    reference = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [0.0, 0.0, 1.0]])
+    converted = reference.copy()
+    converted[1] = [0.0, 2.0, 2.5]  # another top-1, and the largest difference: 1.5
+    converted[3, 0] = 0.5
+    check = inference.compare_logits(reference, converted.astype(np.float32), labels=np.array([0, 2, 2, 1]))
+    assert check.images == 4 and check.top1_agreement == 0.75
+    assert check.max_abs_logit_diff == pytest.approx(1.5)
+    assert (check.accuracy, check.reference_accuracy) == (0.75, 0.5)
+
+
 @pytest.mark.parametrize("backend", ["pytorch-fp32", "onnxruntime-fp32"])
 def test_measure_latency_of_a_fresh_model(backend):
     stats = inference.measure_latency(seed_model(), batch_size=2, threads=1, backend=backend, **QUICK)
@@ -575,6 +620,7 @@ def test_benchmark_report_has_every_field(tiny_trained, tmp_path):
     by_name = {b["name"]: b for b in document["backends"]}
     assert by_name["pytorch-fp32"]["agreement"]["top1_agreement"] == 1.0
     assert by_name["onnxruntime-fp32"]["agreement"]["max_abs_logit_diff"] < 1e-4
+    assert 0 < by_name["pytorch-bf16"]["agreement"]["max_abs_logit_diff"] < 1  # it did compute in bf16
     assert by_name["pytorch-fp32"]["test_accuracy"] > 0.5
     floor = document["compute_floor"]
     assert floor["fp32_macs_per_second"] > 1e9 and floor["threads"] == 1 and floor["matmul_size"] == 256

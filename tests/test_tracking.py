@@ -114,9 +114,11 @@ def test_artifacts_hold_real_reports(trained, tmp_path):
     ids = list(range(10))
     sk_precision = precision_score(labels, predictions, labels=ids, average=None, zero_division=0)
     sk_recall = recall_score(labels, predictions, labels=ids, average=None, zero_division=0)
+    sk_f1 = f1_score(labels, predictions, labels=ids, average=None, zero_division=0)
     for k, row in enumerate(per_class):
         assert float(row["precision"]) == pytest.approx(sk_precision[k])
         assert float(row["recall"]) == pytest.approx(sk_recall[k])
+        assert float(row["f1"]) == pytest.approx(sk_f1[k])
         assert int(row["support"]) == int((labels == k).sum())
     with open(tmp_path / "history.csv") as f:
         assert len(list(csv.DictReader(f))) == EPOCHS

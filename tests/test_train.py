@@ -173,19 +173,36 @@ def test_train_seconds_count_the_epochs_not_the_callbacks(splits):
     assert result.train_seconds <= wall - 2.0
 
 
-def test_cutout_in_training_fills_with_the_normalisation_mean(splits, monkeypatch):
+def test_training_batches_are_augmented_as_asked_with_cutout_filled_with_the_normalisation_mean(splits, monkeypatch):
     import cifar_exp.train as train_module
 
-    fills = []
+    served = []
 
     class Recording(DeviceBatches):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            fills.append((self.cutout, self.cutout_fill))
+            served.append((self.shuffle, self.augment, self.cutout, self.cutout_fill))
 
     monkeypatch.setattr(train_module, "DeviceBatches", Recording)
-    fit(TrainConfig(**{**TINY, "epochs": 1}, cutout=8, norm_mean=0.3), splits)
-    assert (8, 0.3) in fills  # the training batches; evaluation's have no cutout
+    fit(TrainConfig(**{**TINY, "epochs": 1}, augment="flip-crop", cutout=8, norm_mean=0.3), splits)
+    assert served[0] == (True, "flip-crop", 8, 0.3)  # the training batches
+    assert all(not shuffle and augment == "none" for shuffle, augment, _, _ in served[1:])  # evaluation's
+
+
+def test_fit_distils_with_the_weight_and_temperature_asked_for(splits, monkeypatch):
+    import cifar_exp.train as train_module
+
+    made = []
+
+    class Recording(train_module.Distillation):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self.weight, self.temperature, self.mirror))
+
+    monkeypatch.setattr(train_module, "Distillation", Recording)
+    fit(TrainConfig(**{**TINY, "epochs": 1}, teacher="a teacher", distill_weight=0.3, distill_temperature=2.5),
+        splits, teacher=PaletteTeacher(shift=0))
+    assert made == [(0.3, 2.5, False)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

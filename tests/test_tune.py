@@ -218,7 +218,8 @@ def test_the_objective_of_a_trial_trained_under_autocast_is_its_fp32_accuracy(ti
     assert run.data.metrics["served_val_accuracy"] == expected
 
 
-def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp_path):
+@pytest.mark.parametrize("warmup_epochs", [0, 2])
+def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp_path, warmup_epochs):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
     study.enqueue_trial({"lr": 0.08, "lr_decay": 0.95})
@@ -226,14 +227,17 @@ def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp
     study.enqueue_trial({"lr": 1e-5, "lr_decay": 0.9})  # learns nothing: hopeless from epoch 1 on
     cfg = tiny_config(tiny_data, cache_dir, epochs=3)
     tune_cfg = TuneConfig(n_trials=4, study_name="prune", storage=storage, sampler="random", lr_min=1e-5,
-                          pruner="median", prune_startup_trials=2, prune_warmup_epochs=0)
+                          pruner="median", prune_startup_trials=2, prune_warmup_epochs=warmup_epochs)
     lines = []
     outcome = tune(cfg, tune_cfg, report=lines.append)
 
     states = [t.state for t in outcome.trials]
     assert states == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"], lines
     pruned = outcome.trials[2]
-    assert pruned.epochs == 1 and pruned.reason.startswith("pruned after epoch 1: val_accuracy")
+    stopped = max(1, warmup_epochs)  # trains its warm-up epochs before it can be pruned
+    assert pruned.epochs == stopped and pruned.reason.startswith(f"pruned after epoch {stopped}: val_accuracy")
+    if warmup_epochs:
+        return
     assert outcome.baseline.number == 3 and outcome.baseline.state == "COMPLETE"  # the study went on
     client = MlflowClient()
     child = next(r for r in children_of(outcome.run_id, client) if r.info.run_name == "trial-2")
@@ -825,10 +829,14 @@ def test_config_rejects_unknown_sampler_and_bad_counts():
 
 
 @pytest.mark.slow
-def test_grid_sampler_and_hyperband(tiny_data, tracking_store, cache_dir):
+def test_grid_sampler_and_hyperband(tiny_data, tracking_store, cache_dir, monkeypatch):
     cfg = tiny_config(tiny_data, cache_dir, epochs=2)
+    created = []
+    create_study = optuna.create_study
+    monkeypatch.setattr(optuna, "create_study", lambda **kwargs: created.append(kwargs) or create_study(**kwargs))
     outcome = tune(cfg, TuneConfig(n_trials=3, sampler="grid", grid_size=2, pruner="hyperband"),
                    report=lambda line: None)
+    assert [type(c["pruner"]) for c in created] == [optuna.pruners.HyperbandPruner]
     grid = [t.params for t in outcome.trials if not t.baseline]
     assert len(outcome.trials) == 3 and outcome.trials[0].baseline
     for params in grid:
