@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -145,14 +146,13 @@ def benchmark_and_track(
 
 def _stage_text(folder: Path, name: str, text: str) -> Path:
     """``text`` in a new hidden file of ``folder`` (to be moved to ``folder / name``), or an ExportError."""
-    staged = None
+    # Opened as any new file is (a temporary file's would be private, 0600), under a name no one else uses.
+    staged = folder / f".{name}-{uuid.uuid4().hex}"
     try:
-        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{name}-", delete=False) as file:
-            staged = Path(file.name)
+        with open(staged, "x") as file:
             file.write(text)
     except OSError as error:
-        if staged is not None:
-            staged.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
         raise ExportError(f"cannot write {folder / name}: {error.strerror or error}") from None
     return staged
 

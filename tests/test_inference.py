@@ -822,6 +822,8 @@ def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "onnxruntime-int8    skipped: no calibration images (data dir data does not exist" in result.output
     document = json.loads((tmp_path / "b.json").read_text())
+    (tmp_path / "new-file").write_text("")  # the report is as readable as any new file, not private
+    assert (tmp_path / "b.json").stat().st_mode == (tmp_path / "new-file").stat().st_mode
     assert document["model"]["name"] == "seed" and document["source_run_id"] is None
     assert [b["name"] for b in document["backends"]] == ["onnxruntime-fp32"]
     assert list(document["skipped"]) == ["onnxruntime-int8"] and document["model"]["weight_bytes_int8"] is None
