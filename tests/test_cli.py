@@ -81,7 +81,10 @@ def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, par
 def test_module_entry_point_works():
     out = subprocess.run([sys.executable, "-m", "cifar_exp", "models"], capture_output=True, text=True,
                          check=True).stdout
-    assert "seed" in out and "152,458" in out
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert rows["seed"].split(None, 1)[1] == "152,458 parameters"  # nothing to fold
+    assert rows["pico-rep"].split(None, 1)[1] == "130,210 parameters (145,770 while training)"
+    assert rows["pico-sep"].split(None, 1)[1] == "143,418 parameters (145,114 while training)"
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -371,3 +374,24 @@ def test_evaluate_needs_only_a_test_folder(tiny_data, tracking_store, cache_dir,
     shutil.rmtree(held_out / "test" / "airplane")
     refused = run_cli("evaluate", "--data-dir", held_out, "--cache-dir", cache_dir)
     assert refused.exit_code == 1 and "Error: " in refused.output
+
+
+def test_other_exceptions_python_drops_still_reach_the_previous_hook(monkeypatch):
+    from cifar_exp import interrupts
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(type(unraisable.exc_value)))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        interrupts.install_handlers()
+        interrupts.install_handlers()  # twice (train inside tune, say): the hook must not wrap itself
+
+        class BrokenFinaliser:
+            def __del__(self):
+                raise ValueError("dropped by Python")
+
+        BrokenFinaliser()  # finalised at once
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert reported == [ValueError]

@@ -1,3 +1,4 @@
+import os
 import shutil
 import time
 from pathlib import Path
@@ -47,6 +48,39 @@ def test_second_load_comes_from_the_cache(tiny_data, cache_dir, monkeypatch):
     second = load_splits(cfg)
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)
+
+
+@pytest.mark.parametrize("change", ["mtime", "size"])
+def test_the_cache_key_follows_each_files_size_and_modification_time(tmp_path, cache_dir, change, monkeypatch):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    cfg = DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir)
+    load_splits(cfg)
+    target = root / "test" / "cat" / "0000.png"
+    stat = target.stat()
+    if change == "mtime":  # the same bytes, touched
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    else:  # one byte more (PNG readers ignore trailing bytes), the same modification time
+        with open(target, "ab") as file:
+            file.write(b"\0")
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    decoded = []
+    decode = data_module._decode_split
+    monkeypatch.setattr(data_module, "_decode_split", lambda *a: decoded.append(a[0]) or decode(*a))
+    load_splits(cfg)
+    assert decoded == ["train", "test"]
+
+
+def test_an_unreadable_cache_is_decoded_again_and_other_folders_caches_stay(tmp_path, cache_dir):
+    first = write_image_folder(tmp_path / "a", train_per_class=2, test_per_class=1)
+    second = write_image_folder(tmp_path / "b", train_per_class=2, test_per_class=1, seed=1)
+    load_splits(DataConfig(data_dir=str(first), val_on_test=True, cache_dir=cache_dir))
+    images = load_splits(DataConfig(data_dir=str(second), val_on_test=True, cache_dir=cache_dir)).test.images
+    caches = sorted(Path(cache_dir).glob("*.pt"))
+    assert len(caches) == 2  # one per folder: a folder's new cache removes only its own old ones
+    for cache in caches:
+        cache.write_bytes(cache.read_bytes()[:100])  # truncated
+    again = load_splits(DataConfig(data_dir=str(second), val_on_test=True, cache_dir=cache_dir)).test.images
+    assert torch.equal(again, images)
 
 
 def test_cache_is_invalidated_when_a_file_changes(tmp_path, cache_dir):
@@ -239,6 +273,19 @@ def test_every_image_once_per_epoch_with_labels_aligned(augment):
     assert not torch.equal(orders[0], orders[1])  # reshuffled every epoch
 
 
+@pytest.mark.parametrize("augment", ["none", "flip-crop"])
+def test_batches_follow_their_seed(augment):
+    data = ImageSet("train", (torch.rand(64, 3, 32, 32) * 255).to(torch.uint8), torch.arange(64) % 10)
+
+    def first_epoch(seed):
+        batches = DeviceBatches(data, 16, device=torch.device("cpu"), shuffle=True, seed=seed, augment=augment)
+        return torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches])
+
+    (images, labels), (again, again_labels), (other, other_labels) = first_epoch(3), first_epoch(3), first_epoch(4)
+    assert torch.equal(images, again) and torch.equal(labels, again_labels)
+    assert not torch.equal(labels, other_labels) and not torch.equal(images, other)  # another order
+
+
 def test_batches_are_floats_in_unit_range_and_channels_last():
     data = ImageSet("x", torch.full((8, 3, 32, 32), 255, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64))
     images, _ = next(iter(DeviceBatches(data, 8, device=torch.device("cpu"), channels_last=True)))
@@ -265,8 +312,9 @@ def test_crop_is_a_window_of_the_reflect_padded_image():
                    if torch.equal(out[k], padded[k, :, dy:dy + 32, dx:dx + 32])]
         assert matches, f"image {k} is not a window of its padded self"
         shifts.add(matches[0])
-    # Every shift from -4 to +4 pixels occurs, in both directions.
+    # Every shift from -4 to +4 pixels occurs, in both directions, each drawn on its own.
     assert {dy for dy, _ in shifts} == set(range(9)) and {dx for _, dx in shifts} == set(range(9))
+    assert len(shifts) > 40 and any(dy != dx for dy, dx in shifts)
 
 
 def test_flip_crop_batches_are_mirrored_or_not_windows_of_the_padded_images():

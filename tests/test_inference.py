@@ -1014,6 +1014,9 @@ def test_export_of_a_model_whose_run_was_deleted_goes_into_a_new_run(in_store, t
     export_run = next(r for r in all_runs() if r.data.tags.get("run_kind") == "export"
                       and r.data.tags["model_uri"] == "models:/deleted-source-model/1")
     assert export_run.info.status == "FINISHED" and export_run.data.tags["source_run_id"] == source_run
+    assert export_run.data.tags["onnx_exported"] == "fp32"
+    assert export_run.data.params["export.model_uri"] == "models:/deleted-source-model/1"
+    assert export_run.data.metrics["onnxruntime-fp32/top1_agreement"] == 1.0
     assert {a.path for a in MlflowClient().list_artifacts(export_run.info.run_id, "onnx")} == {
         "onnx/model.onnx", "onnx/export_checks.json"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export_checks.json", "model.onnx"]
@@ -1037,15 +1040,16 @@ def test_an_export_that_cannot_be_logged_leaves_the_folder_as_it_was(in_store, t
     assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_text() == "an earlier export"
 
 
-def test_export_refuses_an_output_file_name_taken_by_a_folder(in_store, tiny_data, tmp_path):
+@pytest.mark.parametrize("taken", ["export_checks.json", "model.onnx"])
+def test_export_refuses_an_output_file_name_taken_by_a_folder(in_store, tiny_data, tmp_path, taken):
     run_id, _, cache = in_store
-    (tmp_path / "out" / "export_checks.json").mkdir(parents=True)
+    (tmp_path / "out" / taken).mkdir(parents=True)
     before = MlflowClient().list_artifacts(run_id)
     result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--output-dir", tmp_path / "out",
                      "--data-dir", tiny_data, "--cache-dir", cache)
     assert result.exit_code == 1
-    assert f"Error: cannot write {tmp_path / 'out' / 'export_checks.json'}: it is a folder" in result.output
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["export_checks.json"]
+    assert f"Error: cannot write {tmp_path / 'out' / taken}: it is a folder" in result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [taken]
     assert MlflowClient().list_artifacts(run_id) == before
 
 

@@ -87,6 +87,16 @@ def test_a_knob_the_model_lacks_is_named():
     assert architecture("pico").hidden is None and architecture("seed").hidden == 1024
 
 
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"hidden": 0}, "model seed needs a hidden size >= 1, got 0"),
+    ({"widths": (0, 1, 1)}, "model seed needs three positive conv widths, got 0,1,1"),
+    ({"widths": (8, 8)}, "model seed needs three positive conv widths, got 8,8"),
+])
+def test_knob_values_a_network_cannot_have_are_named(knobs, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        build_model("seed", **knobs)
+
+
 def _randomise_batch_norms(model: torch.nn.Module) -> None:
     # Fresh BatchNorms are identities (mean 0, var 1, scale 1, shift 0): folding them proves little.
     generator = torch.Generator().manual_seed(0)

@@ -116,6 +116,8 @@ def test_ensemble_averages_its_members_logits():
     ensemble = Ensemble(members)
     torch.testing.assert_close(ensemble(images), expected)
     assert not any(module.training for module in ensemble.eval().modules())
+    assert all(module.training for module in ensemble.train().modules())
+    assert not any(module.training for module in ensemble.train(False).modules())
 
 
 def test_distillation_settings_are_checked():

@@ -462,6 +462,11 @@ def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tr
         "Error: study 'heartbeats' runs with --heartbeat-interval 30: every worker of a study must use the same "
         "(a shorter one would fail the other workers' live trials)"]
     assert len(all_runs()) == runs
+    # With other settings differing too, the usual message names them all.
+    result = run_cli("tune", *args, "--heartbeat-interval", "5", "--epochs", "3")
+    assert result.exit_code == 1
+    assert "other settings (epochs 2 -> 3, heartbeat-interval 30 -> 5)" in result.output
+    assert optuna.load_study(study_name="heartbeats", storage=storage).user_attrs["objective"] == "val_accuracy"
     journal = f"{tmp_path}/journal.log"  # no heartbeats there: nothing to share
     assert "tune.heartbeat_interval" not in study_settings(ExperimentConfig(), TuneConfig(storage=journal))
 
@@ -1101,6 +1106,7 @@ def test_the_train_command_of_a_trial_keeps_the_studys_recipe_and_settings():
                          params={"lr": 0.123, "width1": 16, "width2": 24, "width3": 40}, epochs=12,
                          baseline=False, reason=None)
     command = train_command(study, trial)
+    assert shlex.split(command).count("--widths") == 1  # the trial's, not the study's as well
     assert command.startswith("cifar-exp train --recipe pico ") and command.endswith(" --lr 0.123 --widths 16,24,40")
     retrained = train_config_of(command)
     assert retrained.train == dataclasses.replace(study.train, lr=0.123, widths="16,24,40")
