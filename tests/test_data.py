@@ -95,6 +95,18 @@ def test_cache_is_invalidated_when_a_file_changes(tmp_path, cache_dir):
     assert len(list(Path(cache_dir).glob("*.pt"))) == 1  # the outdated cache is gone
 
 
+def test_the_cache_is_written_beside_its_name_and_then_renamed(tmp_path, monkeypatch):
+    # Another process loading the folder meanwhile never reads a half-written cache.
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    cache = tmp_path / "cache"
+    written = []
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, path: written.append(Path(path)) or save(obj, path))
+    load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=str(cache)))
+    [final] = list(cache.iterdir())
+    assert final.suffix == ".pt" and written == [final.with_suffix(f".tmp{os.getpid()}")]
+
+
 def test_an_interrupted_cache_write_leaves_no_file(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
     cache = tmp_path / "cache"

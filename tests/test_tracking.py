@@ -573,3 +573,34 @@ def test_a_class_list_mlflow_cut_short_is_compared_as_far_as_it_was_kept(trackin
     reordered = (classes[1], classes[0], *classes[2:])
     with pytest.raises(DataError, match=f"^{uri} was trained on classes n00000000,n00000001,"):
         experiment._check_trained_classes(uri, reordered, "imagenet32")
+
+
+def test_run_targets_that_cannot_take_a_new_run_are_refused_up_front(tracking_store, monkeypatch):
+    client = MlflowClient()
+    tracking.check_run_target("fresh")  # a new experiment: fine
+    gone = client.create_experiment("gone")
+    client.delete_experiment(gone)
+    with pytest.raises(TrackingError, match="^experiment 'gone' was deleted: restore it"):
+        tracking.check_run_target("gone")
+    # Under `mlflow run` the run it opened is the target, whatever the experiment name.
+    live = client.create_run(client.create_experiment("project")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", live)
+    tracking.check_run_target("gone")
+    client.delete_run(live)
+    with pytest.raises(TrackingError, match=f"^cannot log into MLFLOW_RUN_ID {live}: the run was deleted$"):
+        tracking.check_run_target("project")
+    monkeypatch.setenv("MLFLOW_RUN_ID", "deadbeef")
+    with pytest.raises(TrackingError, match="^cannot log into MLFLOW_RUN_ID deadbeef: "):
+        tracking.check_run_target("project")
+
+
+def test_a_name_a_failed_registration_created_goes_only_if_no_other_version_came(tracking_store):
+    mlflow.set_experiment("names")
+    client = MlflowClient()
+    [alone] = _bare_versions("alone", 1)
+    first, second = _bare_versions("shared", 2)  # another run registered version 2 meanwhile
+    for name, version in (("alone", alone), ("shared", first)):
+        client.set_model_version_tag(name, version, tracking.CREATED_NAME, "true")
+        tracking.delete_model_version(name, version)
+    assert [m.name for m in client.search_registered_models()] == ["shared"]
+    assert [v.version for v in client.search_model_versions("name='shared'")] == [second]
