@@ -522,6 +522,11 @@ def test_a_setting_a_study_never_recorded_counts_as_its_default(tmp_path):
     distilled = ExperimentConfig(train=TrainConfig(teacher="runs:/abc/model"))
     with pytest.raises(StorageError, match=r"other settings \(teacher  -> runs:/abc/model\)"):
         open_study(distilled, TuneConfig(), "old", storage)
+    # The distilling worker first: the missing record still reads as the default, not as its value.
+    older = optuna.create_study(study_name="older", storage=storage, direction="maximize")
+    older.set_user_attr("settings", settings)
+    with pytest.raises(StorageError, match=r"other settings \(teacher  -> runs:/abc/model\)"):
+        open_study(distilled, TuneConfig(), "older", storage)
 
 
 def test_hidden_choices_count_only_for_a_model_with_a_hidden_layer(tmp_path):
@@ -1111,3 +1116,18 @@ def test_the_train_command_of_a_trial_keeps_the_studys_recipe_and_settings():
     retrained = train_config_of(command)
     assert retrained.train == dataclasses.replace(study.train, lr=0.123, widths="16,24,40")
     assert retrained.data == study.data
+
+
+def test_a_dead_workers_trial_is_queued_again_once():
+    from cifar_exp.tune import _queue_again
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.5, log=True)})
+    study.tell(trial, state=TrialState.FAIL)
+    _queue_again(study, study.trials[0])
+    retry = study.trials[1]
+    assert retry.state == TrialState.WAITING and retry.params == study.trials[0].params
+    assert retry.system_attrs["retry_history"] == [0]
+    study.tell(study.ask(), state=TrialState.FAIL)  # the retry's worker dies as well
+    _queue_again(study, study.trials[1])
+    assert len(study.trials) == 2  # no third try
