@@ -103,10 +103,11 @@ def train_command(cfg: ExperimentConfig, trial: TrialSummary) -> str:
     words = ["cifar-exp", "train"]
     if cfg.train.recipe != TrainConfig().recipe:
         words += ["--recipe", cfg.train.recipe]
+    given_elsewhere = {"recipe", *trial.train_fields()}  # --recipe comes first, the trial's settings last
     for section, defaults in ((cfg.data, DataConfig()), (cfg.train, recipe_config(cfg.train.recipe))):
         for field in dataclasses.fields(section):
             value = getattr(section, field.name)
-            if field.name == "recipe" or field.name in trial.train_fields() or value == getattr(defaults, field.name):
+            if field.name in given_elsewhere or value == getattr(defaults, field.name):
                 continue
             name = field.name.replace("_", "-")
             if isinstance(value, bool):
