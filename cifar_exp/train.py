@@ -287,9 +287,10 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     if cfg.schedule == "exp":
-        # The decay starts once the warm-up has reached lr (as cosine's does), and is constant within
-        # an epoch after it, as the seed's.
-        return warmup * cfg.lr_decay ** (max(0, step - warmup_steps) // steps_per_epoch)
+        # The decay starts once the warm-up has reached lr (as cosine's does) and, as the seed's, steps
+        # at epoch starts: the first epoch wholly after the warm-up runs at lr, each later one x decay.
+        warmup_epochs_touched = -(-warmup_steps // steps_per_epoch)  # ceil: a fractional warm-up's epoch
+        return warmup * cfg.lr_decay ** max(0, step // steps_per_epoch - warmup_epochs_touched)
     progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
     return warmup * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -162,6 +162,10 @@ def test_exp_schedule_with_warmup_ramps_to_lr_then_decays_per_epoch():
     # A warm-up of several epochs reaches lr too: the decay waits for it.
     lrs = _lrs(TrainConfig(epochs=4, lr=0.1, lr_decay=0.5, warmup_epochs=2), steps_per_epoch=2)
     assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1] + [0.1] * 2 + [0.05] * 2)
+    # A fractional warm-up ends mid-epoch: that epoch finishes at lr, and the decay still steps at
+    # epoch starts (the logged per-epoch lr is the epoch's only rate).
+    lrs = _lrs(TrainConfig(epochs=4, lr=0.1, lr_decay=0.5, warmup_epochs=0.5), steps_per_epoch=4)
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1] + [0.1] * 4 + [0.05] * 4 + [0.025] * 4)
 
 
 def test_cosine_schedule_with_warmup():
