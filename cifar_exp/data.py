@@ -65,7 +65,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     train, test, classes, source = load_dataset(cfg)
     if cfg.val_on_test:
         return Splits(train, test, test, classes, source, val_is_test=True)
-    train, val = stratified_split(train, cfg.val_size, cfg.split_seed)
+    train, val = stratified_split(train, cfg.val_size, cfg.split_seed, classes)
     return Splits(train, val, test, classes, source, val_is_test=False)
 
 
@@ -97,34 +97,53 @@ def load_test_set(cfg: DataConfig) -> tuple[ImageSet, tuple[str, ...], str]:
     return test, classes, source
 
 
-def stratified_split(data: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet]:
+def stratified_split(
+    data: ImageSet, val_size: int, seed: int, classes: tuple[str, ...] = ()
+) -> tuple[ImageSet, ImageSet]:
     """Split off ``val_size`` images with every class in the same proportion as in ``data``."""
-    train_idx, val_idx = stratified_split_indices(data.labels, val_size, seed)
+    train_idx, val_idx = stratified_split_indices(data.labels, val_size, seed, classes)
     return (
         ImageSet("train", data.images[train_idx], data.labels[train_idx]),
         ImageSet("val", data.images[val_idx], data.labels[val_idx]),
     )
 
 
-def stratified_split_indices(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) indices into ``labels``, each sorted: what ``stratified_split`` keeps."""
+def stratified_split_indices(
+    labels: torch.Tensor, val_size: int, seed: int, classes: tuple[str, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices into ``labels``, each sorted: what ``stratified_split`` keeps.
+
+    Every class keeps at least one image on each side; ``classes`` names the labels in errors.
+    """
     from sklearn.model_selection import train_test_split
+
+    def name(label: int) -> str:
+        return repr(classes[label]) if label < len(classes) else str(label)
 
     if val_size >= len(labels):
         raise ConfigError(f"val-size {val_size} must be smaller than the {len(labels)} training images")
-    classes = len(labels.unique())
-    if val_size < classes:
-        raise ConfigError(f"val-size {val_size} must be at least the number of classes ({classes}): "
+    counts = torch.bincount(labels)
+    present = counts.nonzero().flatten().tolist()
+    if val_size < len(present):
+        raise ConfigError(f"val-size {val_size} must be at least the number of classes ({len(present)}): "
                           "a stratified split holds an image of each")
+    single = [label for label in present if counts[label] < 2]
+    if single:
+        raise ConfigError(f"class {name(single[0])} has a single training image: a stratified split needs "
+                          "at least 2 of each, one to train on and one to validate")
     try:
         train_idx, val_idx = train_test_split(
-            np.arange(len(labels)),
-            test_size=val_size,
-            stratify=labels.numpy(),
-            random_state=seed,
+            np.arange(len(labels)), test_size=val_size, stratify=labels.numpy(), random_state=seed,
         )
-    except ValueError as error:  # e.g. a class with a single image
+    except ValueError as error:  # e.g. fewer images left to train on than classes
         raise ConfigError(f"cannot carve a stratified val-size of {val_size}: {error}") from None
+    # Proportional rounding can give a rare class all of one side (2 of 40 images with val-size 36).
+    for side, indices in (("training", train_idx), ("validation", val_idx)):
+        lacking = sorted(set(present) - set(labels[indices].tolist()))
+        if lacking:
+            label = lacking[0]
+            raise ConfigError(f"val-size {val_size} leaves class {name(label)} ({int(counts[label])} images) no "
+                              f"{side} image: choose a val-size that keeps each class on both sides")
     return torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
 
 
@@ -147,7 +166,7 @@ def _load_torchvision(root: Path, download: bool) -> tuple[ImageSet, ImageSet, t
                 folder.rmdir()
             except OSError:
                 break
-        raise DataError(f"cannot load CIFAR-10 from {root}: {error}") from None
+        raise DataError(f"cannot load CIFAR-10 from {root}: {_cifar_batches_problem(root, download) or error}") from None
     train, test = (
         ImageSet(
             name,
@@ -157,6 +176,21 @@ def _load_torchvision(root: Path, download: bool) -> tuple[ImageSet, ImageSet, t
         for name, ds in zip(("train", "test"), sets)
     )
     return train, test, tuple(sets[0].classes), f"cifar10-batches:{root.resolve()}"
+
+
+def _cifar_batches_problem(root: Path, download: bool) -> str | None:
+    """What is wrong with an existing cifar-10-batches-py/ (torchvision says only "not found or
+    corrupted", and names its own download=True); None where it is not the batches."""
+    from torchvision.datasets import CIFAR10
+
+    folder = root / CIFAR10.base_folder
+    if download or not folder.is_dir():
+        return None
+    names = [name for name, _ in (*CIFAR10.train_list, *CIFAR10.test_list)] + [CIFAR10.meta["filename"]]
+    missing = [name for name in names if not (folder / name).is_file()]
+    problem = f"{folder} lacks {', '.join(missing)}" if missing else \
+        f"a file in {folder} is corrupted (its checksum does not match)"
+    return f"{problem}; pass --download to fetch CIFAR-10 again"
 
 
 def _load_image_folder(root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet, tuple[str, ...], str]:
@@ -169,6 +203,8 @@ def _load_image_folder_splits(root: Path, cache_dir: Path, splits: tuple[str, ..
     """``splits`` of an image folder, decoded or from the cache; the classes are the first split's."""
     files = {split: _list_split(root, split) for split in splits}
     classes = tuple(files[splits[0]])
+    if len(classes) < 2:
+        raise DataError(f"{root / splits[0]} holds one class folder, {classes[0]!r}: a classifier needs at least 2")
     if "test" in files and "train" in files:
         missing = [c for c in classes if c not in files["test"]]
         if missing:
@@ -177,7 +213,8 @@ def _load_image_folder_splits(root: Path, cache_dir: Path, splits: tuple[str, ..
         if extra:
             raise DataError(f"{root / 'test'} has class folder {extra[0]!r} that train lacks")
 
-    listing = [(split, c, f.name, *_size_and_mtime(f)) for split in files for c in classes for f in files[split][c]]
+    listing = [(split, c, _relative_name(f, root / split / c), *_size_and_mtime(f))
+               for split in files for c in classes for f in files[split][c]]
     digest = hashlib.sha256(repr((CACHE_FORMAT, str(root), listing)).encode()).hexdigest()[:20]
     folder_key = hashlib.sha256(str(root).encode()).hexdigest()[:8]  # the same for every listing of root
     cache_file = cache_dir / f"imagefolder-{folder_key}-{digest}.pt"
@@ -224,15 +261,32 @@ def _list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
         raise DataError(f"{folder} holds no class folders")
     files = {}
     for class_dir in class_dirs:
-        images = sorted(
-            (e for e in os.scandir(class_dir.path)
-             if e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith(".")),
-            key=lambda e: e.name,
-        )
+        images = sorted(_image_entries(class_dir.path, set()), key=lambda e: _relative_name(e, class_dir.path))
         if not images:
             raise DataError(f"class folder {class_dir.path} holds no .png/.jpg images")
         files[class_dir.name] = images
     return files
+
+
+def _image_entries(folder: str, seen: set[str]) -> Iterator[os.DirEntry]:
+    """The images in ``folder`` and its subfolders (as torchvision's ImageFolder reads them), hidden
+    entries left out; a folder reached again through a link is read once."""
+    real = os.path.realpath(folder)
+    if real in seen:
+        return
+    seen.add(real)
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            yield from _image_entries(entry.path, seen)
+        elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+            yield entry
+
+
+def _relative_name(entry: os.DirEntry, class_folder: str | Path) -> str:
+    """``entry``'s path inside its class folder: its name, for an image directly in it."""
+    return Path(os.path.relpath(entry.path, class_folder)).as_posix()
 
 
 def _decode_split(split: str, files: dict[str, list[os.DirEntry]], classes: tuple[str, ...]) -> ImageSet:

@@ -22,7 +22,7 @@ from torch import nn
 
 from cifar_exp import tracking
 from cifar_exp.config import BACKENDS, BenchmarkConfig, DataConfig, ExportConfig, TrackingConfig, TrainConfig
-from cifar_exp.data import ImageSet, load_dataset
+from cifar_exp.data import ImageSet, load_dataset, load_test_set
 from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError
 from cifar_exp.inference import (
     BenchmarkReport,
@@ -168,12 +168,13 @@ def _move_into_place(staged: Path, path: Path) -> None:
 def _benchmark_data(
     bench: BenchmarkConfig, data_cfg: DataConfig, classes: int, *, trained: bool
 ) -> tuple[np.ndarray | None, ImageSet | None, str]:
-    """(calibration images, test split, why there is no calibration) for what the benchmark needs."""
+    """(calibration images, test split, why there is no calibration) for what the benchmark needs:
+    test images for a logged model's accuracy, training images to calibrate int8 on."""
     wants_int8 = "onnxruntime-int8" in bench.backend_names()
     if not (wants_int8 or trained):
         return None, None, ""
     try:
-        train, test, names, _ = load_dataset(data_cfg)
+        train, test, names = _load_for_checks(data_cfg, calibrate=wants_int8)
     except DataError as error:
         asked_for = data_cfg.data_dir != DataConfig().data_dir or data_cfg.download
         if asked_for or Path(data_cfg.data_dir).expanduser().exists():  # asked for, or there but broken
@@ -184,8 +185,19 @@ def _benchmark_data(
         return None, None, reason
     if trained:  # its accuracy is measured; an untrained architecture only takes calibration images
         check_class_count(classes, names, data_cfg.data_dir)
+        tracking.check_trained_classes(bench.model_uri, names, data_cfg.data_dir)
     calibration = calibration_images(train, bench.calibration_images) if wants_int8 else None
     return calibration, test if trained else None, ""
+
+
+def _load_for_checks(data_cfg: DataConfig, *, calibrate: bool) -> tuple[ImageSet | None, ImageSet, tuple[str, ...]]:
+    """(training images where ``calibrate``, test split, class names): without calibration the test
+    split alone, so that a held-out test folder shipped without train/ is enough, as for evaluate."""
+    if calibrate:
+        train, test, names, _ = load_dataset(data_cfg)
+        return train, test, names
+    test, names, _ = load_test_set(data_cfg)
+    return None, test, names
 
 
 def benchmark_metrics(report: BenchmarkReport) -> dict[str, float]:
@@ -265,12 +277,13 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     if not into_source_run:
         tracking.check_run_target(tracking_cfg.experiment_name)
     try:
-        train, test, names, _ = load_dataset(data_cfg)
+        train, test, names = _load_for_checks(data_cfg, calibrate=export.int8)
     except DataError as error:
         need = "--int8 needs training images to calibrate on" if export.int8 else \
             "export verifies the model on the test split"
         raise DataError(f"{need}: {error}") from None
     check_class_count(classes, names, data_cfg.data_dir)
+    tracking.check_trained_classes(export.model_uri, names, data_cfg.data_dir)
     calibration = calibration_images(train, export.calibration_images) if export.int8 else None
     tags = {"onnx_exported": "int8" if calibration is not None else "fp32"}
     run_id = source_run_id if into_source_run else None  # a new run's id once it is opened

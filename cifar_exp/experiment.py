@@ -17,7 +17,6 @@ import torch
 from cifar_exp import tracking
 from cifar_exp.config import EvaluateConfig, ExperimentConfig, TrainConfig
 from cifar_exp.data import Splits, load_splits, load_test_set
-from cifar_exp.errors import DataError
 from cifar_exp.inference import check_class_count, check_classifier
 from cifar_exp.models import Ensemble
 from cifar_exp.reports import ClassMetrics, class_metrics, write_evaluation_report, write_training_report
@@ -35,7 +34,6 @@ from cifar_exp.train import (
 
 log = logging.getLogger(__name__)
 
-CLASSES_PARAM = "data.classes"  # the class names, in label order, a model was trained on
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ def train_and_track(
     }
     with tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, tags=run_tags,
                             nested=nested) as run_id:
-        tracking.log_params({**cfg.flat(), CLASSES_PARAM: ",".join(splits.classes)})
+        tracking.log_params({**cfg.flat(), tracking.CLASSES_PARAM: ",".join(splits.classes)})
         tracking.log_datasets(_distinct_sets(splits), splits.source)
         result = fit(
             cfg.train,
@@ -144,7 +142,7 @@ def evaluate_and_track(evaluate: EvaluateConfig, cfg: ExperimentConfig) -> Evalu
     class_count = check_classifier(model, model_uri, device)
     test_set, classes, source = load_test_set(data_cfg)
     check_class_count(class_count, classes, data_cfg.data_dir)
-    source_run_id = _check_trained_classes(model_uri, classes, data_cfg.data_dir)
+    source_run_id = tracking.check_trained_classes(model_uri, classes, data_cfg.data_dir)
     splits = Splits(test_set, test_set, test_set, classes, source, val_is_test=True)
     tags = {"model_uri": model_uri, "source_run_id": source_run_id or "unknown",
             **tracking.environment_tags(device, None)}
@@ -178,7 +176,7 @@ def load_teacher(
         model = tracking.load_model(model_uri).to(device)
         class_count = check_classifier(model, model_uri, device)
         check_class_count(class_count, classes, data_dir, model=f"teacher {model_uri}")
-        source_run_ids.append(_check_trained_classes(model_uri, classes, data_dir) or "unknown")
+        source_run_ids.append(tracking.check_trained_classes(model_uri, classes, data_dir) or "unknown")
         members.append(model)
     if not members:
         return None
@@ -201,20 +199,6 @@ def teacher_may_know_validation(teacher: Teacher, splits: Splits) -> str | None:
     return (f"teacher run{'s' if len(others) > 1 else ''} {', '.join(others)} trained on other images than this "
             "run's training split (another --val-size, --split-seed or data folder, or unknown), which may "
             "include its validation images")
-
-
-def _check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str) -> str | None:
-    """Refuse a model trained on other class names or another order; returns its source run id."""
-    source_run_id = tracking.model_source_run(model_uri)
-    source_run = tracking.get_run(source_run_id) if source_run_id else None
-    trained_on = source_run.params.get(CLASSES_PARAM) if source_run else None
-    held = ",".join(classes)
-    if trained_on and len(trained_on) >= tracking.PARAM_VALUE_LIMIT:  # MLflow kept the list's beginning
-        held = held[:len(trained_on)]
-    if trained_on and trained_on != held:
-        # ImageFolder numbers classes by folder name: other names or another order mislabel every image.
-        raise DataError(f"{model_uri} was trained on classes {trained_on}; {data_dir} holds {','.join(classes)}")
-    return source_run_id
 
 
 def _evaluate_and_report(

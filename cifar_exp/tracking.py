@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from cifar_exp.data import ImageSet
-from cifar_exp.errors import TrackingError, first_line
+from cifar_exp.errors import DataError, TrackingError, first_line
 from cifar_exp.interrupts import deferred
 from cifar_exp.train import cpu_name
 
@@ -50,6 +50,7 @@ PREVIOUS_CHAMPION = "previous_champion"  # version tag: the champion it replaced
 NOT_CANDIDATE = "no_champion_candidate"  # version tag: why its validation accuracy cannot be compared
 CREATED_NAME = "created_registered_model"  # version tag: its registration created the registered model
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+CLASSES_PARAM = "data.classes"  # the class names, in label order, a model was trained on
 PARAM_VALUE_LIMIT = 6000  # characters of a param value MLflow keeps (it cuts longer ones, with a warning)
 
 
@@ -560,6 +561,20 @@ def check_run_target(experiment_name: str) -> None:
     if experiment is not None and experiment.lifecycle_stage != "active":
         raise TrackingError(f"experiment {experiment_name!r} was deleted: restore it (`mlflow experiments restore "
                             f"--experiment-id {experiment.experiment_id}`) or pass another --experiment-name")
+
+
+def check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str) -> str | None:
+    """Refuse a model trained on other class names or another order; returns its source run id."""
+    source_run_id = model_source_run(model_uri)
+    source_run = get_run(source_run_id) if source_run_id else None
+    trained_on = source_run.params.get(CLASSES_PARAM) if source_run else None
+    held = ",".join(classes)
+    if trained_on and len(trained_on) >= PARAM_VALUE_LIMIT:  # MLflow kept the list's beginning
+        held = held[:len(trained_on)]
+    if trained_on and trained_on != held:
+        # ImageFolder numbers classes by folder name: other names or another order mislabel every image.
+        raise DataError(f"{model_uri} was trained on classes {trained_on}; {data_dir} holds {','.join(classes)}")
+    return source_run_id
 
 
 def dataset_digest(run_id: str, split: str) -> str | None:

@@ -17,6 +17,7 @@ from cifar_exp.data import (
     load_splits,
     random_crop,
     stratified_split,
+    stratified_split_indices,
 )
 from cifar_exp.errors import ConfigError, DataError
 from conftest import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, write_image_folder
@@ -144,6 +145,31 @@ def test_hidden_files_and_folders_are_skipped(tmp_path, cache_dir):
     assert splits.classes == CLASSES and len(splits.train) == 20
 
 
+def test_images_in_a_class_folders_subfolders_are_read_as_imagefolder_reads_them(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    (root / "train" / "cat" / "batch2" / "deeper").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(root / "train" / "cat" / "batch2" / "deeper" / "red.png")
+    (root / "train" / "cat" / ".ipynb_checkpoints").mkdir()  # hidden: no images of the class
+    Image.new("RGB", (32, 32)).save(root / "train" / "cat" / ".ipynb_checkpoints" / "0000.png")
+    (root / "train" / "cat" / "loop").symlink_to(root / "train" / "cat")  # read once, not forever
+    splits = load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+    cat = CLASSES.index("cat")
+    assert len(splits.train) == 21 and torch.bincount(splits.train.labels)[cat] == 3
+    red = (splits.train.images[:, 0] == 255).all((1, 2)) & (splits.train.images[:, 1:] == 0).all((1, 2, 3))
+    assert splits.train.labels[red].tolist() == [cat]
+
+
+def test_a_dataset_of_one_class_is_refused(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    for split in ("train", "test"):
+        for folder in (root / split).iterdir():
+            if folder.name != "cat":
+                shutil.rmtree(folder)
+    with pytest.raises(DataError, match=f"^{root / 'train'} holds one class folder, 'cat': a classifier needs at "
+                                        "least 2$"):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
 def test_a_broken_symlink_is_named(tmp_path, cache_dir):
     root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
     link = root / "train" / "dog" / "0009.png"
@@ -173,6 +199,21 @@ def test_stratified_split_keeps_class_proportions_and_is_seeded():
     assert torch.equal(val.labels, again_val.labels) and torch.equal(val.images, again_val.images)
     _, other_val = stratified_split(data, 200, seed=2)
     assert not torch.equal(val.images, other_val.images)
+
+
+def test_a_split_that_would_leave_a_class_out_of_either_side_is_refused_by_name():
+    labels = torch.tensor([0] * 2 + [1] * 19 + [2] * 19)  # a rare class: 2 of 40 images
+    names = ("cat", "dog", "frog")
+    # Proportional rounding hands both cats to validation (36 images), or both to training (3).
+    with pytest.raises(ConfigError, match=r"^val-size 36 leaves class 'cat' \(2 images\) no training image: "):
+        stratified_split_indices(labels, 36, 0, names)
+    with pytest.raises(ConfigError, match=r"^val-size 3 leaves class 'cat' \(2 images\) no validation image: "):
+        stratified_split_indices(labels, 3, 0, names)
+    train, val = stratified_split_indices(labels, 20, 0, names)
+    assert set(labels[train].tolist()) == set(labels[val].tolist()) == {0, 1, 2}
+    with pytest.raises(ConfigError, match="^class 'frog' has a single training image: a stratified split needs at "
+                                          "least 2 of each, one to train on and one to validate$"):
+        stratified_split_indices(torch.tensor([0] * 5 + [1] * 5 + [2]), 4, 0, names)
 
 
 def test_val_on_test_uses_the_test_split(tiny_data, cache_dir):
@@ -389,6 +430,24 @@ def test_torchvision_python_batches_are_read(tmp_path, monkeypatch):
     expected_test = torch.from_numpy(batches["test_batch"].reshape(20, 3, 32, 32))
     assert torch.equal(splits.test.images, expected_test)
     assert splits.test.labels.tolist() == [i % 10 for i in range(20)]
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda folder: (folder / "data_batch_3").unlink(), "lacks data_batch_3"),
+    (lambda folder: (folder / "batches.meta").unlink(), "lacks batches.meta"),
+    (lambda folder: None, "a file in {folder} is corrupted (its checksum does not match)"),  # not the official files
+])
+def test_damaged_cifar_batches_are_named_with_our_download_option(tmp_path, damage, problem):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"not the official file")
+    damage(folder)
+    expected = f"cannot load CIFAR-10 from {tmp_path}: {folder} {problem}" if "lacks" in problem else \
+        f"cannot load CIFAR-10 from {tmp_path}: {problem.format(folder=folder)}"
+    with pytest.raises(DataError) as raised:
+        load_splits(DataConfig(data_dir=str(tmp_path)))
+    assert str(raised.value) == f"{expected}; pass --download to fetch CIFAR-10 again"
 
 
 def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):

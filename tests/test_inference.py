@@ -2,7 +2,9 @@
 
 import csv
 import json
+import shutil
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -19,6 +21,7 @@ from cifar_exp.data import load_splits
 from cifar_exp.errors import ConfigError, ExportError, TrackingError
 from cifar_exp.reports import pareto_front
 from cifar_exp.train import build_classifier, fit
+from conftest import CLASSES
 
 # Fast settings for every measurement here: speed targets live in benchmarks/, not in tests.
 QUICK = dict(repeats=3, seconds_per_repeat=0.01, warmup_seconds=0.0)
@@ -1098,3 +1101,48 @@ def test_benchmark_with_a_broken_dataset_at_the_default_folder_fails(in_store, t
     assert result.exit_code == 1, result.output
     assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
     assert len(all_runs()) == before and not (tmp_path / "b.json").exists()
+
+
+def _renamed_class_folder(tiny_data, root):
+    """tiny_data with its first class renamed so that it sorts last: every label moves."""
+    shutil.copytree(tiny_data, root)
+    for split in ("train", "test"):
+        (root / split / "airplane").rename(root / split / "zairplane")
+    return root
+
+
+@pytest.mark.parametrize("command", ["export", "benchmark"])
+def test_export_and_benchmark_refuse_data_whose_classes_the_model_was_not_trained_on(in_store, tiny_data, tmp_path,
+                                                                                     command):
+    run_id, _, _ = in_store
+    data = _renamed_class_folder(tiny_data, tmp_path / "renamed")
+    uri = f"runs:/{run_id}/model"
+    artifacts, before = MlflowClient().list_artifacts(run_id), len(all_runs())
+    target = (["--output-dir", tmp_path / "out", "--no-int8"] if command == "export" else
+              ["--output", tmp_path / "b.json", "--backends", "pytorch-fp32", *QUICK_ARGS])
+    result = run_cli(command, "--model-uri", uri, "--data-dir", data, "--cache-dir", tmp_path / "cache", *target)
+    assert result.exit_code == 1, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        f"Error: {uri} was trained on classes {','.join(CLASSES)}; {data} holds {','.join(CLASSES[1:])},zairplane"]
+    assert len(all_runs()) == before and MlflowClient().list_artifacts(run_id) == artifacts
+    assert not (tmp_path / "out").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_export_and_benchmark_without_int8_need_only_a_test_folder(in_store, tiny_data, tmp_path):
+    run_id, _, _ = in_store
+    held_out = tmp_path / "held-out"
+    shutil.copytree(Path(tiny_data) / "test", held_out / "test")  # a test set shipped on its own
+    uri = f"runs:/{run_id}/model"
+    exported = run_cli("export", "--model-uri", uri, "--no-int8", "--output-dir", tmp_path / "out",
+                       "--data-dir", held_out, "--cache-dir", tmp_path / "cache")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads((tmp_path / "out" / "export_checks.json").read_text())["onnx_fp32"]["images"] == 100
+    measured = run_cli("benchmark", "--model-uri", uri, "--backends", "pytorch-fp32", "--output", tmp_path / "b.json",
+                       "--data-dir", held_out, "--cache-dir", tmp_path / "cache", *QUICK_ARGS)
+    assert measured.exit_code == 0, measured.output
+    [backend] = json.loads((tmp_path / "b.json").read_text())["backends"]
+    assert backend["agreement"]["accuracy"] == pytest.approx(MlflowClient().get_run(run_id).data.metrics["test_accuracy"])
+    # int8 calibrates on training images: without train/ it is refused, naming what is missing.
+    refused = run_cli("export", "--model-uri", uri, "--int8", "--output-dir", tmp_path / "out8",
+                      "--data-dir", held_out, "--cache-dir", tmp_path / "cache")
+    assert refused.exit_code == 1 and "Error: --int8 needs training images to calibrate on: " in refused.output

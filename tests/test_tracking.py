@@ -566,13 +566,13 @@ def test_a_class_list_mlflow_cut_short_is_compared_as_far_as_it_was_kept(trackin
     classes = tuple(f"n{i:08d}" for i in range(700))  # 6,299 characters joined: MLflow keeps 6,000
     mlflow.set_experiment("many-classes")
     with mlflow.start_run() as run:
-        mlflow.log_param(experiment.CLASSES_PARAM, ",".join(classes))
-    assert len(MlflowClient().get_run(run.info.run_id).data.params[experiment.CLASSES_PARAM]) == 6000
+        mlflow.log_param(tracking.CLASSES_PARAM, ",".join(classes))
+    assert len(MlflowClient().get_run(run.info.run_id).data.params[tracking.CLASSES_PARAM]) == 6000
     uri = f"runs:/{run.info.run_id}/model"
-    assert experiment._check_trained_classes(uri, classes, "imagenet32") == run.info.run_id
+    assert tracking.check_trained_classes(uri, classes, "imagenet32") == run.info.run_id
     reordered = (classes[1], classes[0], *classes[2:])
     with pytest.raises(DataError, match=f"^{uri} was trained on classes n00000000,n00000001,"):
-        experiment._check_trained_classes(uri, reordered, "imagenet32")
+        tracking.check_trained_classes(uri, reordered, "imagenet32")
 
 
 def test_run_targets_that_cannot_take_a_new_run_are_refused_up_front(tracking_store, monkeypatch):
