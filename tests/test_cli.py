@@ -50,6 +50,10 @@ def test_every_train_option_has_help():
 @pytest.mark.parametrize(("entry_point", "parameters"), [
     ("main", {}), ("recipe", {}), ("evaluate", {}), ("tune", {}), ("benchmark", {}), ("export", {}),
     ("export", {"int8": "--no-int8"}), ("pareto", {}),
+    # Switches take the flag itself: declared (distill_mirror), or not (tta, passed as --tta --no-tta).
+    ("recipe", {"teacher": "runs:/0123/model", "distill_mirror": "--distill-mirror", "tta": "--no-tta"}),
+    ("main", {"teacher": "runs:/0123/model", "distill_mirror": "--distill-mirror"}),
+    ("tune", {"teacher": "runs:/0123/model", "distill_mirror": "--distill-mirror"}),
 ])
 def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, parameters, tmp_path):
     # What `mlflow run . -e NAME [-P ...]` would execute, parsed (not run) by the CLI.
@@ -72,7 +76,13 @@ def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, par
     if entry_point == "recipe":
         assert context.params["recipe"] == "pico" and "lr" not in command and "--lr" not in command
     if entry_point in ("main", "recipe", "tune"):
-        assert build_config(context.params).train.teacher_uris() == ()  # no distillation unless asked
+        train = build_config(context.params).train
+        if "teacher" in parameters:
+            assert train.teacher_uris() == ("runs:/0123/model",) and train.distill_mirror
+        else:
+            assert train.teacher_uris() == () and not train.distill_mirror  # no distillation unless asked
+        if "tta" in parameters:
+            assert context.params["tta"] is False and "--tta" in command  # both flags given: the last counts
     if entry_point == "evaluate":
         assert _section(EvaluateConfig, context.params).model_uri == "models:/cifar10-seed@champion"
     if entry_point == "export":

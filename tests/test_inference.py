@@ -366,6 +366,28 @@ def test_int8_seed_runs_nhwc_from_the_first_conv_to_float_logits(seed_onnx, tmp_
     assert len(np.unique(logits)) > 256
 
 
+@pytest.mark.parametrize("name", ["pico", "pico-sep"])
+def test_int8_one_layer_heads_write_float_logits(name, tmp_path):
+    # Their head runs as a 1x1 conv, then Transpose and Flatten, each of the three followed by a
+    # quantise-dequantise pair: 8-bit logits, where close classes tie. The pairs go, and the conv
+    # computes the logits in float from the int8 pooled features.
+    from cifar_exp.config import recipe_config
+    from cifar_exp.train import build_shipped_classifier
+
+    torch.manual_seed(0)
+    path = inference.export_onnx(build_shipped_classifier(recipe_config("pico", model=name), 10).eval(),
+                                 tmp_path / "model.onnx")
+    calibration = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
+    int8 = inference.quantize_int8(path, tmp_path / "model.int8.onnx", calibration)
+    nodes = onnx.load(str(int8)).graph.node
+    assert [n.op_type for n in nodes][-3:] == ["Conv", "Transpose", "Flatten"]
+    assert [n.op_type for n in nodes][-5:-3] == ["QuantizeLinear", "DequantizeLinear"]  # the pooled features'
+    logits = inference.onnx_session(int8, 1).run(None, {"images": calibration})[0]  # (64, 10)
+    reference = inference.onnx_session(path, 1).run(None, {"images": calibration})[0]
+    assert len(np.unique(logits)) > 256  # 8-bit logits take at most 256 values
+    assert np.abs(logits - reference).max() < 0.5 * np.abs(reference).max()
+
+
 @pytest.mark.parametrize(("mean", "std"), [(0.5, 0.5), (0.25, 0.2)])
 def test_int8_model_quantises_the_raw_image_into_the_normalised_one(mean, std, tmp_path):
     # No Sub/Div left: the first QuantizeLinear reads the image, and what its DequantizeLinear hands
@@ -455,7 +477,7 @@ def test_linear_head_rewrite_takes_only_plain_linear_layers(head, moved):
 
 
 def test_a_one_layer_head_becomes_a_1x1_conv():
-    # Its pooled input then stays int8 (a conv reads it); its logits stay 8-bit.
+    # Its pooled input then stays int8 (a conv reads it).
     model = _linear_head(layers=1)
     x = np.random.default_rng(1).standard_normal((2, 8, 1, 1)).astype(np.float32)
     before = _run_onnx(model, x)
