@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -166,7 +167,8 @@ def _load_torchvision(root: Path, download: bool) -> tuple[ImageSet, ImageSet, t
                 folder.rmdir()
             except OSError:
                 break
-        raise DataError(f"cannot load CIFAR-10 from {root}: {_cifar_batches_problem(root, download) or error}") from None
+        problem = _cifar_batches_problem(root, download) or error
+        raise DataError(f"cannot load CIFAR-10 from {root}: {problem}") from None
     train, test = (
         ImageSet(
             name,
@@ -182,14 +184,24 @@ def _cifar_batches_problem(root: Path, download: bool) -> str | None:
     """What is wrong with an existing cifar-10-batches-py/ (torchvision says only "not found or
     corrupted", and names its own download=True); None where it is not the batches."""
     from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
 
     folder = root / CIFAR10.base_folder
     if download or not folder.is_dir():
         return None
-    names = [name for name, _ in (*CIFAR10.train_list, *CIFAR10.test_list)] + [CIFAR10.meta["filename"]]
-    missing = [name for name in names if not (folder / name).is_file()]
-    problem = f"{folder} lacks {', '.join(missing)}" if missing else \
-        f"a file in {folder} is corrupted (its checksum does not match)"
+    expected = [*CIFAR10.train_list, *CIFAR10.test_list, (CIFAR10.meta["filename"], CIFAR10.meta["md5"])]
+    missing = [name for name, _ in expected if not (folder / name).is_file()]
+    try:
+        corrupted = [name for name, md5 in expected if name not in missing and not check_integrity(folder / name, md5)]
+    except OSError as error:  # e.g. unreadable
+        return f"cannot read {error.filename}: {error.strerror or error}"
+    if missing:
+        problem = f"{folder} lacks {', '.join(missing)}"
+    elif corrupted:
+        problem = f"{', '.join(corrupted)} in {folder} {'is' if len(corrupted) == 1 else 'are'} not the official " \
+            "file (checksum mismatch)"
+    else:
+        return None
     return f"{problem}; pass --download to fetch CIFAR-10 again"
 
 
@@ -213,8 +225,8 @@ def _load_image_folder_splits(root: Path, cache_dir: Path, splits: tuple[str, ..
         if extra:
             raise DataError(f"{root / 'test'} has class folder {extra[0]!r} that train lacks")
 
-    listing = [(split, c, _relative_name(f, root / split / c), *_size_and_mtime(f))
-               for split in files for c in classes for f in files[split][c]]
+    listing = [(split, c, image.name, *_size_and_mtime(image.entry))
+               for split in files for c in classes for image in files[split][c]]
     digest = hashlib.sha256(repr((CACHE_FORMAT, str(root), listing)).encode()).hexdigest()[:20]
     folder_key = hashlib.sha256(str(root).encode()).hexdigest()[:8]  # the same for every listing of root
     cache_file = cache_dir / f"imagefolder-{folder_key}-{digest}.pt"
@@ -250,7 +262,12 @@ def _size_and_mtime(entry: os.DirEntry) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
-def _list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
+class ImageFile(NamedTuple):
+    name: str  # its path inside the class folder, "/"-separated: the file name, for an image directly in it
+    entry: os.DirEntry
+
+
+def _list_split(root: Path, split: str) -> dict[str, list[ImageFile]]:
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"{folder} is missing: an image folder dataset needs both train/ and test/")
@@ -259,38 +276,40 @@ def _list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
                         key=lambda e: e.name)
     if not class_dirs:
         raise DataError(f"{folder} holds no class folders")
+    split_real = os.path.realpath(folder)
     files = {}
     for class_dir in class_dirs:
-        images = sorted(_image_entries(class_dir.path, set()), key=lambda e: _relative_name(e, class_dir.path))
+        class_real = os.path.realpath(class_dir.path)
+        images = sorted(_image_files(class_dir.path, "", class_dir.name, class_real, split_real, {class_real}))
         if not images:
             raise DataError(f"class folder {class_dir.path} holds no .png/.jpg images")
         files[class_dir.name] = images
     return files
 
 
-def _image_entries(folder: str, seen: set[str]) -> Iterator[os.DirEntry]:
-    """The images in ``folder`` and its subfolders (as torchvision's ImageFolder reads them), hidden
-    entries left out; a folder reached again through a link is read once."""
-    real = os.path.realpath(folder)
-    if real in seen:
-        return
-    seen.add(real)
+def _image_files(folder: str, prefix: str, label: str, class_real: str, split_real: str,
+                 seen: set[str]) -> Iterator[ImageFile]:
+    """The images in ``folder`` and its subfolders (images in subfolders count, as in torchvision's
+    ImageFolder), hidden entries left out; a folder reached again through a link is read once."""
     for entry in os.scandir(folder):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            yield from _image_entries(entry.path, seen)
+            real = os.path.realpath(entry.path)
+            inside_class = real == class_real or real.startswith(class_real + os.sep)
+            if not inside_class and (class_real.startswith(real + os.sep) or real.startswith(split_real + os.sep)):
+                # An ancestor, or another class's folder: its images would all be labelled ``label``.
+                raise DataError(f"{entry.path} links to {real}, which holds other classes' images: refusing "
+                                f"to label them {label!r}")
+            if real not in seen:
+                seen.add(real)
+                yield from _image_files(entry.path, f"{prefix}{entry.name}/", label, class_real, split_real, seen)
         elif entry.name.lower().endswith(IMAGE_SUFFIXES):
-            yield entry
+            yield ImageFile(prefix + entry.name, entry)
 
 
-def _relative_name(entry: os.DirEntry, class_folder: str | Path) -> str:
-    """``entry``'s path inside its class folder: its name, for an image directly in it."""
-    return Path(os.path.relpath(entry.path, class_folder)).as_posix()
-
-
-def _decode_split(split: str, files: dict[str, list[os.DirEntry]], classes: tuple[str, ...]) -> ImageSet:
-    paths = [entry.path for c in classes for entry in files[c]]
+def _decode_split(split: str, files: dict[str, list[ImageFile]], classes: tuple[str, ...]) -> ImageSet:
+    paths = [image.entry.path for c in classes for image in files[c]]
     labels = torch.tensor([i for i, c in enumerate(classes) for _ in files[c]], dtype=torch.int64)
     images = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
 

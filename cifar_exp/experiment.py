@@ -35,7 +35,6 @@ from cifar_exp.train import (
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class TrainingOutcome:
     run_id: str

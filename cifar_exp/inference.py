@@ -476,10 +476,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
     has VNNI); activation ranges come from running ``calibration`` (float (N, 3, 32, 32)) through
     the model (MinMax). Four rewrites cut the operators a batch-1 call pays for: convolutions get
     their input channels padded to a multiple of ``INT8_CHANNEL_GROUP`` (exact: the added channels
-    and weights are zero), a linear head on a 1x1 feature map runs in NHWC with its Gemms as 1x1
-    convolutions (exact) but for the last of a head with hidden layers, the logits are written in
-    float instead of 8-bit (by that Gemm, or by a lone head's conv), and the input normalisation is folded into the input's quantisation (on
-    a grid of its own, as fine as the calibrated one).
+    and weights are zero); a linear head on a 1x1 feature map runs in NHWC, its Gemms as 1x1
+    convolutions (exact) but for the last of a head with hidden layers; the logits are written in
+    float, not 8-bit (by that last Gemm, or by a one-layer head's conv); and the input normalisation
+    is folded into the input's quantisation (on a grid of its own, as fine as the calibrated one).
     """
     import onnx
     from onnxruntime.quantization import (
@@ -731,6 +731,8 @@ def _float_logits(model: Any) -> bool:
             source = producers.get(quantize.input[0])
             if source is None or _sole_reader(graph, users, source.output[0]) is None:
                 break
+            if pairs and _sole_reader(graph, users, dequantize.output[0]) is None:
+                break  # another reader wants the 8-bit value: the chain stops short of a Gemm or Conv
             pairs.append((source, quantize, dequantize))
             if source.op_type in ("Gemm", "Conv"):
                 break

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp import interrupts
 from cifar_exp.cli import _section, build_config, main
-from cifar_exp.config import BenchmarkConfig, EvaluateConfig, ExportConfig, TuneConfig
+from cifar_exp.config import RECIPES, BenchmarkConfig, EvaluateConfig, ExportConfig, TuneConfig
 from conftest import CLASSES, signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,11 @@ def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, par
                 _section(section, context.params)
     if entry_point == "recipe":
         assert context.params["recipe"] == "pico" and "lr" not in command and "--lr" not in command
+    if entry_point == "recipe" and not parameters:
+        # What the entry point itself passes counts as given and overrides a recipe: no recipe may set it.
+        passed = {word[2:].replace("-", "_") for word in command if word.startswith("--")}
+        passed |= {word[5:].replace("-", "_") for word in command if word.startswith("--no-")}
+        assert "distill_mirror" in passed and not passed & {field for recipe in RECIPES.values() for field in recipe}
     if entry_point in ("main", "recipe", "tune"):
         train = build_config(context.params).train
         if "teacher" in parameters:

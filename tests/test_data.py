@@ -152,11 +152,38 @@ def test_images_in_a_class_folders_subfolders_are_read_as_imagefolder_reads_them
     (root / "train" / "cat" / ".ipynb_checkpoints").mkdir()  # hidden: no images of the class
     Image.new("RGB", (32, 32)).save(root / "train" / "cat" / ".ipynb_checkpoints" / "0000.png")
     (root / "train" / "cat" / "loop").symlink_to(root / "train" / "cat")  # read once, not forever
+    (root / "train" / "cat" / "twice").symlink_to(root / "train" / "cat" / "batch2")  # read once too
+    (tmp_path / "more").mkdir()
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(tmp_path / "more" / "blue.png")
+    (root / "train" / "cat" / "elsewhere").symlink_to(tmp_path / "more")  # outside the dataset: its images count
     splits = load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
     cat = CLASSES.index("cat")
-    assert len(splits.train) == 21 and torch.bincount(splits.train.labels)[cat] == 3
-    red = (splits.train.images[:, 0] == 255).all((1, 2)) & (splits.train.images[:, 1:] == 0).all((1, 2, 3))
-    assert splits.train.labels[red].tolist() == [cat]
+    assert len(splits.train) == 22 and torch.bincount(splits.train.labels)[cat] == 4
+    for colour in ((255, 0, 0), (0, 0, 255)):
+        exact = (splits.train.images == torch.tensor(colour, dtype=torch.uint8)[:, None, None]).all((1, 2, 3))
+        assert splits.train.labels[exact].tolist() == [cat]
+    # A link to an ancestor or to another class's folder would label other classes' images "cat".
+    for target in (root / "train", root / "train" / "dog"):
+        link = root / "train" / "cat" / "up"
+        link.symlink_to(target)
+        with pytest.raises(DataError, match=f"^{link} links to {target}, which holds other classes' images: "
+                                            "refusing to label them 'cat'$"):
+            load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+        link.unlink()
+
+
+def test_a_flat_folders_cache_key_is_what_it_was_before_subfolders_counted(tmp_path, cache_dir):
+    # Keyed by (split, class, file name, size, mtime) as before: the caches already written stay valid.
+    import hashlib
+
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1).resolve()
+    listing = [(split, c, entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+               for split in ("train", "test") for c in CLASSES
+               for entry in sorted(os.scandir(root / split / c), key=lambda e: e.name)]
+    digest = hashlib.sha256(repr((data_module.CACHE_FORMAT, str(root), listing)).encode()).hexdigest()[:20]
+    folder_key = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+    assert [p.name for p in Path(cache_dir).iterdir()] == [f"imagefolder-{folder_key}-{digest}.pt"]
 
 
 def test_a_dataset_of_one_class_is_refused(tmp_path, cache_dir):
@@ -433,9 +460,10 @@ def test_torchvision_python_batches_are_read(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("damage", "problem"), [
-    (lambda folder: (folder / "data_batch_3").unlink(), "lacks data_batch_3"),
-    (lambda folder: (folder / "batches.meta").unlink(), "lacks batches.meta"),
-    (lambda folder: None, "a file in {folder} is corrupted (its checksum does not match)"),  # not the official files
+    (lambda folder: (folder / "data_batch_3").unlink(), "{folder} lacks data_batch_3"),
+    (lambda folder: (folder / "batches.meta").unlink(), "{folder} lacks batches.meta"),
+    (lambda folder: None, "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch, "
+                          "batches.meta in {folder} are not the official file (checksum mismatch)"),
 ])
 def test_damaged_cifar_batches_are_named_with_our_download_option(tmp_path, damage, problem):
     folder = tmp_path / "cifar-10-batches-py"
@@ -443,11 +471,10 @@ def test_damaged_cifar_batches_are_named_with_our_download_option(tmp_path, dama
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         (folder / name).write_bytes(b"not the official file")
     damage(folder)
-    expected = f"cannot load CIFAR-10 from {tmp_path}: {folder} {problem}" if "lacks" in problem else \
-        f"cannot load CIFAR-10 from {tmp_path}: {problem.format(folder=folder)}"
     with pytest.raises(DataError) as raised:
         load_splits(DataConfig(data_dir=str(tmp_path)))
-    assert str(raised.value) == f"{expected}; pass --download to fetch CIFAR-10 again"
+    assert str(raised.value) == (f"cannot load CIFAR-10 from {tmp_path}: {problem.format(folder=folder)}; "
+                                 "pass --download to fetch CIFAR-10 again")
 
 
 def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
