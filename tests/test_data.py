@@ -504,3 +504,63 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
     with pytest.raises(DataError):
         load_splits(DataConfig(data_dir=str(tmp_path / "shared" / "data"), download=True))
     assert (tmp_path / "shared" / "data" / "cifar-10-python.tar.gz").is_file()  # only empty folders go
+
+
+# -- from a mutation audit of the listing, split and CIFAR checks ----------------------------------
+
+# D6: the first lacking class (in label order) is named.
+def test_a_split_leaving_two_classes_out_names_the_first():
+    labels = torch.tensor([0] * 2 + [1] * 2 + [2] * 40)  # val-size 40 leaves both rare classes no training image
+    with pytest.raises(ConfigError, match=r"^val-size 40 leaves class 'cat' \(2 images\) no training image"):
+        stratified_split_indices(labels, 40, 0, ("cat", "dog", "frog"))
+
+
+# D11: one corrupted batch reads "is", not "are".
+def test_a_single_corrupted_cifar_batch_is_named_in_the_singular(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"not the official file")
+    monkeypatch.setattr(torchvision.datasets.utils, "check_integrity", lambda path, md5=None: path.name != "data_batch_3")
+    with pytest.raises(DataError) as raised:
+        load_splits(DataConfig(data_dir=str(tmp_path)))
+    assert str(raised.value) == (f"cannot load CIFAR-10 from {tmp_path}: data_batch_3 in {folder} is not the official "
+                                 "file (checksum mismatch); pass --download to fetch CIFAR-10 again")
+
+
+# D8: with --download the download's own error is kept, not "pass --download".
+def test_a_failed_download_over_damaged_batches_keeps_the_download_error(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"not the official file")
+
+    def offline(self, root, train=True, download=False):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "__init__", offline)
+    with pytest.raises(DataError) as raised:
+        load_splits(DataConfig(data_dir=str(tmp_path), download=True))
+    assert "<urlopen error" in str(raised.value) and "pass --download" not in str(raised.value)
+
+
+# D21: images of the same file name in two subfolders are both read.
+def test_same_file_name_in_two_subfolders_counts_twice(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    for sub in ("a", "b"):
+        (root / "train" / "cat" / sub).mkdir()
+        Image.new("RGB", (32, 32), (255, 0, 0)).save(root / "train" / "cat" / sub / "0000.png")
+    splits = load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+    assert torch.bincount(splits.train.labels)[CLASSES.index("cat")] == 4
+
+
+# D22: upper-case suffixes (.PNG, .JPG from cameras / Windows tools) are images too.
+def test_upper_case_suffixes_are_images(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    Image.new("RGB", (32, 32)).save(root / "train" / "cat" / "EXTRA.PNG", format="PNG")
+    splits = load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+    assert len(splits.train) == 21

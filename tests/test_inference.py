@@ -17,11 +17,12 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp import inference, tracking
 from cifar_exp.config import BenchmarkConfig, DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
+from cifar_exp.deployment import _benchmark_data
 from cifar_exp.data import load_splits
-from cifar_exp.errors import ConfigError, ExportError, TrackingError
+from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError
 from cifar_exp.reports import pareto_front
 from cifar_exp.train import build_classifier, fit
-from conftest import CLASSES
+from conftest import CLASSES, write_image_folder
 
 # Fast settings for every measurement here: speed targets live in benchmarks/, not in tests.
 QUICK = dict(repeats=3, seconds_per_repeat=0.01, warmup_seconds=0.0)
@@ -1177,3 +1178,64 @@ def test_export_and_benchmark_without_int8_need_only_a_test_folder(in_store, tin
     assert ("Error: the int8 backend calibrates on training images (--backends without onnxruntime-int8 "
             f"measures without them): {held_out / 'train'} is missing") in refused.output
     assert len(all_runs()) == before and not (tmp_path / "out8").exists() and not (tmp_path / "all.json").exists()
+
+
+# P6: a full dataset whose train/ is broken keeps its own error (no held-out-test explanation).
+def test_benchmark_int8_with_a_broken_train_folder_keeps_its_own_error(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    for image in (root / "train" / "cat").iterdir():
+        image.unlink()
+    with pytest.raises(DataError) as raised:
+        _benchmark_data(BenchmarkConfig(), DataConfig(data_dir=str(root), cache_dir=cache_dir), 10, trained=False)
+    assert str(raised.value).startswith(f"class folder {root / 'train' / 'cat'} holds no")
+
+
+# P7: without int8, a broken held-out test folder is not explained by int8.
+def test_benchmark_without_int8_on_a_broken_held_out_folder_keeps_its_own_error(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    shutil.rmtree(root / "train")
+    for image in (root / "test" / "cat").iterdir():
+        image.unlink()
+    bench = BenchmarkConfig(model_uri="runs:/0123/model", backends="pytorch-fp32")
+    with pytest.raises(DataError) as raised:
+        _benchmark_data(bench, DataConfig(data_dir=str(root), cache_dir=cache_dir), 10, trained=True)
+    assert str(raised.value).startswith(f"class folder {root / 'test' / 'cat'} holds no")
+
+
+# F2-F5: _float_logits leaves a chain alone where another node reads a tensor it would change.
+def _quantised_head(extra: str | None):
+    """Conv -> Q -> DQ -> Transpose -> Q -> DQ -> logits; ``extra`` names a tensor an Identity also reads."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    init = [numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w"),
+            numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+            numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["cd"]),
+             helper.make_node("Transpose", ["cd"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("QuantizeLinear", ["t", "s", "z"], ["tq"]),
+             helper.make_node("DequantizeLinear", ["tq", "s", "z"], ["logits"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 1, 4])]
+    if extra is not None:
+        nodes.append(helper.make_node("Identity", [extra], ["other"]))
+        outputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT if extra != "cq" else TensorProto.UINT8,
+                                                     [1, 4, 1, 1]))
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 1, 1])],
+                              outputs, init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_float_logits_drops_every_pair_of_a_lone_conv_head():
+    model = _quantised_head(None)
+    assert inference._float_logits(model)
+    assert [n.op_type for n in model.graph.node] == ["Conv", "Transpose"]
+    onnx.checker.check_model(model)
+
+
+@pytest.mark.parametrize("extra", ["cd", "c", "cq"])  # the 8-bit value, the conv's float, the quantised int
+def test_float_logits_keeps_a_chain_another_node_reads_from(extra):
+    model = _quantised_head(extra)
+    before = [n.op_type for n in model.graph.node]
+    assert not inference._float_logits(model)
+    assert [n.op_type for n in model.graph.node] == before
