@@ -86,12 +86,18 @@ def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet, tuple[str, ...], 
     )
 
 
+def is_held_out_test_folder(data_dir: str) -> bool:
+    """An image folder with test/ but no train/: a test set shipped on its own."""
+    root = Path(data_dir).expanduser()
+    return (root / "test").is_dir() and not (root / "train").exists()
+
+
 def load_test_set(cfg: DataConfig) -> tuple[ImageSet, tuple[str, ...], str]:
-    """The test split alone, for evaluation: an image folder with test/ but no train/ (a held-out
-    test set shipped on its own) is enough, its classes then named by test/'s folders. Where train/
-    exists the whole dataset loads as ``load_dataset`` loads it (its classes are train's)."""
+    """The test split alone, for evaluation: a held-out test folder (``is_held_out_test_folder``) is
+    enough, its classes then named by test/'s folders. Where train/ exists the whole dataset loads as
+    ``load_dataset`` loads it (its classes are train's)."""
     root = Path(cfg.data_dir).expanduser()
-    if (root / "test").is_dir() and not (root / "train").exists():
+    if is_held_out_test_folder(cfg.data_dir):
         sets, classes, source = _load_image_folder_splits(root.resolve(), _cache_dir(cfg), ("test",))
         return sets["test"], classes, source
     _, test, classes, source = load_dataset(cfg)

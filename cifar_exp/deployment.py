@@ -22,7 +22,7 @@ from torch import nn
 
 from cifar_exp import tracking
 from cifar_exp.config import BACKENDS, BenchmarkConfig, DataConfig, ExportConfig, TrackingConfig, TrainConfig
-from cifar_exp.data import ImageSet, load_dataset, load_test_set
+from cifar_exp.data import ImageSet, is_held_out_test_folder, load_dataset, load_test_set
 from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError
 from cifar_exp.inference import (
     BenchmarkReport,
@@ -107,7 +107,8 @@ def benchmark_and_track(
         knobs = [f"{name} {value}" for name, value in (("widths", train_cfg.widths), ("hidden", train_cfg.hidden))
                  if value]
         classes, label = NUM_CLASSES, train_cfg.model + (f" ({', '.join(knobs)})" if knobs else "")
-    calibration, test, missing = _benchmark_data(bench, data_cfg, classes, trained=bench.model_uri is not None)
+    calibration, test, missing = _benchmark_data(bench, data_cfg, classes, trained=bench.model_uri is not None,
+                                                 source_run_id=source_run_id)
 
     with tempfile.TemporaryDirectory() as tmp:
         report = run_benchmark(model, label=label, cfg=bench, calibration=calibration,
@@ -166,10 +167,11 @@ def _move_into_place(staged: Path, path: Path) -> None:
 
 
 def _benchmark_data(
-    bench: BenchmarkConfig, data_cfg: DataConfig, classes: int, *, trained: bool
+    bench: BenchmarkConfig, data_cfg: DataConfig, classes: int, *, trained: bool, source_run_id: str | None = None
 ) -> tuple[np.ndarray | None, ImageSet | None, str]:
     """(calibration images, test split, why there is no calibration) for what the benchmark needs:
-    test images for a logged model's accuracy, training images to calibrate int8 on."""
+    test images for a logged model's accuracy, training images to calibrate int8 on. ``source_run_id``:
+    the run that logged a trained model, as ``tracking.model_source_run`` found it."""
     wants_int8 = "onnxruntime-int8" in bench.backend_names()
     if not (wants_int8 or trained):
         return None, None, ""
@@ -178,8 +180,7 @@ def _benchmark_data(
     except DataError as error:
         asked_for = data_cfg.data_dir != DataConfig().data_dir or data_cfg.download
         if asked_for or Path(data_cfg.data_dir).expanduser().exists():  # asked for, or there but broken
-            root = Path(data_cfg.data_dir).expanduser()
-            if wants_int8 and (root / "test").is_dir() and not (root / "train").exists():  # a held-out test set
+            if wants_int8 and is_held_out_test_folder(data_cfg.data_dir):
                 raise DataError(f"the int8 backend calibrates on training images (--backends without "
                                 f"onnxruntime-int8 measures without them): {error}") from None
             raise
@@ -189,7 +190,7 @@ def _benchmark_data(
         return None, None, reason
     if trained:  # its accuracy is measured; an untrained architecture only takes calibration images
         check_class_count(classes, names, data_cfg.data_dir)
-        tracking.check_trained_classes(bench.model_uri, names, data_cfg.data_dir)
+        tracking.check_trained_classes(bench.model_uri, names, data_cfg.data_dir, source_run_id=source_run_id)
     calibration = calibration_images(train, bench.calibration_images) if wants_int8 else None
     return calibration, test if trained else None, ""
 
@@ -287,7 +288,7 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
             "export verifies the model on the test split"
         raise DataError(f"{need}: {error}") from None
     check_class_count(classes, names, data_cfg.data_dir)
-    tracking.check_trained_classes(export.model_uri, names, data_cfg.data_dir)
+    tracking.check_trained_classes(export.model_uri, names, data_cfg.data_dir, source_run_id=source_run_id)
     calibration = calibration_images(train, export.calibration_images) if export.int8 else None
     tags = {"onnx_exported": "int8" if calibration is not None else "fp32"}
     run_id = source_run_id if into_source_run else None  # a new run's id once it is opened

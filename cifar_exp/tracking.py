@@ -563,9 +563,15 @@ def check_run_target(experiment_name: str) -> None:
                             f"--experiment-id {experiment.experiment_id}`) or pass another --experiment-name")
 
 
-def check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str) -> str | None:
-    """Refuse a model trained on other class names or another order; returns its source run id."""
-    source_run_id = model_source_run(model_uri)
+def check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str, *,
+                          source_run_id: str | None = None) -> str | None:
+    """Refuse a model trained on other class names or another order; returns its source run id.
+
+    ``source_run_id``: what ``model_source_run`` gave where the caller asked it already (a
+    ``models:/`` URI costs a registry lookup and a download of its MLmodel file); None: looked up here.
+    """
+    if source_run_id is None:
+        source_run_id = model_source_run(model_uri)
     source_run = get_run(source_run_id) if source_run_id else None
     trained_on = source_run.params.get(CLASSES_PARAM) if source_run else None
     held = ",".join(classes)
