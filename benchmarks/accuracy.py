@@ -12,10 +12,14 @@ batch-1 CPU latency of the model next to the `seed` model's, measured side by si
     python benchmarks/accuracy.py --recipe pico --set cutout=8 --set widths=24,56,80   # recipe variants
     python benchmarks/accuracy.py --recipe pico --untracked --skip-latency   # e.g. on a GPU box without MLflow
     python benchmarks/accuracy.py --recipe pico --teacher-set model=pico-res --teacher-set widths=64,256,256
+    python benchmarks/accuracy.py --recipe pico --teacher-set model=pico-res --teacher-set widths=64,256,256 \
+        --teacher-dir models --untracked   # distil from the teachers an earlier --save-dir models kept
 
 With ``--teacher-set``, each seed first trains a teacher (the recipe with those overrides, the same
 seed), reports it, and then distils the seed's model from it (``--teacher``): tracked, the student
-loads the teacher's logged model as `cifar-exp train --teacher runs:/ID/model` would.
+loads the teacher's logged model as `cifar-exp train --teacher runs:/ID/model` would. With
+``--teacher-dir`` the teachers are not trained but loaded from the files an earlier run's
+``--save-dir`` wrote (e.g. teachers trained on a GPU, students distilled on a CPU).
 
 Run the latency comparison on a quiet machine: it alternates the two models, but other jobs on the
 same cores still distort both.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import pickle
 import statistics
 import sys
 from dataclasses import replace
@@ -128,6 +133,32 @@ def train_tracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
                    teacher_uri=f"runs:/{outcome.run_id}/model")
 
 
+def seed_run_name(recipe: str, model: str, seed: int) -> str:
+    """The run (and --save-dir file) name of one seed's student; its teacher's adds "-teacher"."""
+    return f"{recipe}-{model}-seed{seed}"
+
+
+def saved_teacher_path(folder: str, run_name: str) -> Path:
+    return Path(folder).expanduser() / f"{run_name}-teacher.pt"
+
+
+def load_saved_teacher(cfg: ExperimentConfig, splits: Splits, path: Path) -> Outcome:
+    """The teacher an earlier run saved at ``path`` (``--save-dir``, shipped form), evaluated as a
+    trained teacher is."""
+    model = build_shipped_classifier(cfg.train, len(splits.classes))
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0]  # a shape mismatch lists every tensor
+        raise ConfigError(f"--teacher-dir: cannot load {path} as a {cfg.train.model} of these --teacher-set "
+                          f"settings: {reason}") from None
+    evaluated = {name: evaluate(model, images, batch_size=cfg.train.eval_batch_size,
+                                channels_last=cfg.train.channels_last, tta=cfg.train.tta)
+                 for name, images in (("val", splits.val), ("test", splits.test))}
+    return Outcome(evaluated["val"].accuracy, evaluated["test"].accuracy, evaluated["test"].one_pass_accuracy,
+                   0.0, f"loaded from {path}", model, teacher_uri=f"untracked:{path}")
+
+
 def save(model: torch.nn.Module, folder: str | None, name: str) -> None:
     if folder:
         try:
@@ -161,16 +192,20 @@ def train_seeds(args: argparse.Namespace, base: ExperimentConfig, teacher_base: 
     rows: list[Outcome] = []
     teachers: list[Outcome] = []
     for seed in args.seeds:
-        run_name = f"{args.recipe}-{base.train.model}-seed{seed}"
+        run_name = seed_run_name(args.recipe, base.train.model, seed)
         cfg = replace(base, train=replace(base.train, seed=seed), tracking=replace(base.tracking, run_name=run_name))
         teacher = None
         if teacher_base is not None:
             teacher_cfg = replace(cfg, train=replace(teacher_base, seed=seed),
                                   tracking=replace(cfg.tracking, run_name=f"{run_name}-teacher"))
-            teacher = train(teacher_cfg)
+            if args.teacher_dir:
+                teacher = load_saved_teacher(teacher_cfg, splits, saved_teacher_path(args.teacher_dir, run_name))
+            else:
+                teacher = train(teacher_cfg)
             teachers.append(teacher)
             print(f"seed {seed} teacher: {describe(teacher)}", flush=True)  # before a save that may fail
-            save(teacher.model, args.save_dir, f"{run_name}-teacher")
+            if not args.teacher_dir:
+                save(teacher.model, args.save_dir, f"{run_name}-teacher")
             cfg = replace(cfg, train=replace(cfg.train, teacher=teacher.teacher_uri))
         rows.append(train(cfg, teacher))
         print(f"seed {seed}: {describe(rows[-1])}", flush=True)
@@ -191,6 +226,9 @@ def main() -> None:
                         help="Distil each seed's model from a teacher trained first with the same seed: the recipe "
                         "with these overrides (repeatable; --model and --set do not apply to it, --epochs does "
                         "unless one sets epochs here).")
+    parser.add_argument("--teacher-dir", help="With --teacher-set and --untracked: load each seed's teacher from "
+                        "the RUN_NAME-teacher.pt an earlier run's --save-dir wrote here instead of training it "
+                        "(--teacher-set gives its architecture).")
     parser.add_argument("--save-dir", help="Also save each trained model's state_dict here as RUN_NAME.pt, in "
                         "its shipped form (load it into cifar_exp.train.build_shipped_classifier), e.g. to check "
                         "untracked models elsewhere.")
@@ -236,6 +274,14 @@ def main() -> None:
         build_network(base.train)  # an unknown model or knob fails here, before the data loads
         if args.untracked and base.train.teacher_uris() and teacher_base is None:
             raise ConfigError("--set teacher needs MLflow to load the teacher's models: drop --untracked")
+        if args.teacher_dir:
+            if teacher_base is None or not args.untracked:
+                raise ConfigError("--teacher-dir needs --teacher-set (the teachers' architecture) and --untracked "
+                                  "(a tracked student loads its teacher from a logged run)")
+            for seed in args.seeds:  # every file before the data loads and the first student trains
+                path = saved_teacher_path(args.teacher_dir, seed_run_name(args.recipe, base.train.model, seed))
+                if not path.is_file():
+                    raise ConfigError(f"--teacher-dir: no teacher for seed {seed}: {path} is not a file")
         if args.save_dir and not args.latency_only:
             check_writable_folder(Path(args.save_dir))  # before hours of training, not after the first run
     except (ConfigError, ExportError) as error:

@@ -64,6 +64,51 @@ def test_accuracy_trains_the_teacher_for_the_students_epochs_unless_told_otherwi
     assert result.stderr.count("epoch 1/1 ") == 2 and "epoch 1/50" not in result.stderr  # teacher, then student
 
 
+@pytest.mark.slow
+def test_accuracy_distils_from_saved_teachers_as_from_trained_ones(tiny_data, tmp_path):
+    common = [*SHORT, *TEACHER, "--set", "distill_mirror=true", "--seeds", "0", "1", "--untracked",
+              "--data-dir", str(tiny_data)]
+    saved = tmp_path / "models"
+    trained = run_accuracy(*common, "--save-dir", str(saved), cache=tmp_path / "cache")
+    assert trained.returncode == 0, trained.stderr
+    loaded = run_accuracy(*common, "--teacher-dir", str(saved), cache=tmp_path / "cache")
+    assert loaded.returncode == 0, loaded.stderr
+    assert "epoch 1/1 " in loaded.stderr and loaded.stderr.count("epoch 1/1 ") == trained.stderr.count("epoch 1/1 ") // 2
+
+    def results(stdout: str, seed: int, who: str) -> list[str]:  # ["seed N: val …", "test …", time, run]
+        return next(line for line in stdout.splitlines() if line.startswith(f"seed {seed}{who}: ")).split("  ")
+
+    for seed in (0, 1):
+        # the same teachers on the test split (a loaded one's val is evaluated in fp32, a trained one's is
+        # its last epoch's); the students trained from them are the same on this CPU
+        assert results(loaded.stdout, seed, " teacher")[1] == results(trained.stdout, seed, " teacher")[1]
+        assert results(loaded.stdout, seed, "")[:2] == results(trained.stdout, seed, "")[:2]
+        assert f"loaded from {saved / f'pico-pico-seed{seed}-teacher.pt'}" in loaded.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--untracked"], "--teacher-dir: no teacher for seed 0: {dir}/pico-pico-seed0-teacher.pt is not a file"),
+    ([], "--teacher-dir needs --teacher-set (the teachers' architecture) and --untracked"),
+])
+def test_accuracy_refuses_missing_saved_teachers_before_loading_data(tmp_path, extra, message):
+    result = run_accuracy(*SHORT, *TEACHER, *extra, "--teacher-dir", str(tmp_path), "--data-dir",
+                          str(tmp_path / "no-data-here"), cache=tmp_path)
+    assert result.returncode == 2
+    assert message.format(dir=tmp_path) in result.stderr and "no-data-here" not in result.stderr
+
+
+def test_accuracy_names_a_saved_teacher_of_another_architecture(tiny_data, tmp_path):
+    other = build_shipped_classifier(recipe_config("pico", model="pico-res", widths="8,16,24"), 10)
+    torch.save(other.state_dict(), tmp_path / "pico-pico-seed0-teacher.pt")
+    result = run_accuracy(*SHORT, *TEACHER, "--seeds", "0", "--untracked", "--teacher-dir", str(tmp_path),
+                          "--data-dir", str(tiny_data), cache=tmp_path / "cache")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"accuracy.py: error: --teacher-dir: cannot load {tmp_path / 'pico-pico-seed0-teacher.pt'} "
+                           "as a pico-res of these --teacher-set settings: Error(s) in loading state_dict"), last
+    assert "epoch 1/1" not in result.stderr  # no student trained
+
+
 def test_accuracy_refuses_a_save_dir_it_cannot_write_before_loading_data(tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("")
