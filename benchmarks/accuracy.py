@@ -318,7 +318,8 @@ def main() -> None:
     if teachers:
         print(f"teachers ({' '.join(args.teacher_overrides)}, {count_parameters(teachers[0].model):,} parameters), "
               f"test accuracy{tta_label(teacher_base)}: {mean_std([t.test_accuracy for t in teachers])}; "
-              f"training time per teacher: {statistics.mean(t.seconds for t in teachers):.0f} s")
+              + (f"loaded from {args.teacher_dir}" if args.teacher_dir else
+                 f"training time per teacher: {statistics.mean(t.seconds for t in teachers):.0f} s"))
     print(f"validation accuracy (final epoch){tta}: {mean_std([r.val_accuracy for r in rows])}")
     print(f"test accuracy{tta}: {mean_std([r.test_accuracy for r in rows])}")
     if base.train.tta:

@@ -84,6 +84,8 @@ def test_accuracy_distils_from_saved_teachers_as_from_trained_ones(tiny_data, tm
         assert results(loaded.stdout, seed, " teacher")[1] == results(trained.stdout, seed, " teacher")[1]
         assert results(loaded.stdout, seed, "")[:2] == results(trained.stdout, seed, "")[:2]
         assert f"loaded from {saved / f'pico-pico-seed{seed}-teacher.pt'}" in loaded.stdout
+    assert "test accuracy (mirror TTA: two passes per image): " in loaded.stdout
+    assert f"; loaded from {saved}\n" in loaded.stdout and "training time per teacher" in trained.stdout
 
 
 @pytest.mark.parametrize("extra, message", [
