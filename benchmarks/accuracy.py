@@ -133,13 +133,14 @@ def train_tracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
                    teacher_uri=f"runs:/{outcome.run_id}/model")
 
 
-def seed_run_name(recipe: str, model: str, seed: int) -> str:
-    """The run (and --save-dir file) name of one seed's student; its teacher's adds "-teacher"."""
-    return f"{recipe}-{model}-seed{seed}"
+def seed_run_name(recipe: str, model: str, seed: int, *, teacher: bool = False) -> str:
+    """The run (and --save-dir file) name of one seed's student, or of its teacher."""
+    return f"{recipe}-{model}-seed{seed}" + ("-teacher" if teacher else "")
 
 
-def saved_teacher_path(folder: str, run_name: str) -> Path:
-    return Path(folder).expanduser() / f"{run_name}-teacher.pt"
+def saved_model_path(folder: str, run_name: str) -> Path:
+    """Where --save-dir keeps (and --teacher-dir finds) the weights of run ``run_name``."""
+    return Path(folder).expanduser() / f"{run_name}.pt"
 
 
 def load_saved_teacher(cfg: ExperimentConfig, splits: Splits, path: Path) -> Outcome:
@@ -162,9 +163,10 @@ def load_saved_teacher(cfg: ExperimentConfig, splits: Splits, path: Path) -> Out
 def save(model: torch.nn.Module, folder: str | None, name: str) -> None:
     if folder:
         try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            path = saved_model_path(folder, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
             # CPU tensors: weights trained on a GPU then load on machines without one (no map_location needed)
-            torch.save({key: value.cpu() for key, value in model.state_dict().items()}, Path(folder) / f"{name}.pt")
+            torch.save({key: value.cpu() for key, value in model.state_dict().items()}, path)
         except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
             raise ExportError(f"cannot save {name}.pt in {folder}: {error}") from None
 
@@ -196,16 +198,17 @@ def train_seeds(args: argparse.Namespace, base: ExperimentConfig, teacher_base: 
         cfg = replace(base, train=replace(base.train, seed=seed), tracking=replace(base.tracking, run_name=run_name))
         teacher = None
         if teacher_base is not None:
+            teacher_name = seed_run_name(args.recipe, base.train.model, seed, teacher=True)
             teacher_cfg = replace(cfg, train=replace(teacher_base, seed=seed),
-                                  tracking=replace(cfg.tracking, run_name=f"{run_name}-teacher"))
+                                  tracking=replace(cfg.tracking, run_name=teacher_name))
             if args.teacher_dir:
-                teacher = load_saved_teacher(teacher_cfg, splits, saved_teacher_path(args.teacher_dir, run_name))
+                teacher = load_saved_teacher(teacher_cfg, splits, saved_model_path(args.teacher_dir, teacher_name))
             else:
                 teacher = train(teacher_cfg)
             teachers.append(teacher)
             print(f"seed {seed} teacher: {describe(teacher)}", flush=True)  # before a save that may fail
-            if not args.teacher_dir:
-                save(teacher.model, args.save_dir, f"{run_name}-teacher")
+            if not args.teacher_dir:  # a loaded teacher is on disk already
+                save(teacher.model, args.save_dir, teacher_name)
             cfg = replace(cfg, train=replace(cfg.train, teacher=teacher.teacher_uri))
         rows.append(train(cfg, teacher))
         print(f"seed {seed}: {describe(rows[-1])}", flush=True)
@@ -279,7 +282,8 @@ def main() -> None:
                 raise ConfigError("--teacher-dir needs --teacher-set (the teachers' architecture) and --untracked "
                                   "(a tracked student loads its teacher from a logged run)")
             for seed in args.seeds:  # every file before the data loads and the first student trains
-                path = saved_teacher_path(args.teacher_dir, seed_run_name(args.recipe, base.train.model, seed))
+                path = saved_model_path(args.teacher_dir, seed_run_name(args.recipe, base.train.model, seed,
+                                                                         teacher=True))
                 if not path.is_file():
                     raise ConfigError(f"--teacher-dir: no teacher for seed {seed}: {path} is not a file")
         if args.save_dir and not args.latency_only:
