@@ -40,11 +40,12 @@ import torch
 
 from cifar_exp.cli import CHATTY_LOGGERS
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, recipe_config
-from cifar_exp.data import Splits, load_splits
+from cifar_exp.data import ImageSet, Splits, load_splits
 from cifar_exp.errors import CifarExpError, ConfigError, ExportError
 from cifar_exp.inference import check_writable_folder, count_macs, measure_latency
 from cifar_exp.models import NUM_CLASSES, count_parameters
 from cifar_exp.train import (
+    EvalResult,
     build_classifier,
     build_network,
     build_shipped_classifier,
@@ -112,12 +113,16 @@ class Outcome:
     teacher_uri: str  # what a student's TrainConfig.teacher names to learn from this model
 
 
+def evaluate_as_tracked(model: torch.nn.Module, images: ImageSet, cfg: TrainConfig) -> EvalResult:
+    """``images`` evaluated as a tracked run evaluates its test split: fp32, with the recipe's TTA."""
+    return evaluate(model, images, batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last, tta=cfg.tta)
+
+
 def train_untracked(cfg: ExperimentConfig, splits: Splits, teacher: torch.nn.Module | None = None) -> Outcome:
     """``fit`` and the test evaluation of ``train_and_track`` without MLflow, for machines that train
     but do not track."""
     result = fit(cfg.train, splits, teacher=teacher)
-    test = evaluate(result.model, splits.test, batch_size=cfg.train.eval_batch_size,  # fp32, as tracked runs
-                    channels_last=cfg.train.channels_last, tta=cfg.train.tta)
+    test = evaluate_as_tracked(result.model, splits.test, cfg.train)
     return Outcome(result.history[-1].val_accuracy, test.accuracy, test.one_pass_accuracy, result.train_seconds,
                    "untracked", result.model, teacher_uri=f"untracked:{cfg.tracking.run_name}")
 
@@ -153,11 +158,9 @@ def load_saved_teacher(cfg: ExperimentConfig, splits: Splits, path: Path) -> Out
         reason = str(error).strip().splitlines()[0]  # a shape mismatch lists every tensor
         raise ConfigError(f"--teacher-dir: cannot load {path} as a {cfg.train.model} of these --teacher-set "
                           f"settings: {reason}") from None
-    evaluated = {name: evaluate(model, images, batch_size=cfg.train.eval_batch_size,
-                                channels_last=cfg.train.channels_last, tta=cfg.train.tta)
-                 for name, images in (("val", splits.val), ("test", splits.test))}
-    return Outcome(evaluated["val"].accuracy, evaluated["test"].accuracy, evaluated["test"].one_pass_accuracy,
-                   0.0, f"loaded from {path}", model, teacher_uri=f"untracked:{path}")
+    val, test = (evaluate_as_tracked(model, images, cfg.train) for images in (splits.val, splits.test))
+    return Outcome(val.accuracy, test.accuracy, test.one_pass_accuracy, 0.0, f"loaded from {path}", model,
+                   teacher_uri=f"untracked:{path}")
 
 
 def save(model: torch.nn.Module, folder: str | None, name: str) -> None:
