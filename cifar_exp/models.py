@@ -351,7 +351,7 @@ def _separable(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
-# Chosen among 64/128/256, 80/160/224 and 96/160/208, each distilled over seeds 0-2 (README, Results):
+# Chosen among 64/128/256, 80/160/224 and 96/160/208, each distilled over seeds 0-2 (benchmarks/ACCURACY.md):
 # the two wider ones validate alike (within the noise of 500 images) and beat 64/128/256; of those two,
 # only 96/160/208 runs within 2x the seed's batch-1 latency in ONNX Runtime.
 PICO_SEP_WIDTHS = (96, 160, 208)
