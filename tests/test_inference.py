@@ -1,5 +1,6 @@
 """Inference: MAC counts, latency measurement, ONNX / int8 export, benchmark report, Pareto front, CLI."""
 
+import copy
 import csv
 import json
 import shutil
@@ -273,7 +274,7 @@ def test_a_failed_export_leaves_the_folder_as_it_was(tiny_trained, tmp_path, mon
     before = {path.name: path.read_bytes() for path in out.iterdir()}
     assert sorted(before) == ["model.int8.onnx", "model.onnx"]  # no staging folder left behind
 
-    monkeypatch.setattr(inference, "FP32_LOGIT_TOLERANCE", -1.0)  # every export now fails its check
+    monkeypatch.setattr(inference, "FP32_LOGIT_ATOL", -1.0)  # every export now fails its check
     with pytest.raises(ExportError, match="the ONNX export disagrees with the PyTorch model"):
         inference.export_and_verify(build_classifier(TrainConfig(), 10), out, test=splits.test, threads=1)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
@@ -286,6 +287,24 @@ def test_a_failed_export_leaves_the_folder_as_it_was(tiny_trained, tmp_path, mon
     result = inference.export_and_verify(build_classifier(TrainConfig(), 10), out, test=splits.test, threads=1)
     assert result.int8_path is None and [path.name for path in out.iterdir()] == ["model.onnx"]
     assert result.onnx_path == out / "model.onnx" and out.joinpath("model.onnx").read_bytes() != before["model.onnx"]
+
+
+def test_export_allows_rounding_that_scales_with_large_logits(tiny_trained, tmp_path):
+    # A diverged model's logits reach ~1e6, where one float32 step is 0.06: the same rounding as at
+    # logits of 10, not a disagreement. An absolute tolerance of 1e-3 refused such files.
+    model, splits = tiny_trained
+    model = copy.deepcopy(model)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.mul_(1e5)
+        head.bias.mul_(1e5)
+    result = inference.export_and_verify(model, tmp_path / "out", test=splits.test, threads=1)
+    check = result.onnx_check
+    largest = float(np.abs(inference._TorchBackend("pytorch-fp32", model, torch.device("cpu"), 1)
+                           .predict(inference.images_as_float(splits.test))).max())
+    assert largest > 1e5 and check.top1_agreement == 1.0
+    assert inference.FP32_LOGIT_ATOL < check.max_abs_logit_diff  # the old, absolute check would refuse it
+    assert check.max_abs_logit_diff <= inference.FP32_LOGIT_ATOL + inference.FP32_LOGIT_RTOL * largest
 
 
 def test_a_model_in_training_mode_is_measured_as_it_ships(tiny_trained, tmp_path):
@@ -860,6 +879,15 @@ def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):
     assert "onnxruntime-fp32/b1/p50_ms" in run.data.metrics
     assert "onnxruntime-fp32/test_accuracy" not in run.data.metrics  # untrained: no accuracy to report
 
+    # The same missing folder named on the command line, even by the default's name, is an error,
+    # before any run opens.
+    refused = run_cli("benchmark", "--model", "seed", "--backends", "onnxruntime-fp32,onnxruntime-int8",
+                      "--data-dir", "data", "--output", tmp_path / "named.json", "--threads", "1",
+                      "--experiment-name", "untrained", *QUICK_ARGS)
+    assert refused.exit_code == 1 and "Error: data dir data does not exist" in refused.output, refused.output
+    assert not (tmp_path / "named.json").exists()
+    assert [r.info.run_id for r in all_runs() if r.info.run_id not in before] == [run.info.run_id]
+
 
 def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_path):
     # A Pareto trial's network, e.g. seed at widths 32,16,16 and hidden 256: conv 3->32 (896) +
@@ -886,6 +914,8 @@ def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_pa
     (["--model-uri", "runs:/0123456789abcdef/model", "--model", "pico"],
      "--model pico names an architecture to build, --model-uri runs:/0123456789abcdef/model a logged model: "
      "give one of them"),
+    (["--model-uri", "runs:/0123456789abcdef/model", "--model", "seed"],  # the default's name, yet named
+     "--model seed names an architecture to build"),
 ])
 def test_bad_benchmark_options_are_one_line_and_touch_nothing(tracking_store, tmp_path, args, message):
     result = run_cli("benchmark", "--output", tmp_path / "b.json", *args)
