@@ -232,13 +232,17 @@ def tune(
     close_runs_of_dead_workers(cfg.tracking.experiment_name, study_name)
 
     before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    if tune_cfg.baseline:
-        if _is_shared_storage(storage_url):
-            # Workers started together would all find no baseline and each queue one: spread them out.
-            time.sleep(random.uniform(0, 3))
-        if baseline_needed(study):
-            with deferred():
-                study.enqueue_trial(baseline_params, user_attrs={"baseline": True})
+    grid = grid_space(tune_cfg, decay=decay) if tune_cfg.sampler == "grid" else None
+    if _is_shared_storage(storage_url) and (tune_cfg.baseline or grid):
+        # Workers started together would all find no baseline and each queue one: spread them out.
+        time.sleep(random.uniform(0, 3))
+    if tune_cfg.baseline and baseline_needed(study):
+        with deferred():
+            study.enqueue_trial(baseline_params, user_attrs={"baseline": True})
+    for point in grid_points_to_retry(study, grid) if grid else ():
+        with deferred():
+            study.enqueue_trial(point)
+        log.info("grid point %s was interrupted in an earlier run: queued again", point)
     parent_tags = {
         **tracking.environment_tags(device, amp_dtype),
         "model": cfg.train.model,
@@ -295,6 +299,9 @@ def tune(
                 if lost is None:
                     raise
                 raise StorageError(lost) from None
+        if grid and len(ran) < tune_cfg.n_trials and study.sampler.is_exhausted(study):
+            report(f"every point of the {math.prod(map(len, grid.values()))}-point grid has run: "
+                   f"stopped after {len(ran)} of {tune_cfg.n_trials} trials")
         best, baseline = best_trial(study), baseline_trial(study)
         pareto = pareto_trials(study) if tune_cfg.multi_objective else []
         _log_study_summary(study, best, baseline, ran, tune_cfg, pareto, decay=decay)
@@ -544,7 +551,7 @@ def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, sto
 
     study, trials_so_far = _with_storage_retries(storage_url, create)
     study.sampler = _sampler(tune_cfg, sampler_seed(cfg.train.seed, storage_url, trials_so_far),
-                             decay=searches_decay(cfg.train))
+                             decay=searches_decay(cfg.train), study_seed=cfg.train.seed)
     directions = [d.name.lower() for d in study.directions]
     if directions != wanted:
         aims = (f"--objectives accuracy,latency maximises {OBJECTIVE} and minimises {LATENCY_OBJECTIVE}"
@@ -860,15 +867,29 @@ def _stale_trial(study: optuna.Study, trial: FrozenTrial, why: str = "no heartbe
                 if closed else "")
 
 
-def _sampler(tune_cfg: TuneConfig, seed: int, *, decay: bool = True) -> optuna.samplers.BaseSampler:
+def grid_space(tune_cfg: TuneConfig, *, decay: bool = True) -> dict[str, list[float]]:
+    """``--sampler grid``'s points: ``--grid-size`` lrs (log-spaced) by as many decays (``decay``)."""
+    n = tune_cfg.grid_size
+    space = {"lr": [float(f"{v:.6g}") for v in np.geomspace(tune_cfg.lr_min, tune_cfg.lr_max, n)]}
+    if decay:
+        space[DECAY_PARAM] = [float(f"{v:.6g}") for v in np.linspace(tune_cfg.decay_min, tune_cfg.decay_max, n)]
+    return space
+
+
+def _sampler(tune_cfg: TuneConfig, seed: int, *, decay: bool = True,
+             study_seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler for ``seed`` (``sampler_seed``); ``study_seed``: the study's ``--seed``, which orders a grid."""
     if tune_cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if tune_cfg.sampler == "grid":
-        n = tune_cfg.grid_size
-        space = {"lr": [float(f"{v:.6g}") for v in np.geomspace(tune_cfg.lr_min, tune_cfg.lr_max, n)]}
-        if decay:
-            space[DECAY_PARAM] = [float(f"{v:.6g}") for v in np.linspace(tune_cfg.decay_min, tune_cfg.decay_max, n)]
-        return optuna.samplers.GridSampler(space, seed=seed)
+        # A trial records only its grid id, an index into the grid as the seed shuffled it: every worker
+        # and every resumed run must shuffle alike, or an id would name another point in each (points run
+        # twice, others never). Which unvisited point comes next may differ: on shared storage it does.
+        sampler = optuna.samplers.GridSampler(grid_space(tune_cfg, decay=decay),
+                                              seed=seed if study_seed is None else study_seed)
+        if study_seed is not None and seed != study_seed:
+            sampler.reseed_rng()
+        return sampler
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune_cfg.tpe_startup_trials)
 
 
@@ -934,6 +955,23 @@ def baseline_needed(study: optuna.Study) -> bool:
         and not (t.state == TrialState.FAIL and t.user_attrs.get("reason") == INTERRUPTED)
         for t in study.get_trials(deepcopy=False)
     )
+
+
+def grid_points_to_retry(study: optuna.Study, grid: dict[str, list[float]]) -> list[dict[str, float]]:
+    """The grid points whose trials were stopped by Ctrl-C or SIGTERM and that no other trial has run,
+    runs or waits to run: Optuna's grid sampler counts a failed trial's point as visited for good."""
+    def point(trial: FrozenTrial) -> tuple | None:
+        params = trial.system_attrs.get("fixed_params") or trial.params  # a queued trial has only the former
+        if set(params) != set(grid) or any(params[name] not in values for name, values in grid.items()):
+            return None  # not (all of) a point of this grid: a baseline, or stopped before its suggestions
+        return tuple(sorted(params.items()))
+
+    trials = study.get_trials(deepcopy=False)
+    interrupted = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("reason") == INTERRUPTED]
+    stopped = {t.number for t in interrupted}
+    settled = {point(t) for t in trials if t.number not in stopped}
+    retry = dict.fromkeys(p for t in interrupted if (p := point(t)) is not None and p not in settled)
+    return [dict(p) for p in retry]
 
 
 def baseline_trial(study: optuna.Study) -> TrialSummary | None:

@@ -503,6 +503,51 @@ def test_a_resumed_study_samples_new_trials(tmp_path):
     assert set(sample(str(tmp_path / "studies.log"), "journal", 2)).isdisjoint(first)
 
 
+def test_a_grid_study_resumed_or_shared_runs_every_point_once(tmp_path):
+    # A trial records only a grid id: each run (a resumed study, another worker) must read the ids as
+    # the same points, or some points run twice and others never.
+    space = {"lr": optuna.distributions.FloatDistribution(0.01, 0.5, log=True),
+             "lr_decay": optuna.distributions.FloatDistribution(0.85, 0.99)}
+
+    def run(storage: str, count: int) -> optuna.Study:
+        study = open_study(ExperimentConfig(), TuneConfig(sampler="grid", grid_size=3), "grid", storage)
+        for _ in range(count):
+            trial = study.ask(space)
+            study.tell(trial, 0.5)
+        return study
+
+    for storage in (f"sqlite:///{tmp_path}/optuna.db", str(tmp_path / "studies.log")):  # local; shared
+        run(storage, 4)
+        study = run(storage, 4)  # not the 9th: the grid sampler would stop the study, outside optimize()
+        points = [(t.params["lr"], t.params["lr_decay"]) for t in study.trials]
+        assert len(set(points)) == len(points) == 8 and not study.sampler.is_exhausted(study)
+
+
+def test_interrupted_grid_points_are_queued_again_once():
+    from cifar_exp.tune import grid_points_to_retry
+
+    grid = {"lr": [0.01, 0.5], "lr_decay": [0.85, 0.99]}
+    distributions = {"lr": optuna.distributions.FloatDistribution(0.01, 0.5),
+                     "lr_decay": optuna.distributions.FloatDistribution(0.85, 0.99)}
+    study = optuna.create_study(direction="maximize")
+
+    def add(lr, state, reason=None, **attrs):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": lr, "lr_decay": 0.85}, distributions=distributions,
+            value=0.5 if state == TrialState.COMPLETE else None, state=state,
+            user_attrs={**({"reason": reason} if reason else {}), **attrs}))
+
+    add(0.01, TrialState.FAIL, "interrupted")
+    add(0.5, TrialState.FAIL, "interrupted")
+    add(0.5, TrialState.COMPLETE)  # that point ran since
+    add(0.1, TrialState.FAIL, "interrupted", baseline=True)  # not a grid point: baseline_needed's
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.5, "lr_decay": 0.99}, distributions=distributions,
+                                              state=TrialState.FAIL, user_attrs={"reason": "training diverged"}))
+    assert grid_points_to_retry(study, grid) == [{"lr": 0.01, "lr_decay": 0.85}]
+    study.enqueue_trial({"lr": 0.01, "lr_decay": 0.85})  # queued (by this run, or another worker)
+    assert grid_points_to_retry(study, grid) == []
+
+
 def test_a_two_objective_study_refuses_a_worker_on_another_cpu(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(study_name="acc-lat", storage=storage, directions=["maximize", "minimize"])
@@ -851,6 +896,12 @@ def test_grid_sampler_and_hyperband(tiny_data, tracking_store, cache_dir, monkey
     assert len(outcome.trials) == 3 and outcome.trials[0].baseline
     for params in grid:
         assert params["lr"] in (0.01, 0.5) and params["lr_decay"] in (0.85, 0.99)
+    # Run again: the grid's two other points, each once, and the study says why it stopped early.
+    lines = []
+    resumed = tune(cfg, TuneConfig(n_trials=5, sampler="grid", grid_size=2, pruner="hyperband"), report=lines.append)
+    points = {(p["lr"], p["lr_decay"]) for p in grid + [t.params for t in resumed.trials]}
+    assert len(resumed.trials) == 2 and points == {(lr, d) for lr in (0.01, 0.5) for d in (0.85, 0.99)}
+    assert "every point of the 4-point grid has run: stopped after 2 of 5 trials" in lines
 
 
 @pytest.mark.slow
