@@ -24,15 +24,18 @@ a new worker does the same for the trials of this machine's workers whose proces
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
 import random
 import socket
+import sqlite3
 import tempfile
 import time
 import uuid
@@ -529,6 +532,36 @@ def check_storage(storage_url: str, heartbeat_interval: int, *, default: bool = 
         raise _unusable(storage_url, f"{path.parent} {problem}")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise _unusable(storage_url, f"{path.parent} is not writable")
+    problem = _not_an_optuna_file(path, journal=_is_journal_file(storage_url))
+    if problem:  # Optuna would write into it (its tables, a journal line) before it failed
+        raise _unusable(storage_url, problem)
+
+
+def _not_an_optuna_file(path: Path, *, journal: bool) -> str | None:
+    """Why the existing file at ``path`` is not an Optuna storage of its kind, or None (new, empty, or one)."""
+    if path.exists() and not path.is_file():
+        return f"{path} is not a file"
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    if journal:
+        with open(path, "rb") as file:
+            first = file.readline(1 << 20)
+        try:
+            entry = json.loads(first)
+        except ValueError:
+            entry = None
+        if not (isinstance(entry, dict) and "op_code" in entry):
+            return f"{path} is not an Optuna journal file (its first line is not a journal entry)"
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as error:
+        return f"{path} is not a SQLite database ({error})"
+    if tables and "studies" not in tables:
+        owner = "MLflow's tracking database" if {"experiments", "runs"} <= tables else "another program's database"
+        return f"{path} is {owner}, not an Optuna storage: give the study a file of its own"
+    return None
 
 
 def open_study(cfg: ExperimentConfig, tune_cfg: TuneConfig, study_name: str, storage_url: str, *,

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -416,8 +417,16 @@ def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracki
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
+    mlflow_like = tmp_path / "tracking.db"  # e.g. --storage given MLflow's database by mistake
+    with sqlite3.connect(mlflow_like) as db:
+        db.executescript("CREATE TABLE experiments (id INTEGER); CREATE TABLE runs (id INTEGER);")
+    others = {path: path.read_bytes() for path in (blocker, mlflow_like)}
     monkeypatch.setattr(tune_module, "load_splits", no_loading)
     for storage, problem in [
+        (f"sqlite:///{mlflow_like}", f"{mlflow_like} is MLflow's tracking database, not an Optuna storage"),
+        (f"sqlite:///{blocker}", f"{blocker} is not a SQLite database (file is not a database)"),
+        (str(blocker), f"{blocker} is not an Optuna journal file (its first line is not a journal entry)"),
+        (str(tmp_path), f"{tmp_path} is not a file"),
         ("postgresql://who:secret@127.0.0.1:9/db", ""),  # nothing listens on port 9
         ("foo://bar", "Can't load plugin: sqlalchemy.dialects:foo"),
         ("mssql+pymssql://who@host/db", "No module named 'pymssql'"),  # a driver not installed
@@ -430,6 +439,7 @@ def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracki
         assert result.exit_code == 1 and f"Error: Optuna storage {shown} cannot be used: {problem}" \
             in result.output, result.output
     assert all_runs() == [] and not (tmp_path / "typo").exists()
+    assert {path: path.read_bytes() for path in others} == others  # Optuna wrote nothing into them
 
 
 def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tracking_store, cache_dir, tmp_path):
