@@ -445,7 +445,11 @@ class _Objective:
                                  else f"{type(error).__name__}: {first_line(error)}")
                     raise
                 else:
-                    self._finish(trial, "COMPLETE", None)
+                    try:
+                        self._finish(trial, "COMPLETE", None)
+                    except KeyboardInterrupt:  # held back while the tag was written: Optuna fails the trial
+                        self._finish(trial, "FAIL", INTERRUPTED)
+                        raise
         except TrainingDivergedError:
             # NaN values make Optuna mark the trial FAIL (reason in its user attrs); the study goes on.
             return (math.nan, math.nan) if self.multi_objective else math.nan
@@ -1201,20 +1205,21 @@ def _plot_scatter(study: optuna.Study, bounds: tuple[tuple[float, float], tuple[
 
 @contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    """Optuna's own INFO lines repeat ours; its warnings stay, but for a trial stopped by an interrupt.
+    """Optuna's own INFO lines repeat ours; its warnings stay, but for a trial that an interrupt stopped
+    or whose loss diverged.
 
-    Optuna logs that trial as failed, with the ``KeyboardInterrupt``'s traceback: the trial's run and
-    user attributes record it as interrupted, and the CLI says so in one line.
+    Optuna logs such a trial as failed, twice (for an interrupt with the ``KeyboardInterrupt``'s
+    traceback): the trial's run and user attributes record why, and the report line says it once.
     """
     trial_failures = logging.getLogger("optuna.study._optimize")
-    interrupted = _InterruptedTrialLines()
-    trial_failures.addFilter(interrupted)
+    repeated = _RepeatedTrialLines()
+    trial_failures.addFilter(repeated)
     try:
         with _optuna_verbosity(optuna.logging.WARNING), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             yield
     finally:
-        trial_failures.removeFilter(interrupted)
+        trial_failures.removeFilter(repeated)
 
 
 @contextmanager
@@ -1228,20 +1233,23 @@ def _optuna_verbosity(level: int) -> Iterator[None]:
         optuna.logging.set_verbosity(previous)
 
 
-class _InterruptedTrialLines(logging.Filter):
-    """Drops Optuna's two lines about a trial an interrupt stopped: "Trial N failed with parameters:
-    ... because of ... KeyboardInterrupt" (with the traceback) and "Trial N failed with value None."."""
+class _RepeatedTrialLines(logging.Filter):
+    """Drops Optuna's two lines about a trial an interrupt stopped ("Trial N failed with parameters:
+    ... because of ... KeyboardInterrupt", with the traceback, then "Trial N failed with value None.")
+    or one the objective gave NaN, which it does only for a diverged loss ("... because of the following
+    error: The value nan is not acceptable.", then "Trial N failed with value nan." or "(nan, nan).")."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.trial_line: str | None = None  # the second line, expected next
+        self.next_line_start: str | None = None  # the second line's start, expected next
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
-            self.trial_line = message.split(" failed with parameters")[0] + " failed with value None."
+        interrupted = record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt)
+        if interrupted or " because of the following error: The value nan is not acceptable" in message:
+            self.next_line_start = message.split(" failed with parameters")[0] + " failed with value "
             return False
-        if message == self.trial_line:
-            self.trial_line = None
+        if self.next_line_start and message.startswith(self.next_line_start):
+            self.next_line_start = None
             return False
         return True

@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import logging
 import os
 import shlex
 import shutil
@@ -282,7 +283,15 @@ def test_nan_trial_fails_cleanly_and_the_study_goes_on(tiny_data, tracking_store
     study.enqueue_trial({"lr": 1e6, "lr_decay": 0.9})
     cfg = tiny_config(tiny_data, cache_dir, epochs=2, amp=False)
     tune_cfg = TuneConfig(n_trials=2, study_name="nan", storage=storage, lr_max=1e7, pruner="none")
-    outcome = tune(cfg, tune_cfg, report=lambda line: None)
+    optuna_lines = []
+    collect = logging.Handler()
+    collect.emit = lambda record: optuna_lines.append(record.getMessage())
+    logging.getLogger("optuna").addHandler(collect)
+    try:
+        outcome = tune(cfg, tune_cfg, report=lambda line: None)
+    finally:
+        logging.getLogger("optuna").removeHandler(collect)
+    assert not [line for line in optuna_lines if "failed with" in line]  # the trial's reason says it once
 
     failed, baseline = outcome.trials
     assert failed.state == "FAIL" and "training loss became" in failed.reason
@@ -311,6 +320,31 @@ def test_a_trial_that_crashes_is_failed_in_optuna_and_mlflow(tiny_data, tracking
     assert {r.info.status for r in runs.values()} == {"FAILED"}
     assert runs["trial-0"].data.tags["optuna_state"] == "FAIL"
     assert runs["trial-0"].data.tags["optuna_reason"] == "RuntimeError: boom"
+
+
+def test_an_interrupt_held_back_while_a_trial_is_tagged_complete_fails_it_in_both(tiny_data, tracking_store,
+                                                                                  cache_dir, tmp_path, monkeypatch):
+    # Ctrl-C during the write of optuna_state=COMPLETE takes effect once it is written: Optuna then
+    # marks the trial FAIL, and its run, closed as KILLED, must not say COMPLETE.
+    from cifar_exp import tracking
+
+    set_tags = tracking.set_tags
+
+    def interrupted_after(tags):
+        set_tags(tags)
+        if tags.get("optuna_state") == "COMPLETE":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, "set_tags", interrupted_after)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny_config(tiny_data, cache_dir, epochs=1), TuneConfig(n_trials=1, study_name="late", storage=storage),
+             report=lambda line: None)
+    [trial] = optuna.load_study(study_name="late", storage=storage).trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["reason"] == "interrupted"
+    run = next(r for r in all_runs() if r.info.run_name == "trial-0")
+    assert run.info.status == "KILLED"
+    assert run.data.tags["optuna_state"] == "FAIL" and run.data.tags["optuna_reason"] == "interrupted"
 
 
 def test_every_trial_distils_from_the_teacher_loaded_once(tiny_data, tracking_store, cache_dir, tmp_path,
