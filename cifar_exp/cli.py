@@ -303,8 +303,7 @@ def benchmark(**options: Any) -> None:
     from cifar_exp.deployment import benchmark_and_track
 
     cfg = build_config(options)
-    outcome = benchmark_and_track(cfg.train, _section(BenchmarkConfig, options), cfg.data, cfg.tracking,
-                                  given=_explicit_options(options))
+    outcome = benchmark_and_track(cfg.train, _section(BenchmarkConfig, options), cfg.data, cfg.tracking)
     click.echo(outcome.report.table())
     click.echo(f"run {outcome.run_id}: report written to {outcome.json_path}")
 

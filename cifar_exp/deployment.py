@@ -12,7 +12,6 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,23 +78,15 @@ def load_classifier(model_uri: str) -> tuple[nn.Module, int]:
 
 
 def benchmark_and_track(
-    train_cfg: TrainConfig, bench: BenchmarkConfig, data_cfg: DataConfig, tracking_cfg: TrackingConfig,
-    *, given: Collection[str] = (),
+    train_cfg: TrainConfig, bench: BenchmarkConfig, data_cfg: DataConfig, tracking_cfg: TrackingConfig
 ) -> BenchmarkOutcome:
     """Benchmark ``bench.model_uri`` (or ``train_cfg``'s model, with its width knobs, untrained) and
     log it as a new run.
 
     Test accuracy per backend is measured only for a logged model (untrained weights have none
-    worth reporting); int8 is calibrated on training images when the dataset can be loaded. A
-    missing dataset is skipped (with the reason) only at the default folder. ``given``: the config
-    fields named on the command line, which count as asked for even where they hold the default.
+    worth reporting); int8 is calibrated on training images when the dataset can be loaded.
     """
-    if bench.model_uri and (train_cfg.widths.strip() or train_cfg.hidden):
-        raise ConfigError("--widths/--hidden shape an architecture built by name (--model); "
-                          f"the model at --model-uri {bench.model_uri} has its own")
-    if bench.model_uri and ("model" in given or train_cfg.model != TrainConfig().model):
-        raise ConfigError(f"--model {train_cfg.model} names an architecture to build, --model-uri "
-                          f"{bench.model_uri} a logged model: give one of them")
+    check_model_choice(train_cfg, bench)
     tracking.check_tracking_store()
     tracking.check_run_target(tracking_cfg.experiment_name)
     json_path = Path(bench.output).expanduser()
@@ -112,8 +103,7 @@ def benchmark_and_track(
                  if value]
         classes, label = NUM_CLASSES, train_cfg.model + (f" ({', '.join(knobs)})" if knobs else "")
     calibration, test, missing = _benchmark_data(bench, data_cfg, classes, trained=bench.model_uri is not None,
-                                                 source_run_id=source_run_id,
-                                                 data_given="data_dir" in given)
+                                                 source_run_id=source_run_id)
 
     with tempfile.TemporaryDirectory() as tmp:
         report = run_benchmark(model, label=label, cfg=bench, calibration=calibration,
@@ -171,21 +161,31 @@ def _move_into_place(staged: Path, path: Path) -> None:
         raise ExportError(f"cannot write {path}: {error.strerror or error}") from None
 
 
+def check_model_choice(train_cfg: TrainConfig, bench: BenchmarkConfig) -> None:
+    """Refuse a logged model (``--model-uri``) together with an architecture to build: another
+    ``--model`` than the default (the MLproject's ``benchmark`` entry point always passes one), or
+    ``--widths``/``--hidden``."""
+    if bench.model_uri and (train_cfg.widths.strip() or train_cfg.hidden):
+        raise ConfigError("--widths/--hidden shape an architecture built by name (--model); "
+                          f"the model at --model-uri {bench.model_uri} has its own")
+    if bench.model_uri and train_cfg.model != TrainConfig().model:
+        raise ConfigError(f"--model {train_cfg.model} names an architecture to build, --model-uri "
+                          f"{bench.model_uri} a logged model: give one of them")
+
+
 def _benchmark_data(
-    bench: BenchmarkConfig, data_cfg: DataConfig, classes: int, *, trained: bool, source_run_id: str | None = None,
-    data_given: bool = False,
+    bench: BenchmarkConfig, data_cfg: DataConfig, classes: int, *, trained: bool, source_run_id: str | None = None
 ) -> tuple[np.ndarray | None, ImageSet | None, str]:
     """(calibration images, test split, why there is no calibration) for what the benchmark needs:
     test images for a logged model's accuracy, training images to calibrate int8 on. ``source_run_id``:
-    the run that logged a trained model, as ``tracking.model_source_run`` found it. ``data_given``:
-    the data folder was named (even as the default's name), so a missing one is an error."""
+    the run that logged a trained model, as ``tracking.model_source_run`` found it."""
     wants_int8 = "onnxruntime-int8" in bench.backend_names()
     if not (wants_int8 or trained):
         return None, None, ""
     try:
         train, test, names = _load_for_checks(data_cfg, calibrate=wants_int8)
     except DataError as error:
-        asked_for = data_given or data_cfg.data_dir != DataConfig().data_dir or data_cfg.download
+        asked_for = data_cfg.data_dir != DataConfig().data_dir or data_cfg.download
         if asked_for or Path(data_cfg.data_dir).expanduser().exists():  # asked for, or there but broken
             if wants_int8 and is_held_out_test_folder(data_cfg.data_dir):
                 raise DataError(f"the int8 backend calibrates on training images (--backends without "

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from cifar_exp import interrupts
 from cifar_exp.cli import _section, build_config, main
 from cifar_exp.config import RECIPES, BenchmarkConfig, EvaluateConfig, ExportConfig, TuneConfig
+from cifar_exp.deployment import check_model_choice
 from conftest import CLASSES, signal_cli_mid_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +93,8 @@ def test_mlproject_entry_points_render_commands_the_cli_accepts(entry_point, par
         assert _section(EvaluateConfig, context.params).model_uri == "models:/cifar10-seed@champion"
     if entry_point == "export":
         assert context.params["int8"] == (parameters != {"int8": "--no-int8"})
+    if entry_point == "benchmark":  # it passes --model too, beside the default --model-uri
+        check_model_choice(build_config(context.params).train, _section(BenchmarkConfig, context.params))
 
 def test_module_entry_point_works():
     out = subprocess.run([sys.executable, "-m", "cifar_exp", "models"], capture_output=True, text=True,

@@ -879,15 +879,6 @@ def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):
     assert "onnxruntime-fp32/b1/p50_ms" in run.data.metrics
     assert "onnxruntime-fp32/test_accuracy" not in run.data.metrics  # untrained: no accuracy to report
 
-    # The same missing folder named on the command line, even by the default's name, is an error,
-    # before any run opens.
-    refused = run_cli("benchmark", "--model", "seed", "--backends", "onnxruntime-fp32,onnxruntime-int8",
-                      "--data-dir", "data", "--output", tmp_path / "named.json", "--threads", "1",
-                      "--experiment-name", "untrained", *QUICK_ARGS)
-    assert refused.exit_code == 1 and "Error: data dir data does not exist" in refused.output, refused.output
-    assert not (tmp_path / "named.json").exists()
-    assert [r.info.run_id for r in all_runs() if r.info.run_id not in before] == [run.info.run_id]
-
 
 def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_path):
     # A Pareto trial's network, e.g. seed at widths 32,16,16 and hidden 256: conv 3->32 (896) +
@@ -914,8 +905,6 @@ def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_pa
     (["--model-uri", "runs:/0123456789abcdef/model", "--model", "pico"],
      "--model pico names an architecture to build, --model-uri runs:/0123456789abcdef/model a logged model: "
      "give one of them"),
-    (["--model-uri", "runs:/0123456789abcdef/model", "--model", "seed"],  # the default's name, yet named
-     "--model seed names an architecture to build"),
 ])
 def test_bad_benchmark_options_are_one_line_and_touch_nothing(tracking_store, tmp_path, args, message):
     result = run_cli("benchmark", "--output", tmp_path / "b.json", *args)
