@@ -234,6 +234,16 @@ def kill_stale_run(run_id: str, tags: dict[str, str] | None = None) -> list[str]
 
 
 @deferred()
+def mark_killed(run_id: str, tags: Mapping[str, str]) -> None:
+    """Tag ``run_id`` and close it as KILLED, whatever it was closed as: for an interrupt that was
+    held back while the run was being finished, and so took effect after."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status="KILLED")
+
+
+@deferred()
 def log_params(params: Mapping[str, Any]) -> None:
     mlflow.log_params({k: "None" if v is None else v for k, v in params.items()})
 

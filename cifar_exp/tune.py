@@ -242,10 +242,10 @@ def tune(
     if tune_cfg.baseline and baseline_needed(study):
         with deferred():
             study.enqueue_trial(baseline_params, user_attrs={"baseline": True})
-    for point in grid_points_to_retry(study, grid) if grid else ():
+    for stopped in grid_trials_to_retry(study, grid) if grid else ():
         with deferred():
-            study.enqueue_trial(point)
-        log.info("grid point %s was interrupted in an earlier run: queued again", point)
+            _queue_interrupted(study, stopped)
+        log.info("trial %d (%s) was interrupted in an earlier run: queued again", stopped.number, stopped.params)
     parent_tags = {
         **tracking.environment_tags(device, amp_dtype),
         "model": cfg.train.model,
@@ -293,10 +293,14 @@ def tune(
                 tracking.log_metrics({f"best_so_far_{OBJECTIVE}": best.value}, step=trial.number)
 
         objective = _Objective(cfg, tune_cfg, splits, study_name, progress, teacher.model if teacher else None)
+        # A finished grid with nothing queued: Optuna would run one of its points again, at random.
+        finished_grid = grid and study.sampler.is_exhausted(study) and not study.get_trials(
+            deepcopy=False, states=(TrialState.WAITING,))
         with _quiet_optuna():
             try:
-                study.optimize(objective, n_trials=tune_cfg.n_trials, timeout=tune_cfg.timeout,
-                               callbacks=[after_trial], gc_after_trial=True)
+                if not finished_grid:
+                    study.optimize(objective, n_trials=tune_cfg.n_trials, timeout=tune_cfg.timeout,
+                                   callbacks=[after_trial], gc_after_trial=True)
             except Exception as error:
                 lost = objective.lost_trial(study, error)
                 if lost is None:
@@ -410,6 +414,8 @@ class _Objective:
                 "optuna_trial_number": str(trial.number), "optuna_state": "RUNNING",
                 "baseline": str(baseline).lower(), "worker": self.worker}
         pruned: optuna.TrialPruned | None = None
+        finishing: str | None = None  # the state the trial's run is tagged with, from the tag's write on
+        run_id = ""
         try:
             with tracking.start_run(cfg.tracking.experiment_name, f"trial-{trial.number}", tags=tags,
                                     nested=True) as run_id:
@@ -436,6 +442,7 @@ class _Objective:
                     tracking.log_metrics(metrics)
                 except optuna.TrialPruned as error:
                     pruned = error  # raised below, once the run is closed as FINISHED
+                    finishing = "PRUNED"
                     self._finish(trial, "PRUNED", str(error))
                 except TrainingDivergedError as error:
                     self._finish(trial, "FAIL", str(error))
@@ -445,11 +452,12 @@ class _Objective:
                                  else f"{type(error).__name__}: {first_line(error)}")
                     raise
                 else:
-                    try:
-                        self._finish(trial, "COMPLETE", None)
-                    except KeyboardInterrupt:  # held back while the tag was written: Optuna fails the trial
-                        self._finish(trial, "FAIL", INTERRUPTED)
-                        raise
+                    finishing = "COMPLETE"
+                    self._finish(trial, "COMPLETE", None)
+        except KeyboardInterrupt:
+            if finishing:  # held back while the run was tagged or closed: Optuna fails the trial, so must the run
+                tracking.mark_killed(run_id, {"optuna_state": "FAIL", "optuna_reason": INTERRUPTED})
+            raise
         except TrainingDivergedError:
             # NaN values make Optuna mark the trial FAIL (reason in its user attrs); the study goes on.
             return (math.nan, math.nan) if self.multi_objective else math.nan
@@ -550,6 +558,8 @@ def _not_an_optuna_file(path: Path, *, journal: bool) -> str | None:
     if journal:
         with open(path, "rb") as file:
             first = file.readline(1 << 20)
+        if not first.endswith(b"\n"):
+            return None  # being written by another worker (or cut off by a crash): Optuna's to judge
         try:
             entry = json.loads(first)
         except ValueError:
@@ -558,10 +568,12 @@ def _not_an_optuna_file(path: Path, *, journal: bool) -> str | None:
             return f"{path} is not an Optuna journal file (its first line is not a journal entry)"
         return None
     try:
-        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=1)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as error:
-        return f"{path} is not a SQLite database ({error})"
+        if error.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
+            return f"{path} is not a SQLite database ({error})"
+        return None  # e.g. locked, or a hot journal to roll back (read-only cannot): Optuna's to judge
     if tables and "studies" not in tables:
         owner = "MLflow's tracking database" if {"experiments", "runs"} <= tables else "another program's database"
         return f"{path} is {owner}, not an Optuna storage: give the study a file of its own"
@@ -921,7 +933,8 @@ def _sampler(tune_cfg: TuneConfig, seed: int, *, decay: bool = True,
     if tune_cfg.sampler == "grid":
         # A trial records only its grid id, an index into the grid as the seed shuffled it: every worker
         # and every resumed run must shuffle alike, or an id would name another point in each (points run
-        # twice, others never). Which unvisited point comes next may differ: on shared storage it does.
+        # twice, others never). Which unvisited point comes next may differ: in a resumed study or on a
+        # shared storage the sampler's generator is reseeded (from the OS), so workers pick apart.
         sampler = optuna.samplers.GridSampler(grid_space(tune_cfg, decay=decay),
                                               seed=seed if study_seed is None else study_seed)
         if study_seed is not None and seed != study_seed:
@@ -994,21 +1007,36 @@ def baseline_needed(study: optuna.Study) -> bool:
     )
 
 
-def grid_points_to_retry(study: optuna.Study, grid: dict[str, list[float]]) -> list[dict[str, float]]:
-    """The grid points whose trials were stopped by Ctrl-C or SIGTERM and that no other trial has run,
-    runs or waits to run: Optuna's grid sampler counts a failed trial's point as visited for good."""
-    def point(trial: FrozenTrial) -> tuple | None:
-        params = trial.system_attrs.get("fixed_params") or trial.params  # a queued trial has only the former
+def grid_trials_to_retry(study: optuna.Study, grid: dict[str, list[float]]) -> list[FrozenTrial]:
+    """Trials of grid points that Ctrl-C or SIGTERM stopped and that no other trial has run, runs or
+    waits to run, one per point: Optuna's grid sampler counts a failed trial's point as visited for good.
+    Baselines are ``baseline_needed``'s."""
+    def point(params: dict[str, Any]) -> tuple | None:
         if set(params) != set(grid) or any(params[name] not in values for name, values in grid.items()):
-            return None  # not (all of) a point of this grid: a baseline, or stopped before its suggestions
+            return None  # not (all of) a point of this grid, or stopped before its suggestions
         return tuple(sorted(params.items()))
 
     trials = study.get_trials(deepcopy=False)
-    interrupted = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("reason") == INTERRUPTED]
+    interrupted = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("reason") == INTERRUPTED
+                   and not t.user_attrs.get("baseline")]
     stopped = {t.number for t in interrupted}
-    settled = {point(t) for t in trials if t.number not in stopped}
-    retry = dict.fromkeys(p for t in interrupted if (p := point(t)) is not None and p not in settled)
-    return [dict(p) for p in retry]
+    # A trial queued by enqueue_trial holds its point as fixed_params until it runs.
+    settled = {point(t.system_attrs.get("fixed_params") or t.params) for t in trials if t.number not in stopped}
+    retry: dict[tuple, FrozenTrial] = {}
+    for trial in interrupted:
+        if (key := point(trial.params)) is not None and key not in settled:
+            retry.setdefault(key, trial)
+    return list(retry.values())
+
+
+def _queue_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue an interrupted grid trial again: its point and grid id (the grid sampler reads the id of
+    every trial it sees finish), not what its worker recorded."""
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS},
+        system_attrs={k: v for k, v in trial.system_attrs.items() if k in ("grid_id", "search_space")},
+    ))
 
 
 def baseline_trial(study: optuna.Study) -> TrialSummary | None:

@@ -322,29 +322,39 @@ def test_a_trial_that_crashes_is_failed_in_optuna_and_mlflow(tiny_data, tracking
     assert runs["trial-0"].data.tags["optuna_reason"] == "RuntimeError: boom"
 
 
-def test_an_interrupt_held_back_while_a_trial_is_tagged_complete_fails_it_in_both(tiny_data, tracking_store,
-                                                                                  cache_dir, tmp_path, monkeypatch):
-    # Ctrl-C during the write of optuna_state=COMPLETE takes effect once it is written: Optuna then
-    # marks the trial FAIL, and its run, closed as KILLED, must not say COMPLETE.
+@pytest.mark.parametrize("where", ["complete tag", "run close"])
+def test_an_interrupt_held_back_while_a_trial_is_finished_fails_it_in_both(tiny_data, tracking_store, cache_dir,
+                                                                           tmp_path, monkeypatch, where):
+    # Ctrl-C during the write of optuna_state=COMPLETE, or of the run's FINISHED status, takes effect
+    # once it is written: Optuna then marks the trial FAIL, and its run must say so too.
     from cifar_exp import tracking
 
-    set_tags = tracking.set_tags
+    set_tags, end_run = tracking.set_tags, tracking._end_run
 
-    def interrupted_after(tags):
+    def interrupted_after_tag(tags):
         set_tags(tags)
         if tags.get("optuna_state") == "COMPLETE":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tracking, "set_tags", interrupted_after)
+    def interrupted_after_close(status):
+        end_run(status)
+        if status == "FINISHED":  # the trial's run: the first to finish
+            raise KeyboardInterrupt
+
+    if where == "complete tag":
+        monkeypatch.setattr(tracking, "set_tags", interrupted_after_tag)
+    else:
+        monkeypatch.setattr(tracking, "_end_run", interrupted_after_close)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     with pytest.raises(KeyboardInterrupt):
         tune(tiny_config(tiny_data, cache_dir, epochs=1), TuneConfig(n_trials=1, study_name="late", storage=storage),
              report=lambda line: None)
     [trial] = optuna.load_study(study_name="late", storage=storage).trials
     assert trial.state == TrialState.FAIL and trial.user_attrs["reason"] == "interrupted"
-    run = next(r for r in all_runs() if r.info.run_name == "trial-0")
-    assert run.info.status == "KILLED"
-    assert run.data.tags["optuna_state"] == "FAIL" and run.data.tags["optuna_reason"] == "interrupted"
+    runs = {r.info.run_name: r for r in all_runs()}
+    assert runs["trial-0"].info.status == runs["tune-late"].info.status == "KILLED"
+    assert runs["trial-0"].data.tags["optuna_state"] == "FAIL"
+    assert runs["trial-0"].data.tags["optuna_reason"] == "interrupted"
 
 
 def test_every_trial_distils_from_the_teacher_loaded_once(tiny_data, tracking_store, cache_dir, tmp_path,
@@ -450,7 +460,7 @@ def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracki
         raise AssertionError("the data was loaded before the storage was checked")
 
     blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
+    blocker.write_text("not a folder\n")
     mlflow_like = tmp_path / "tracking.db"  # e.g. --storage given MLflow's database by mistake
     with sqlite3.connect(mlflow_like) as db:
         db.executescript("CREATE TABLE experiments (id INTEGER); CREATE TABLE runs (id INTEGER);")
@@ -474,6 +484,23 @@ def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracki
             in result.output, result.output
     assert all_runs() == [] and not (tmp_path / "typo").exists()
     assert {path: path.read_bytes() for path in others} == others  # Optuna wrote nothing into them
+
+
+def test_a_storage_file_being_written_or_locked_is_left_to_optuna(tmp_path):
+    from cifar_exp.tune import _not_an_optuna_file
+
+    journal = tmp_path / "studies.log"
+    journal.write_bytes(b'{"op_code": 0, "worker_id": "a"')  # another worker's first line, half written
+    assert _not_an_optuna_file(journal, journal=True) is None
+    journal.write_bytes(b"hello\n")
+    assert "not an Optuna journal file" in _not_an_optuna_file(journal, journal=True)
+    database = tmp_path / "optuna.db"
+    optuna.create_study(storage=f"sqlite:///{database}")
+    assert _not_an_optuna_file(database, journal=False) is None
+    with sqlite3.connect(database, isolation_level=None) as writer:
+        writer.execute("BEGIN EXCLUSIVE")  # a worker writing: not readable now, but no reason to refuse
+        assert _not_an_optuna_file(database, journal=False) is None
+        writer.execute("ROLLBACK")
 
 
 def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tracking_store, cache_dir, tmp_path):
@@ -568,28 +595,34 @@ def test_a_grid_study_resumed_or_shared_runs_every_point_once(tmp_path):
 
 
 def test_interrupted_grid_points_are_queued_again_once():
-    from cifar_exp.tune import grid_points_to_retry
+    from cifar_exp.tune import _queue_interrupted, grid_trials_to_retry
 
     grid = {"lr": [0.01, 0.5], "lr_decay": [0.85, 0.99]}
     distributions = {"lr": optuna.distributions.FloatDistribution(0.01, 0.5),
                      "lr_decay": optuna.distributions.FloatDistribution(0.85, 0.99)}
     study = optuna.create_study(direction="maximize")
 
-    def add(lr, state, reason=None, **attrs):
+    def add(lr, decay, state, reason=None, **attrs):
         study.add_trial(optuna.trial.create_trial(
-            params={"lr": lr, "lr_decay": 0.85}, distributions=distributions,
+            params={"lr": lr, "lr_decay": decay}, distributions=distributions,
             value=0.5 if state == TrialState.COMPLETE else None, state=state,
-            user_attrs={**({"reason": reason} if reason else {}), **attrs}))
+            user_attrs={**({"reason": reason} if reason else {}), "worker": "host:1"}, system_attrs=attrs))
 
-    add(0.01, TrialState.FAIL, "interrupted")
-    add(0.5, TrialState.FAIL, "interrupted")
-    add(0.5, TrialState.COMPLETE)  # that point ran since
-    add(0.1, TrialState.FAIL, "interrupted", baseline=True)  # not a grid point: baseline_needed's
-    study.add_trial(optuna.trial.create_trial(params={"lr": 0.5, "lr_decay": 0.99}, distributions=distributions,
-                                              state=TrialState.FAIL, user_attrs={"reason": "training diverged"}))
-    assert grid_points_to_retry(study, grid) == [{"lr": 0.01, "lr_decay": 0.85}]
-    study.enqueue_trial({"lr": 0.01, "lr_decay": 0.85})  # queued (by this run, or another worker)
-    assert grid_points_to_retry(study, grid) == []
+    add(0.01, 0.85, TrialState.FAIL, "interrupted", grid_id=3, search_space=grid)
+    add(0.01, 0.85, TrialState.FAIL, "interrupted", grid_id=3, search_space=grid)  # the same point: once
+    add(0.5, 0.85, TrialState.FAIL, "interrupted", grid_id=1, search_space=grid)
+    add(0.5, 0.85, TrialState.COMPLETE)  # that point ran since
+    add(0.5, 0.99, TrialState.FAIL, "training diverged")  # would diverge again
+    study.add_trial(optuna.trial.create_trial(  # a baseline on a grid point: baseline_needed's business
+        params={"lr": 0.01, "lr_decay": 0.99}, distributions=distributions, state=TrialState.FAIL,
+        user_attrs={"baseline": True, "reason": "interrupted"}))
+    [stopped] = grid_trials_to_retry(study, grid)
+    assert stopped.number == 0
+    _queue_interrupted(study, stopped)
+    queued = study.get_trials(states=(TrialState.WAITING,))
+    assert [(t.params, t.system_attrs, t.user_attrs) for t in queued] == [
+        ({"lr": 0.01, "lr_decay": 0.85}, {"grid_id": 3, "search_space": grid}, {})]  # not its worker or reason
+    assert grid_trials_to_retry(study, grid) == []
 
 
 def test_a_two_objective_study_refuses_a_worker_on_another_cpu(tmp_path):
@@ -946,6 +979,35 @@ def test_grid_sampler_and_hyperband(tiny_data, tracking_store, cache_dir, monkey
     points = {(p["lr"], p["lr_decay"]) for p in grid + [t.params for t in resumed.trials]}
     assert len(resumed.trials) == 2 and points == {(lr, d) for lr in (0.01, 0.5) for d in (0.85, 0.99)}
     assert "every point of the 4-point grid has run: stopped after 2 of 5 trials" in lines
+
+
+def test_a_grid_point_interrupted_in_one_run_runs_in_the_next(tiny_data, tracking_store, cache_dir, monkeypatch):
+    from cifar_exp import tune as tune_module
+
+    fit_calls = []
+
+    def interrupted_at_the_fourth(*args, **kwargs):
+        fit_calls.append(1)
+        if len(fit_calls) == 4:
+            raise KeyboardInterrupt
+        return fit(*args, **kwargs)
+
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1)
+    tune_cfg = TuneConfig(n_trials=9, sampler="grid", grid_size=2, pruner="none")
+    monkeypatch.setattr(tune_module, "fit", interrupted_at_the_fourth)  # only the fourth call: once
+    with pytest.raises(KeyboardInterrupt):  # the baseline and two grid points ran; the third is stopped
+        tune(cfg, tune_cfg, report=lambda line: None)
+    lines = []
+    resumed = tune(cfg, tune_cfg, report=lines.append)  # the stopped point (a grid id), then the last one
+    assert [t.state for t in resumed.trials] == ["COMPLETE", "COMPLETE"]
+    study = optuna.load_study(study_name=resumed.study_name, storage=f"sqlite:///{Path.cwd()}/mlruns/optuna.db")
+    complete = [(t.params["lr"], t.params["lr_decay"]) for t in study.trials
+                if t.state == TrialState.COMPLETE and not t.user_attrs.get("baseline")]
+    assert sorted(complete) == [(lr, d) for lr in (0.01, 0.5) for d in (0.85, 0.99)]
+    assert "every point of the 4-point grid has run: stopped after 2 of 9 trials" in lines
+    lines.clear()
+    again = tune(cfg, tune_cfg, report=lines.append)  # a finished grid: no point runs again
+    assert again.trials == [] and "every point of the 4-point grid has run: stopped after 0 of 9 trials" in lines
 
 
 @pytest.mark.slow
