@@ -40,7 +40,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,10 +293,13 @@ def tune(
                 tracking.log_metrics({f"best_so_far_{OBJECTIVE}": best.value}, step=trial.number)
 
         objective = _Objective(cfg, tune_cfg, splits, study_name, progress, teacher.model if teacher else None)
-        # A finished grid with nothing queued: Optuna would run one of its points again, at random.
-        finished_grid = grid and study.sampler.is_exhausted(study) and not study.get_trials(
-            deepcopy=False, states=(TrialState.WAITING,))
         with _quiet_optuna():
+            if grid:  # what optimize() would do first: a dead worker's trial is failed (and queued again)
+                with deferred():
+                    optuna.storages.fail_stale_trials(study)
+            # A finished grid with nothing queued: Optuna would run one of its points again, at random.
+            finished_grid = grid and study.sampler.is_exhausted(study) and not study.get_trials(
+                deepcopy=False, states=(TrialState.WAITING,))
             try:
                 if not finished_grid:
                     study.optimize(objective, n_trials=tune_cfg.n_trials, timeout=tune_cfg.timeout,
@@ -456,7 +459,11 @@ class _Objective:
                     self._finish(trial, "COMPLETE", None)
         except KeyboardInterrupt:
             if finishing:  # held back while the run was tagged or closed: Optuna fails the trial, so must the run
-                tracking.mark_killed(run_id, {"optuna_state": "FAIL", "optuna_reason": INTERRUPTED})
+                try:
+                    tracking.mark_killed(run_id, {"optuna_state": "FAIL", "optuna_reason": INTERRUPTED})
+                except Exception as error:  # the interrupt still ends the trial as interrupted
+                    log.warning("could not mark MLflow run %s of interrupted trial %d KILLED: %s", run_id,
+                                trial.number, first_line(error))
             raise
         except TrainingDivergedError:
             # NaN values make Optuna mark the trial FAIL (reason in its user attrs); the study goes on.
@@ -549,6 +556,9 @@ def check_storage(storage_url: str, heartbeat_interval: int, *, default: bool = 
         raise _unusable(storage_url, problem)
 
 
+JOURNAL_FIRST_BYTES = b'{"op_code":'  # how Optuna's JournalFileBackend starts every entry
+
+
 def _not_an_optuna_file(path: Path, *, journal: bool) -> str | None:
     """Why the existing file at ``path`` is not an Optuna storage of its kind, or None (new, empty, or one)."""
     if path.exists() and not path.is_file():
@@ -558,8 +568,8 @@ def _not_an_optuna_file(path: Path, *, journal: bool) -> str | None:
     if journal:
         with open(path, "rb") as file:
             first = file.readline(1 << 20)
-        if not first.endswith(b"\n"):
-            return None  # being written by another worker (or cut off by a crash): Optuna's to judge
+        if not first.endswith(b"\n") and first[:len(JOURNAL_FIRST_BYTES)] == JOURNAL_FIRST_BYTES[:len(first)]:
+            return None  # a first entry another worker is writing (or a crash cut off): Optuna's to judge
         try:
             entry = json.loads(first)
         except ValueError:
@@ -935,12 +945,24 @@ def _sampler(tune_cfg: TuneConfig, seed: int, *, decay: bool = True,
         # and every resumed run must shuffle alike, or an id would name another point in each (points run
         # twice, others never). Which unvisited point comes next may differ: in a resumed study or on a
         # shared storage the sampler's generator is reseeded (from the OS), so workers pick apart.
-        sampler = optuna.samplers.GridSampler(grid_space(tune_cfg, decay=decay),
-                                              seed=seed if study_seed is None else study_seed)
+        sampler = _GridSampler(grid_space(tune_cfg, decay=decay), seed=seed if study_seed is None else study_seed)
         if study_seed is not None and seed != study_seed:
             sampler.reseed_rng()
         return sampler
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune_cfg.tpe_startup_trials)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, for trials queued outside the grid too (the baseline, a dead worker's
+    baseline queued again): those have no grid id, which its ``after_trial`` reads once one grid
+    point is left (a KeyError out of ``optimize``). For them the study stops once the grid is done."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        if "grid_id" in study._storage.get_trial_system_attrs(trial._trial_id):
+            super().after_trial(study, trial, state, values)
+        elif self.is_exhausted(study):
+            study.stop()
 
 
 def _pruner(tune_cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:

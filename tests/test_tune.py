@@ -460,7 +460,7 @@ def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracki
         raise AssertionError("the data was loaded before the storage was checked")
 
     blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder\n")
+    blocker.write_text("not a folder")  # no newline: not a journal line being written either
     mlflow_like = tmp_path / "tracking.db"  # e.g. --storage given MLflow's database by mistake
     with sqlite3.connect(mlflow_like) as db:
         db.executescript("CREATE TABLE experiments (id INTEGER); CREATE TABLE runs (id INTEGER);")
@@ -492,11 +492,13 @@ def test_a_storage_file_being_written_or_locked_is_left_to_optuna(tmp_path):
     journal = tmp_path / "studies.log"
     journal.write_bytes(b'{"op_code": 0, "worker_id": "a"')  # another worker's first line, half written
     assert _not_an_optuna_file(journal, journal=True) is None
-    journal.write_bytes(b"hello\n")
-    assert "not an Optuna journal file" in _not_an_optuna_file(journal, journal=True)
+    for other in (b"hello\n", b"hello"):  # a text file, with or without its newline
+        journal.write_bytes(other)
+        assert "not an Optuna journal file" in _not_an_optuna_file(journal, journal=True)
     database = tmp_path / "optuna.db"
     optuna.create_study(storage=f"sqlite:///{database}")
     assert _not_an_optuna_file(database, journal=False) is None
+    assert "not an Optuna journal file" in _not_an_optuna_file(database, journal=True)  # a path, not sqlite:///
     with sqlite3.connect(database, isolation_level=None) as writer:
         writer.execute("BEGIN EXCLUSIVE")  # a worker writing: not readable now, but no reason to refuse
         assert _not_an_optuna_file(database, journal=False) is None
@@ -592,6 +594,23 @@ def test_a_grid_study_resumed_or_shared_runs_every_point_once(tmp_path):
         study = run(storage, 4)  # not the 9th: the grid sampler would stop the study, outside optimize()
         points = [(t.params["lr"], t.params["lr_decay"]) for t in study.trials]
         assert len(set(points)) == len(points) == 8 and not study.sampler.is_exhausted(study)
+
+
+def test_a_baseline_that_finishes_with_one_grid_point_left_does_not_stop_the_grid(tmp_path):
+    # The baseline is queued outside the grid (no grid id); Optuna's grid sampler read one from every
+    # trial that finished with a single grid point left, and raised KeyError out of optimize().
+    study = open_study(ExperimentConfig(), TuneConfig(sampler="grid", grid_size=2), "grid",
+                       f"sqlite:///{tmp_path}/optuna.db")
+
+    def objective(trial):
+        return trial.suggest_float("lr", 0.01, 0.5, log=True) * trial.suggest_float("lr_decay", 0.85, 0.99)
+
+    study.optimize(objective, n_trials=3)  # three of the four points
+    study.enqueue_trial({"lr": 0.1, "lr_decay": 0.95}, user_attrs={"baseline": True})
+    study.optimize(objective, n_trials=1)  # the baseline, with one point left
+    study.optimize(objective, n_trials=5)  # the last point, then the study stops: the grid is done
+    points = {(t.params["lr"], t.params["lr_decay"]) for t in study.trials if not t.user_attrs.get("baseline")}
+    assert len(study.trials) == 5 and points == {(lr, d) for lr in (0.01, 0.5) for d in (0.85, 0.99)}
 
 
 def test_interrupted_grid_points_are_queued_again_once():
