@@ -818,7 +818,9 @@ def test_benchmark_then_pareto_cli(in_store, tiny_data, tmp_path):
     run_id, _, cache = in_store
     before = {r.info.run_id for r in all_runs()}
     output = tmp_path / "reports" / "bench.json"  # a folder the benchmark creates
+    # --model, --widths and --hidden at their defaults, written out as the MLproject's entry point does
     result = run_cli("benchmark", "--model-uri", f"runs:/{run_id}/model", "--data-dir", tiny_data,
+                     "--model", "seed", "--widths", "", "--hidden", "0",
                      "--cache-dir", cache, "--experiment-name", "inference", "--threads", "1",
                      "--output", output, *QUICK_ARGS)
     assert result.exit_code == 0, result.output
