@@ -366,6 +366,7 @@ class _Objective:
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
         self.process = worker_process()
         self.trial: optuna.Trial | None = None  # the trial running or run last
+        self.failed_on_its_own = False  # that trial diverged or crashed (before any interrupt)
 
     def lost_trial(self, study: optuna.Study, error: Exception) -> str | None:
         """Why ``error`` (raised by ``study.optimize``) means that another worker failed this worker's
@@ -400,14 +401,17 @@ class _Objective:
             return self._run(trial)
         except KeyboardInterrupt:
             # Wherever it struck (also as the trial's run opened or closed), the trial is recorded as
-            # interrupted: Optuna marks it FAIL, and an interrupted baseline is queued again.
+            # interrupted: Optuna marks it FAIL, and an interrupted baseline is queued again. Not one
+            # that failed on its own first (the interrupt held back while that was recorded): it keeps
+            # its reason, and a diverged baseline is not queued again to diverge once more.
             with deferred():
-                if trial.user_attrs.get("reason") != INTERRUPTED:
+                if not self.failed_on_its_own and trial.user_attrs.get("reason") != INTERRUPTED:
                     trial.set_user_attr("reason", INTERRUPTED)
             raise
 
     def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
         self.trial = trial
+        self.failed_on_its_own = False
         with deferred():  # each suggestion and attribute is a write to the Optuna storage
             trial.set_user_attr("worker", self.worker)
             trial.set_user_attr("worker_process", self.process)
@@ -448,9 +452,11 @@ class _Objective:
                     finishing = "PRUNED"
                     self._finish(trial, "PRUNED", str(error))
                 except TrainingDivergedError as error:
+                    self.failed_on_its_own = True
                     self._finish(trial, "FAIL", str(error))
                     raise
                 except BaseException as error:  # Ctrl-C, SIGTERM or a bug: Optuna marks the trial FAIL
+                    self.failed_on_its_own = not isinstance(error, KeyboardInterrupt)
                     self._finish(trial, "FAIL", INTERRUPTED if isinstance(error, KeyboardInterrupt)
                                  else f"{type(error).__name__}: {first_line(error)}")
                     raise

@@ -322,7 +322,7 @@ def test_a_trial_that_crashes_is_failed_in_optuna_and_mlflow(tiny_data, tracking
     assert runs["trial-0"].data.tags["optuna_reason"] == "RuntimeError: boom"
 
 
-@pytest.mark.parametrize("where", ["complete tag", "run close"])
+@pytest.mark.parametrize("where", ["complete tag", "run close", "diverged"])
 def test_an_interrupt_held_back_while_a_trial_is_finished_fails_it_in_both(tiny_data, tracking_store, cache_dir,
                                                                            tmp_path, monkeypatch, where):
     # Ctrl-C during the write of optuna_state=COMPLETE, or of the run's FINISHED status, takes effect
@@ -333,7 +333,7 @@ def test_an_interrupt_held_back_while_a_trial_is_finished_fails_it_in_both(tiny_
 
     def interrupted_after_tag(tags):
         set_tags(tags)
-        if tags.get("optuna_state") == "COMPLETE":
+        if tags.get("optuna_state") == ("FAIL" if where == "diverged" else "COMPLETE"):
             raise KeyboardInterrupt
 
     def interrupted_after_close(status):
@@ -341,20 +341,23 @@ def test_an_interrupt_held_back_while_a_trial_is_finished_fails_it_in_both(tiny_
         if status == "FINISHED":  # the trial's run: the first to finish
             raise KeyboardInterrupt
 
-    if where == "complete tag":
-        monkeypatch.setattr(tracking, "set_tags", interrupted_after_tag)
-    else:
+    if where == "run close":
         monkeypatch.setattr(tracking, "_end_run", interrupted_after_close)
+    else:
+        monkeypatch.setattr(tracking, "set_tags", interrupted_after_tag)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1, amp=False, lr=1e6 if where == "diverged" else 0.1)
     with pytest.raises(KeyboardInterrupt):
-        tune(tiny_config(tiny_data, cache_dir, epochs=1), TuneConfig(n_trials=1, study_name="late", storage=storage),
-             report=lambda line: None)
+        tune(cfg, TuneConfig(n_trials=1, study_name="late", storage=storage, lr_max=1e7), report=lambda line: None)
     [trial] = optuna.load_study(study_name="late", storage=storage).trials
-    assert trial.state == TrialState.FAIL and trial.user_attrs["reason"] == "interrupted"
     runs = {r.info.run_name: r for r in all_runs()}
+    assert trial.state == TrialState.FAIL
     assert runs["trial-0"].info.status == runs["tune-late"].info.status == "KILLED"
     assert runs["trial-0"].data.tags["optuna_state"] == "FAIL"
-    assert runs["trial-0"].data.tags["optuna_reason"] == "interrupted"
+    # A trial that diverged before the interrupt keeps that reason (its baseline is not queued again).
+    reason = trial.user_attrs["reason"]
+    assert reason.startswith("training loss became") if where == "diverged" else reason == "interrupted"
+    assert runs["trial-0"].data.tags["optuna_reason"] == reason
 
 
 def test_every_trial_distils_from_the_teacher_loaded_once(tiny_data, tracking_store, cache_dir, tmp_path,
