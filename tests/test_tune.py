@@ -599,6 +599,27 @@ def test_a_grid_study_resumed_or_shared_runs_every_point_once(tmp_path):
         assert len(set(points)) == len(points) == 8 and not study.sampler.is_exhausted(study)
 
 
+def test_a_finished_grid_still_fails_and_reruns_a_dead_workers_trial(tiny_data, tracking_store, cache_dir, tmp_path):
+    # A run on a finished grid skips optimize(), where Optuna fails trials whose heartbeat stopped:
+    # it must do that first, or a dead worker's trial would stay RUNNING for good.
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    cfg = tiny_config(tiny_data, cache_dir, epochs=1)
+    tune_cfg = TuneConfig(n_trials=5, sampler="grid", grid_size=2, pruner="none", storage=url, study_name="grid",
+                          heartbeat_interval=1)
+    tune(cfg, tune_cfg, report=lambda line: None)  # the baseline and the four points
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1)
+    study = optuna.load_study(study_name="grid", storage=storage)
+    study.enqueue_trial({"lr": 0.1, "lr_decay": 0.95}, user_attrs={"baseline": True})
+    dead = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.5, log=True),
+                      "lr_decay": optuna.distributions.FloatDistribution(0.85, 0.99)})
+    storage.record_heartbeat(dead._trial_id)  # its worker's last sign of life
+    time.sleep(2.5)  # longer than the grace period, twice the interval
+    again = tune(cfg, tune_cfg, report=lambda line: None)
+    states = [t.state for t in optuna.load_study(study_name="grid", storage=url).trials]
+    assert states[dead.number] == TrialState.FAIL and TrialState.RUNNING not in states
+    assert [t.state for t in again.trials] == ["COMPLETE"]  # its retry, and nothing else: the grid is done
+
+
 def test_a_baseline_that_finishes_with_one_grid_point_left_does_not_stop_the_grid(tmp_path):
     # The baseline is queued outside the grid (no grid id); Optuna's grid sampler read one from every
     # trial that finished with a single grid point left, and raised KeyError out of optimize().
