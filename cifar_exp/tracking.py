@@ -225,9 +225,7 @@ def kill_stale_run(run_id: str, tags: dict[str, str] | None = None) -> list[str]
         except MlflowException:
             break
         if run.info.status == "RUNNING":
-            for key, value in (tags or {} if run_id == first else {}).items():  # not on a parent still open
-                client.set_tag(run_id, key, value)
-            client.set_terminated(run_id, status="KILLED")
+            mark_killed(run_id, (tags or {}) if run_id == first else {})  # not on a parent still open
             closed.append(run_id)
         run_id = run.data.tags.get("mlflow.parentRunId")
     return closed

@@ -902,6 +902,12 @@ def _queue_again(study: optuna.Study, trial: FrozenTrial, max_retry: int = 1) ->
     system_attrs["retry_history"] = [*system_attrs["retry_history"], trial.number]
     if len(system_attrs["retry_history"]) > max_retry:
         return
+    _queue_copy(study, trial, system_attrs)
+
+
+def _queue_copy(study: optuna.Study, trial: FrozenTrial, system_attrs: dict[str, Any]) -> None:
+    """Queue ``trial``'s parameters to run again, with ``system_attrs``, its user attributes but not
+    what its worker recorded (``WORKER_ATTRS``)."""
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs={k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS},
@@ -941,8 +947,7 @@ def grid_space(tune_cfg: TuneConfig, *, decay: bool = True) -> dict[str, list[fl
     return space
 
 
-def _sampler(tune_cfg: TuneConfig, seed: int, *, decay: bool = True,
-             study_seed: int | None = None) -> optuna.samplers.BaseSampler:
+def _sampler(tune_cfg: TuneConfig, seed: int, *, decay: bool, study_seed: int) -> optuna.samplers.BaseSampler:
     """The sampler for ``seed`` (``sampler_seed``); ``study_seed``: the study's ``--seed``, which orders a grid."""
     if tune_cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -951,8 +956,8 @@ def _sampler(tune_cfg: TuneConfig, seed: int, *, decay: bool = True,
         # and every resumed run must shuffle alike, or an id would name another point in each (points run
         # twice, others never). Which unvisited point comes next may differ: in a resumed study or on a
         # shared storage the sampler's generator is reseeded (from the OS), so workers pick apart.
-        sampler = _GridSampler(grid_space(tune_cfg, decay=decay), seed=seed if study_seed is None else study_seed)
-        if study_seed is not None and seed != study_seed:
+        sampler = _GridSampler(grid_space(tune_cfg, decay=decay), seed=study_seed)
+        if seed != study_seed:
             sampler.reseed_rng()
         return sampler
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune_cfg.tpe_startup_trials)
@@ -1060,11 +1065,7 @@ def grid_trials_to_retry(study: optuna.Study, grid: dict[str, list[float]]) -> l
 def _queue_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue an interrupted grid trial again: its point and grid id (the grid sampler reads the id of
     every trial it sees finish), not what its worker recorded."""
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS},
-        system_attrs={k: v for k, v in trial.system_attrs.items() if k in ("grid_id", "search_space")},
-    ))
+    _queue_copy(study, trial, {k: v for k, v in trial.system_attrs.items() if k in ("grid_id", "search_space")})
 
 
 def baseline_trial(study: optuna.Study) -> TrialSummary | None:
