@@ -113,8 +113,11 @@ def benchmark_and_track(
     # before the run opens, and a failed run leaves no report behind.
     staged = _stage_text(make_folder(json_path.parent), json_path.name, json.dumps(document, indent=2))
 
+    # The GPU is named where a CUDA backend was measured; every other backend ran on the CPU.
+    measured_on = next((torch.device(b.device) for b in report.backends if b.device.startswith("cuda")),
+                       torch.device("cpu"))
     tags = {
-        **tracking.environment_tags(torch.device("cpu"), None),
+        **tracking.environment_tags(measured_on, None),
         RUN_KIND: "benchmark",
         "model": label,
         "model_uri": bench.model_uri or "none (untrained)",

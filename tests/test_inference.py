@@ -1,6 +1,7 @@
 """Inference: MAC counts, latency measurement, ONNX / int8 export, benchmark report, Pareto front, CLI."""
 
 import copy
+import dataclasses
 import csv
 import json
 import shutil
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import inference, tracking
+from cifar_exp import deployment, inference, tracking
 from cifar_exp.config import BenchmarkConfig, DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
 from cifar_exp.deployment import _benchmark_data
 from cifar_exp.data import load_splits
@@ -880,6 +881,23 @@ def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):
     assert run.data.tags["model"] == "seed" and run.data.tags["model_uri"] == "none (untrained)"
     assert "onnxruntime-fp32/b1/p50_ms" in run.data.metrics
     assert "onnxruntime-fp32/test_accuracy" not in run.data.metrics  # untrained: no accuracy to report
+
+
+def test_a_benchmark_that_measured_on_the_gpu_is_tagged_with_it(in_store, tmp_path, monkeypatch):
+    # No GPU here: the CPU backend's result is relabelled as measured on CUDA, as pytorch-fp32-cuda's is.
+    measured = deployment.run_benchmark
+
+    def on_the_gpu(*args, **kwargs):
+        report = measured(*args, **kwargs)
+        return dataclasses.replace(report, backends=[dataclasses.replace(b, device="cuda") for b in report.backends])
+
+    monkeypatch.setattr(deployment, "run_benchmark", on_the_gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A GPU")
+    result = run_cli("benchmark", "--model", "seed", "--backends", "pytorch-fp32", "--experiment-name", "gpu",
+                     "--output", tmp_path / "b.json", "--threads", "1", *QUICK_ARGS)
+    assert result.exit_code == 0, result.output
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("gpu").experiment_id])
+    assert run.data.tags["device"] == "cuda" and run.data.tags["device_name"] == "A GPU"
 
 
 def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_path):
