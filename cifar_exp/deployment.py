@@ -33,7 +33,7 @@ from cifar_exp.inference import (
     check_file_targets,
     check_writable_folder,
     export_and_verify,
-    make_folder,
+    output_folder,
     run_benchmark,
 )
 from cifar_exp.models import NUM_CLASSES
@@ -109,10 +109,6 @@ def benchmark_and_track(
         report = run_benchmark(model, label=label, cfg=bench, calibration=calibration,
                                calibration_missing=missing, test=test, work_dir=Path(tmp))
     document = {**report.to_dict(), "model_uri": bench.model_uri, "source_run_id": source_run_id}
-    # Written beside --output first, and put in its place once the run is logged: a full disk fails
-    # before the run opens, and a failed run leaves no report behind.
-    staged = _stage_text(make_folder(json_path.parent), json_path.name, json.dumps(document, indent=2))
-
     # The GPU is named where a CUDA backend was measured; every other backend ran on the CPU.
     measured_on = next((torch.device(b.device) for b in report.backends if b.device.startswith("cuda")),
                        torch.device("cpu"))
@@ -125,21 +121,25 @@ def benchmark_and_track(
         "torch_threads": str(report.threads),
         "best_backend_batch1": report.best(1).name if 1 in report.batch_sizes else "n/a",
     }
-    try:
-        with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
-            tracking.log_params({**{f"benchmark.{k}": v for k, v in asdict(bench).items()},
-                                 **({} if bench.model_uri else {"train.model": train_cfg.model,
-                                                                "train.widths": train_cfg.widths,
-                                                                "train.hidden": train_cfg.hidden}),
-                                 "data.data_dir": data_cfg.data_dir})
-            tracking.log_metrics(benchmark_metrics(report))
-            tracking.log_dict(document, "benchmark.json")
-            tracking.log_text(report.table() + "\n", "benchmark.txt")
-            tracking.log_table(benchmark_rows(report), "benchmark_table.json")
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    _move_into_place(staged, json_path)
+    # Written beside --output first, and put in its place once the run is logged: a full disk fails
+    # before the run opens, and a failed run leaves no report behind (nor a folder made for it).
+    with output_folder(json_path.parent):
+        staged = _stage_text(json_path.parent, json_path.name, json.dumps(document, indent=2))
+        try:
+            with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
+                tracking.log_params({**{f"benchmark.{k}": v for k, v in asdict(bench).items()},
+                                     **({} if bench.model_uri else {"train.model": train_cfg.model,
+                                                                    "train.widths": train_cfg.widths,
+                                                                    "train.hidden": train_cfg.hidden}),
+                                     "data.data_dir": data_cfg.data_dir})
+                tracking.log_metrics(benchmark_metrics(report))
+                tracking.log_dict(document, "benchmark.json")
+                tracking.log_text(report.table() + "\n", "benchmark.txt")
+                tracking.log_table(benchmark_rows(report), "benchmark_table.json")
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        _move_into_place(staged, json_path)
     return BenchmarkOutcome(run_id, report, json_path)
 
 

@@ -300,7 +300,7 @@ def onnx_weight_bytes(path: Path) -> int:
 def check_writable_folder(folder: Path) -> Path:
     """Prove that ``folder`` can hold new files, before any slow work, without creating it.
 
-    A missing folder is checked through its nearest existing parent (``make_folder`` creates it
+    A missing folder is checked through its nearest existing parent (``output_folder`` creates it
     once there is something to write), so that input refused later leaves no empty folder behind.
     """
     folder = Path(folder).expanduser()
@@ -329,13 +329,22 @@ def check_file_targets(folder: Path, names: Iterable[str]) -> None:
             raise ExportError(f"cannot write {target}: it is a folder")
 
 
-def make_folder(folder: Path) -> Path:
-    """``folder``, created with its parents if missing (after ``check_writable_folder`` passed)."""
+@contextlib.contextmanager
+def output_folder(folder: Path) -> Iterator[Path]:
+    """``folder``, created with its parents if missing (after ``check_writable_folder`` passed); the
+    folders it created are removed again if the block fails, which then must leave nothing in them."""
+    created = [path for path in (folder, *folder.parents) if not path.exists()]  # innermost first
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ExportError(f"cannot write to {folder}: {error.strerror or error}") from None
-    return folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ExportError(f"cannot write to {folder}: {error.strerror or error}") from None
+        yield folder
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):  # not empty after all: kept
+                path.rmdir()
+        raise
 
 
 def shipped_copy(model: nn.Module) -> nn.Module:
@@ -1291,19 +1300,10 @@ def export_and_verify(
     model = shipped_copy(model)
     out_dir = check_writable_folder(out_dir)
     check_file_targets(out_dir, EXPORTED_FILES)
-    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # innermost first
-    make_folder(out_dir)
-    try:
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
-            staged = _export_and_verify_in(model, Path(staging), test=test, calibration=calibration,
-                                           threads=threads)
-            extra_files = list(publish(staged)) if publish else []
-            _move_exported_files(Path(staging), out_dir, extra_files)
-    except BaseException:
-        for folder in created:  # made for this export, which wrote nothing into them
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+    with output_folder(out_dir), tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
+        staged = _export_and_verify_in(model, Path(staging), test=test, calibration=calibration, threads=threads)
+        extra_files = list(publish(staged)) if publish else []
+        _move_exported_files(Path(staging), out_dir, extra_files)
     return replace(
         staged,
         onnx_path=out_dir / "model.onnx",

@@ -1146,9 +1146,9 @@ def test_a_benchmark_that_fails_while_logging_writes_no_report(in_store, tmp_pat
 
     monkeypatch.setattr(tracking, "log_table", store_gone)
     result = run_cli("benchmark", "--model", "seed", "--backends", "pytorch-fp32", "--experiment-name",
-                     "failed-benchmarks", "--output", tmp_path / "b.json", *QUICK_ARGS)
+                     "failed-benchmarks", "--output", tmp_path / "reports" / "b.json", *QUICK_ARGS)
     assert result.exit_code == 1 and "Error: the store went away" in result.output
-    assert list(tmp_path.iterdir()) == []  # neither the report nor its staged copy
+    assert list(tmp_path.iterdir()) == []  # neither the report, its staged copy nor the folder made for them
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("failed-benchmarks").experiment_id])
     assert run.info.status == "FAILED"
 
