@@ -231,6 +231,7 @@ def _load_image_folder_splits(root: Path, cache_dir: Path, splits: tuple[str, ..
         if extra:
             raise DataError(f"{root / 'test'} has class folder {extra[0]!r} that train lacks")
 
+    _check_each_image_has_one_place(files)
     listing = [(split, c, image.name, *_size_and_mtime(image.entry))
                for split in files for c in classes for image in files[split][c]]
     digest = hashlib.sha256(repr((CACHE_FORMAT, str(root), listing)).encode()).hexdigest()[:20]
@@ -260,6 +261,22 @@ def _load_image_folder_splits(root: Path, cache_dir: Path, splits: tuple[str, ..
     return sets, classes, source
 
 
+def _check_each_image_has_one_place(files: dict[str, dict[str, list[ImageFile]]]) -> None:
+    """Refuse one image file reached (through links) from two splits, which would leak test images
+    into training, or from two classes of a split, which would give it two labels."""
+    owner: dict[str, tuple[str, str, str]] = {}  # real path -> (split, class, path as listed)
+    for split, classes in files.items():
+        for label, images in classes.items():
+            for image in images:
+                first_split, first_label, first_path = owner.setdefault(image.real, (split, label, image.entry.path))
+                if first_split != split:
+                    raise DataError(f"{image.entry.path} is the same file as {first_path}: an image in both "
+                                    f"{first_split}/ and {split}/ would leak the test split into training")
+                if first_label != label:
+                    raise DataError(f"{image.entry.path} is the same file as {first_path}: refusing to label one "
+                                    f"image both {first_label!r} and {label!r}")
+
+
 def _size_and_mtime(entry: os.DirEntry) -> tuple[int, int]:
     try:
         info = entry.stat()
@@ -271,6 +288,7 @@ def _size_and_mtime(entry: os.DirEntry) -> tuple[int, int]:
 class ImageFile(NamedTuple):
     name: str  # its path inside the class folder, "/"-separated: the file name, for an image directly in it
     entry: os.DirEntry
+    real: str  # the path with every link resolved: which file it is, however it was reached
 
 
 def _list_split(root: Path, split: str) -> dict[str, list[ImageFile]]:
@@ -286,17 +304,19 @@ def _list_split(root: Path, split: str) -> dict[str, list[ImageFile]]:
     files = {}
     for class_dir in class_dirs:
         class_real = os.path.realpath(class_dir.path)
-        images = sorted(_image_files(class_dir.path, "", class_dir.name, class_real, split_real, {class_real}))
+        images = sorted(_image_files(class_dir.path, class_real, "", class_dir.name, class_real, split_real,
+                                     {class_real}))
         if not images:
             raise DataError(f"class folder {class_dir.path} holds no .png/.jpg images")
         files[class_dir.name] = images
     return files
 
 
-def _image_files(folder: str, prefix: str, label: str, class_real: str, split_real: str,
+def _image_files(folder: str, folder_real: str, prefix: str, label: str, class_real: str, split_real: str,
                  seen: set[str]) -> Iterator[ImageFile]:
-    """The images in ``folder`` and its subfolders (images in subfolders count, as in torchvision's
-    ImageFolder), hidden entries left out; a folder reached again through a link is read once."""
+    """The images in ``folder`` (``folder_real`` with links resolved) and its subfolders (images in
+    subfolders count, as in torchvision's ImageFolder), hidden entries left out; a folder reached again
+    through a link is read once."""
     for entry in os.scandir(folder):
         if entry.name.startswith("."):
             continue
@@ -309,9 +329,11 @@ def _image_files(folder: str, prefix: str, label: str, class_real: str, split_re
                                 f"to label them {label!r}")
             if real not in seen:
                 seen.add(real)
-                yield from _image_files(entry.path, f"{prefix}{entry.name}/", label, class_real, split_real, seen)
+                yield from _image_files(entry.path, real, f"{prefix}{entry.name}/", label, class_real, split_real,
+                                        seen)
         elif entry.name.lower().endswith(IMAGE_SUFFIXES):
-            yield ImageFile(prefix + entry.name, entry)
+            real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(folder_real, entry.name)
+            yield ImageFile(prefix + entry.name, entry, real)
 
 
 def _decode_split(split: str, files: dict[str, list[ImageFile]], classes: tuple[str, ...]) -> ImageSet:

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -170,6 +171,32 @@ def test_images_in_a_class_folders_subfolders_are_read_as_imagefolder_reads_them
                                             "refusing to label them 'cat'$"):
             load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
         link.unlink()
+
+
+@pytest.mark.parametrize(("make_link", "message"), [
+    # A link into the test split: its images would be trained on (under "cat", too).
+    (lambda root: (root / "train" / "cat" / "more").symlink_to(root / "test" / "dog"),
+     "{root}/test/dog/0000.png is the same file as {root}/train/cat/more/0000.png: an image in both train/ and "
+     "test/"),
+    (lambda root: (root / "train" / "cat" / "more").symlink_to(root / "test" / "cat"),
+     "{root}/test/cat/0000.png is the same file as {root}/train/cat/more/0000.png: an image in both train/ and "
+     "test/ would leak the test split into training"),
+    (lambda root: (root / "train" / "cat" / "copy.png").symlink_to(root / "test" / "cat" / "0001.jpg"),
+     "{root}/test/cat/0001.jpg is the same file as {root}/train/cat/copy.png: an image in both train/ and test/"),
+    # A class folder that is another class's: every image labelled twice.
+    (lambda root: (shutil.rmtree(root / "train" / "dog"), (root / "train" / "dog").symlink_to(root / "train" / "cat")),
+     "{root}/train/dog/0000.png is the same file as {root}/train/cat/0000.png: refusing to label one image both "
+     "'cat' and 'dog'"),
+    # A test class folder that is a training one.
+    (lambda root: (shutil.rmtree(root / "test" / "cat"), (root / "test" / "cat").symlink_to(root / "train" / "cat")),
+     "{root}/test/cat/0000.png is the same file as {root}/train/cat/0000.png: an image in both train/ and test/"),
+])
+def test_one_image_reached_from_two_places_is_refused(tmp_path, cache_dir, make_link, message):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=2)
+    make_link(root)
+    with pytest.raises(DataError, match="^" + re.escape(message.format(root=root))):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+    assert not any(Path(cache_dir).glob("*"))  # refused before anything was decoded or cached
 
 
 def test_a_flat_folders_cache_key_is_what_it_was_before_subfolders_counted(tmp_path, cache_dir):
