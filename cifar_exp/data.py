@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -258,7 +259,21 @@ def _load_image_folder_splits(root: Path, cache_dir: Path, splits: tuple[str, ..
                 with contextlib.suppress(OSError):
                     stale.unlink()
                     log.info("removed the outdated cache %s", stale)
+        _remove_abandoned_writes(cache_dir, folder_key)
     return sets, classes, source
+
+
+# A cache write takes seconds (tens for the full dataset on a slow disk) and keeps touching its file:
+# one untouched for this long was left by a process killed while writing (SIGKILL, out of memory).
+ABANDONED_WRITE_SECONDS = 15 * 60
+
+
+def _remove_abandoned_writes(cache_dir: Path, folder_key: str) -> None:
+    for partial in cache_dir.glob(f"imagefolder-{folder_key}-*.tmp*"):
+        with contextlib.suppress(OSError):
+            if time.time() - partial.stat().st_mtime > ABANDONED_WRITE_SECONDS:
+                partial.unlink()
+                log.info("removed %s, a cache write that never finished", partial)
 
 
 def _check_each_image_has_one_place(files: dict[str, dict[str, list[ImageFile]]]) -> None:

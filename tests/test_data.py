@@ -123,6 +123,22 @@ def test_an_interrupted_cache_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(cache.iterdir()) == []
 
 
+def test_a_cache_write_killed_long_ago_is_cleaned_up_and_one_in_progress_is_not(tmp_path):
+    # SIGKILL (or the OOM killer) while writing leaves the temporary file: no handler runs.
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    cfg = DataConfig(data_dir=str(root), val_on_test=True, cache_dir=str(tmp_path / "cache"))
+    load_splits(cfg)
+    [cache] = list((tmp_path / "cache").iterdir())
+    abandoned, in_progress = cache.with_suffix(".tmp4242"), cache.with_suffix(".tmp4343")
+    abandoned.write_bytes(b"partial")
+    long_ago = time.time() - data_module.ABANDONED_WRITE_SECONDS - 60
+    os.utime(abandoned, (long_ago, long_ago))
+    in_progress.write_bytes(b"being written by another process")
+    cache.unlink()  # decoded and saved again, then cleaned up after
+    load_splits(cfg)
+    assert sorted((tmp_path / "cache").iterdir()) == [cache, in_progress]
+
+
 def test_an_unwritable_cache_only_costs_speed(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
     cache = tmp_path / "cache"
