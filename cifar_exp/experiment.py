@@ -68,6 +68,8 @@ def train_and_track(
     ``teacher``: ``cfg.train.teacher`` already loaded (else it is loaded here).
     """
     tracking.check_tracking_store()
+    if not nested:
+        tracking.check_run_target(cfg.tracking.experiment_name)
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp_dtype(cfg.train, device)
     build_network(cfg.train)  # rejects unknown names and knobs before the data loads
@@ -136,6 +138,7 @@ def evaluate_and_track(evaluate: EvaluateConfig, cfg: ExperimentConfig) -> Evalu
     model_uri, data_cfg, tracking_cfg = evaluate.model_uri, cfg.data, cfg.tracking
     batch_size, tta = cfg.train.eval_batch_size, cfg.train.tta
     tracking.check_tracking_store()
+    tracking.check_run_target(tracking_cfg.experiment_name)
     device = resolve_device(cfg.train.device)
     model = tracking.load_model(model_uri).to(device)
     class_count = check_classifier(model, model_uri, device)

@@ -196,9 +196,10 @@ def _start_or_resume_run(
         # Taken out of the environment, as mlflow.start_run() itself does, so that nested runs
         # started later (tune's trials) are new runs, not that run resumed.
         run_id = os.environ.pop("MLFLOW_RUN_ID")
+        _check_project_run(MlflowClient(), run_id)
         try:
             return mlflow.start_run(run_id=run_id, tags=tags)
-        except MlflowException as error:  # a run id from another store, or none at all
+        except MlflowException as error:
             raise TrackingError(f"cannot log into MLFLOW_RUN_ID {run_id}: {first_line(error)}") from None
     try:
         if mlflow.active_run() is None:
@@ -550,17 +551,11 @@ def run_is_active(run_id: str) -> bool:
 
 def check_run_target(experiment_name: str) -> None:
     """Fail fast, before slow work or anything written, where a new run could not start: under ``mlflow
-    run``, ``MLFLOW_RUN_ID`` must name a run of this store that is not deleted; else an experiment
+    run``, ``MLFLOW_RUN_ID`` must name a running run of this store; else an experiment
     ``experiment_name`` must not be a deleted one (MLflow keeps the name)."""
     client = MlflowClient()
     if inside_project_run():
-        run_id = os.environ["MLFLOW_RUN_ID"]
-        try:
-            stage = client.get_run(run_id).info.lifecycle_stage
-        except MlflowException as error:
-            raise TrackingError(f"cannot log into MLFLOW_RUN_ID {run_id}: {first_line(error)}") from None
-        if stage != "active":
-            raise TrackingError(f"cannot log into MLFLOW_RUN_ID {run_id}: the run was deleted")
+        _check_project_run(client, os.environ["MLFLOW_RUN_ID"])
         return
     try:
         experiment = client.get_experiment_by_name(experiment_name)
@@ -569,6 +564,21 @@ def check_run_target(experiment_name: str) -> None:
     if experiment is not None and experiment.lifecycle_stage != "active":
         raise TrackingError(f"experiment {experiment_name!r} was deleted: restore it (`mlflow experiments restore "
                             f"--experiment-id {experiment.experiment_id}`) or pass another --experiment-name")
+
+
+def _check_project_run(client: MlflowClient, run_id: str) -> None:
+    """``MLFLOW_RUN_ID`` must name a run of this store that is not deleted and still RUNNING, as the
+    run ``mlflow run`` starts is: a finished one (the variable left over in a shell or notebook) would
+    be reopened, its metrics, artifacts and status overwritten."""
+    try:
+        info = client.get_run(run_id).info
+    except MlflowException as error:  # a run id from another store, or none at all
+        raise TrackingError(f"cannot log into MLFLOW_RUN_ID {run_id}: {first_line(error)}") from None
+    if info.lifecycle_stage != "active":
+        raise TrackingError(f"cannot log into MLFLOW_RUN_ID {run_id}: the run was deleted")
+    if info.status != "RUNNING":
+        raise TrackingError(f"cannot log into MLFLOW_RUN_ID {run_id}: the run is {info.status}, not running "
+                            "(`mlflow run` sets the variable for the run it starts): unset it to log a new run")
 
 
 def check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str, *,

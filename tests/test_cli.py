@@ -377,6 +377,27 @@ def test_a_run_id_from_elsewhere_is_one_line(tiny_data, tracking_store, cache_di
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_leftover_run_id_of_a_finished_run_is_refused_not_overwritten(tiny_data, tracking_store, cache_dir,
+                                                                         monkeypatch):
+    # MLFLOW_RUN_ID still set from an earlier `mlflow run`, or by hand: that run is not reopened.
+    assert run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS).exit_code == 0
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("cifar-exp").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    for command in (["train", *TINY_ARGS], ["evaluate", "--model-uri", f"runs:/{run.info.run_id}/model"]):
+        result = run_cli(*command, "--data-dir", tiny_data, "--cache-dir", cache_dir)
+        assert result.exit_code == 1, result.output
+        assert result.output == (f"Error: cannot log into MLFLOW_RUN_ID {run.info.run_id}: the run is FINISHED, not "
+                                 "running (`mlflow run` sets the variable for the run it starts): unset it to log "
+                                 "a new run\n")
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED" and after.data.params == run.data.params
+    assert client.get_metric_history(run.info.run_id, "val_accuracy") == history
+    assert [v.version for v in client.search_model_versions("name='cifar10-seed'")] == [1]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
 def test_evaluate_needs_only_a_test_folder(tiny_data, tracking_store, cache_dir, tmp_path):
     trained = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--epochs", "2", "--val-size", "50")
     assert trained.exit_code == 0, trained.output

@@ -586,6 +586,10 @@ def test_run_targets_that_cannot_take_a_new_run_are_refused_up_front(tracking_st
     live = client.create_run(client.create_experiment("project")).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", live)
     tracking.check_run_target("gone")
+    client.set_terminated(live, "FINISHED")  # the variable left over in a shell: no longer mlflow run's run
+    with pytest.raises(TrackingError, match=f"^cannot log into MLFLOW_RUN_ID {live}: the run is FINISHED, not "
+                                            "running .* unset it to log a new run$"):
+        tracking.check_run_target("project")
     client.delete_run(live)
     with pytest.raises(TrackingError, match=f"^cannot log into MLFLOW_RUN_ID {live}: the run was deleted$"):
         tracking.check_run_target("project")
