@@ -196,11 +196,17 @@ def teacher_may_know_validation(teacher: Teacher, splits: Splits) -> str | None:
     train_digest = splits.train.digest()
     # A run id "unknown" (a URI that names no run) has no digest either: it counts as other images.
     others = [run for run in teacher.source_run_ids if tracking.dataset_digest(run, "train") != train_digest]
-    if not others:
-        return None
-    return (f"teacher run{'s' if len(others) > 1 else ''} {', '.join(others)} trained on other images than this "
-            "run's training split (another --val-size, --split-seed or data folder, or unknown), which may "
-            "include its validation images")
+    if others:
+        return (f"teacher run{'s' if len(others) > 1 else ''} {', '.join(others)} trained on other images than "
+                "this run's training split (another --val-size, --split-seed or data folder, or unknown), which "
+                "may include its validation images")
+    # The same split, so the same validation images: a teacher's own teachers may have seen them.
+    taught = [run for run in teacher.source_run_ids
+              if (record := tracking.get_run(run)) is not None and record.tags.get("validation_leak")]
+    if taught:
+        return (f"teacher run{'s' if len(taught) > 1 else ''} {', '.join(taught)} learned from teachers that may "
+                "know this run's validation images (tagged validation_leak)")
+    return None
 
 
 def _evaluate_and_report(

@@ -221,6 +221,13 @@ def test_a_teacher_trained_on_another_split_makes_no_champion(trained, tiny_data
     leak = client.get_run(student.run_id).data.tags["validation_leak"]
     assert leak.startswith(f"teacher run {outcome.run_id} trained on other images than this run's training split")
     assert client.get_model_version("leaky", "1").tags["no_champion_candidate"] == leak
+    # Taught by that student on its own split: its teacher's teacher may know these validation images.
+    grandchild = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, teacher=student.model_uri))
+    grandchild = train_and_track(grandchild)
+    assert grandchild.model_version == "2" and not grandchild.champion
+    assert client.get_run(grandchild.run_id).data.tags["validation_leak"] == (
+        f"teacher run {student.run_id} learned from teachers that may know this run's validation images "
+        "(tagged validation_leak)")
     # The same split as the teacher's: a candidate as any run.
     same = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=0))
     assert train_and_track(same).champion
