@@ -356,8 +356,11 @@ def pareto(**options: Any) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--allowed-hosts", default=None,
+              help="Comma-separated host names (and addresses) the UI answers to besides localhost and private "
+                   "addresses, e.g. a public name with --host 0.0.0.0 (MLflow's --allowed-hosts).")
 @reports_errors
-def ui(host: str, port: int) -> None:
+def ui(host: str, port: int, allowed_hosts: str | None) -> None:
     """Start the MLflow UI on the store cifar-exp logs to (MLFLOW_TRACKING_URI or ./mlflow.db)."""
     from cifar_exp import tracking
 
@@ -365,8 +368,9 @@ def ui(host: str, port: int) -> None:
     if tracking.is_tracking_server(uri):  # it already serves its own UI
         click.echo(f"MLFLOW_TRACKING_URI is a tracking server: open {tracking.hide_password(uri)} in a browser")
         return
+    tracking.check_ui_address(host, port)  # before saying where it serves
     click.echo(f"MLflow UI for {tracking.hide_password(uri)} at http://{host}:{port}")
-    sys.exit(tracking.launch_ui(host, port))
+    sys.exit(tracking.launch_ui(host, port, allowed_hosts))
 
 
 STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)

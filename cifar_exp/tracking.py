@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from cifar_exp.data import ImageSet
-from cifar_exp.errors import DataError, TrackingError, first_line
+from cifar_exp.errors import ConfigError, DataError, TrackingError, first_line
 from cifar_exp.interrupts import deferred
 from cifar_exp.train import cpu_name
 
@@ -681,8 +682,26 @@ def _record(run: Any) -> RunRecord:
 UI_STOP_SECONDS = 15  # how long a stopping `mlflow ui` gets to stop its server before it is killed
 
 
-def launch_ui(host: str, port: int) -> int:
-    """Run ``mlflow ui`` on the store this tool logs to; returns its exit code.
+def check_ui_address(host: str, port: int) -> None:
+    """Fail where ``mlflow ui`` could not listen: it logs the error but exits 0, and the address it was
+    to serve may be another process's (another store's UI)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host}: {error.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(f"cannot serve the MLflow UI on {host}:{port}: {error.strerror or error}") from None
+
+
+def launch_ui(host: str, port: int, allowed_hosts: str | None = None) -> int:
+    """Run ``mlflow ui`` on the store this tool logs to (``check_ui_address`` first); returns its exit
+    code. ``allowed_hosts``: MLflow's ``--allowed-hosts`` (it answers only localhost and private
+    addresses otherwise).
 
     An interrupt stops it gracefully: ``mlflow ui`` runs its web server as processes of its own, which
     it stops on Ctrl-C or SIGTERM, but killed outright (as ``subprocess.call`` does on an interrupt)
@@ -690,7 +709,7 @@ def launch_ui(host: str, port: int) -> int:
     SIGTERM to this process alone) is passed on as SIGTERM.
     """
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
-               "--host", host, "--port", str(port)]
+               "--host", host, "--port", str(port), *(["--allowed-hosts", allowed_hosts] if allowed_hosts else [])]
     process = subprocess.Popen(command)
     try:
         return process.wait()

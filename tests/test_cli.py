@@ -333,19 +333,59 @@ def test_mlflow_run_of_the_project(tiny_data, tracking_store, cache_dir, tmp_pat
 def test_ui_on_a_tracking_server_points_at_the_servers_own_ui(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     launched = []
-    monkeypatch.setattr("cifar_exp.tracking.launch_ui", lambda host, port: launched.append(port) or 0)
+    monkeypatch.setattr("cifar_exp.tracking.launch_ui", lambda host, port, allowed_hosts: launched.append(port) or 0)
     result = run_cli("ui")
     assert result.exit_code == 0 and "open http://tracking.example:5000 in a browser" in result.output
     assert launched == []
 
 
-def test_a_terminated_ui_stops_the_mlflow_server_it_started(tmp_path):
+def test_ui_on_a_port_in_use_is_an_error_not_a_pointer_to_another_server(tracking_store, monkeypatch):
     import socket
+
+    launched = []
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **_: launched.append(command))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("ui", "--port", str(port))
+    assert result.exit_code == 1
+    assert result.output == f"Error: cannot serve the MLflow UI on 127.0.0.1:{port}: Address already in use\n"
+    assert launched == []
+    result = run_cli("ui", "--host", "no-such-host.invalid")
+    assert result.exit_code == 1 and result.output.startswith("Error: --host no-such-host.invalid: ")
+
+
+def test_ui_passes_allowed_hosts_to_mlflow(tracking_store, monkeypatch):
+    class Served:
+        def __init__(self, command, **_):
+            self.command = command
+            launched.append(command)
+
+        def wait(self, timeout=None):
+            return 0
+
+    launched = []
+    monkeypatch.setattr(subprocess, "Popen", Served)
+    result = run_cli("ui", "--host", "0.0.0.0", "--port", str(free_port()), "--allowed-hosts", "mlflow.example.com")
+    assert result.exit_code == 0, result.output
+    [command] = launched
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--allowed-hosts") + 1] == "mlflow.example.com"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_terminated_ui_stops_the_mlflow_server_it_started(tmp_path):
     import urllib.request
 
-    with socket.socket() as probe:  # a free port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     ui = subprocess.Popen([sys.executable, "-m", "cifar_exp", "ui", "--port", str(port)], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
