@@ -86,34 +86,35 @@ def train_and_track(
         **(teacher.tags() if teacher else {}),
         **(tags or {}),
     }
-    with tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, tags=run_tags,
-                            nested=nested) as run_id:
-        tracking.log_params({**cfg.flat(), tracking.CLASSES_PARAM: ",".join(splits.classes)})
-        tracking.log_datasets(_distinct_sets(splits), splits.source)
-        result = fit(
-            cfg.train,
-            splits,
-            on_epoch_end=lambda stats: tracking.log_metrics(stats.metrics(), step=stats.epoch),
-            progress=progress,
-            teacher=teacher.model if teacher else None,
-        )
-        test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size,
-                                                  cfg.train.channels_last, result, tta=cfg.train.tta,
-                                                  train_objective=_training_objective(cfg.train))
-        served_val_accuracy = served_validation_accuracy(result, splits.val, cfg.train)
-        tracking.log_metrics({
-            "served_val_accuracy": served_val_accuracy,
-            "train_seconds": result.train_seconds,
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "best_val_accuracy": max(s.val_accuracy for s in result.history),
-        })
-        leak = teacher_may_know_validation(teacher, splits) if teacher else None
-        if leak:
-            log.warning("%s: the validation accuracy may be optimistic", leak)
-            tracking.set_tags({"validation_leak": leak})
-        registered_name = cfg.registered_model_name if cfg.tracking.register else None
-        model_uri, version = tracking.log_model(result.model, registered_name)
-        try:
+    registered_name = cfg.registered_model_name if cfg.tracking.register else None
+    run_id, version = None, None
+    try:
+        with tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, tags=run_tags,
+                                nested=nested) as run_id:
+            tracking.log_params({**cfg.flat(), tracking.CLASSES_PARAM: ",".join(splits.classes)})
+            tracking.log_datasets(_distinct_sets(splits), splits.source)
+            result = fit(
+                cfg.train,
+                splits,
+                on_epoch_end=lambda stats: tracking.log_metrics(stats.metrics(), step=stats.epoch),
+                progress=progress,
+                teacher=teacher.model if teacher else None,
+            )
+            test, test_metrics = _evaluate_and_report(result.model, splits, cfg.train.eval_batch_size,
+                                                      cfg.train.channels_last, result, tta=cfg.train.tta,
+                                                      train_objective=_training_objective(cfg.train))
+            served_val_accuracy = served_validation_accuracy(result, splits.val, cfg.train)
+            tracking.log_metrics({
+                "served_val_accuracy": served_val_accuracy,
+                "train_seconds": result.train_seconds,
+                "peak_memory_bytes": result.peak_memory_bytes,
+                "best_val_accuracy": max(s.val_accuracy for s in result.history),
+            })
+            leak = teacher_may_know_validation(teacher, splits) if teacher else None
+            if leak:
+                log.warning("%s: the validation accuracy may be optimistic", leak)
+                tracking.set_tags({"validation_leak": leak})
+            model_uri, version = tracking.log_model(result.model, registered_name)
             # Chosen on validation, never on test: the champion is a selection among versions, of the
             # model as it is served (one pass per image: a run's mirror TTA does not ship with it).
             champion = bool(version) and tracking.promote_if_champion(
@@ -121,10 +122,12 @@ def train_and_track(
                 test_accuracy=test.one_pass_accuracy if test.one_pass_accuracy is not None else test.accuracy,
                 validation_digest=None if splits.val_is_test else splits.val.digest(), not_candidate=leak,
             )
-        except BaseException:
-            if version:  # the run fails: no registered version may point at its model
-                tracking.delete_model_version(registered_name, version)
-            raise
+    except BaseException:
+        # A run that failed or was interrupted, up to its close, leaves no registered version pointing
+        # at its model (a signal held back while the run closed FINISHED is raised after it: kept).
+        if version and not tracking.run_finished(run_id):
+            tracking.delete_model_version(registered_name, version)
+        raise
     return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion)
 
 

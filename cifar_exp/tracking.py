@@ -146,16 +146,19 @@ def start_run(
     ``mlflow run`` created instead of starting a new one.
     """
     run = None
+    finished = False
     try:
         with deferred():  # a signal that arrives while the run is created is raised once it exists
             run = _start_or_resume_run(experiment_name, run_name, tags=tags, nested=nested)
         _check_artifact_folder(run.info.artifact_uri)
         yield run.info.run_id
+        with deferred():  # a signal held back here is raised once the run is closed: it stays FINISHED
+            mlflow.end_run(status="FINISHED")
+            finished = True
     except BaseException as error:
-        if run is not None:
+        if run is not None and not finished:
             _end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
-    _end_run("FINISHED")
 
 
 def _check_artifact_folder(artifact_uri: str) -> None:
@@ -539,6 +542,12 @@ def get_run(run_id: str) -> RunRecord | None:
         return _record(MlflowClient().get_run(run_id))
     except MlflowException:
         return None
+
+
+def run_finished(run_id: str | None) -> bool:
+    """Whether run ``run_id`` exists and closed FINISHED."""
+    record = get_run(run_id) if run_id else None
+    return record is not None and record.status == "FINISHED"
 
 
 def run_is_active(run_id: str) -> bool:

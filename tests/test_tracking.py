@@ -504,6 +504,41 @@ def test_an_interrupt_as_a_version_becomes_champion_gives_the_alias_back(tiny_da
     assert sorted(r.info.status for r in client.search_runs([experiment_id])) == ["FINISHED", "KILLED"]
 
 
+@pytest.mark.parametrize("closed", [False, True])
+def test_an_interrupt_as_the_run_closes_leaves_run_and_version_agreeing(tiny_data, cache_dir, tracking_store,
+                                                                       monkeypatch, project_signal_handlers, closed):
+    import os
+    import signal
+
+    cfg = dataclasses.replace(tiny_config(tiny_data, cache_dir, epochs=1),
+                              tracking=TrackingConfig(experiment_name="tests", registered_model_name="closing"))
+    first = train_and_track(cfg)
+    client = MlflowClient()
+    client.set_model_version_tag("closing", first.model_version, "val_accuracy", "-1")  # any run beats it now
+    end_run = mlflow.end_run
+
+    def interrupted_end_run(status="FINISHED"):
+        if status == "FINISHED":
+            if not closed:  # Ctrl-C just before the run is closed
+                raise KeyboardInterrupt
+            end_run(status)
+            os.kill(os.getpid(), signal.SIGTERM)  # as it is closed: held back until it is
+            return
+        end_run(status)
+
+    monkeypatch.setattr(mlflow, "end_run", interrupted_end_run)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_track(cfg)
+    experiment_id = client.get_run(first.run_id).info.experiment_id
+    second = next(r for r in client.search_runs([experiment_id]) if r.info.run_id != first.run_id)
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='closing'"))
+    champion = client.get_model_version_by_alias("closing", "champion")
+    if closed:  # a finished run: its version stays, champion
+        assert second.info.status == "FINISHED" and versions == [1, 2] and champion.run_id == second.info.run_id
+    else:  # an interrupted run: no version of it, the alias back where it was
+        assert second.info.status == "KILLED" and versions == [1] and champion.run_id == first.run_id
+
+
 @pytest.mark.slow
 def test_processes_opening_a_new_store_together_all_succeed(tmp_path):
     # MLflow creates and migrates the schema on first use: unlocked, two of three processes failed
