@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import shlex
 import signal
@@ -43,6 +44,28 @@ CHATTY_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils", 
                   "onnxscript", "onnx_ir", "onnxruntime")
 
 
+class WholeNumber(click.ParamType):
+    """A count: an integer, also written as a whole float (``5.0``), which is how MLflow passes the
+    counts an MLproject declares (it has no integer parameter type)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not number.is_integer():  # also NaN and the infinities
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return int(number)
+
+
 def _click_option(cls: type, field: dataclasses.Field) -> Callable:
     hint = typing.get_type_hints(cls)[field.name]
     name = field.name.replace("_", "-")
@@ -58,6 +81,8 @@ def _click_option(cls: type, field: dataclasses.Field) -> Callable:
         kwargs["type"] = click.Choice(choices)
     else:
         kwargs["type"] = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        if kwargs["type"] is int:
+            kwargs["type"] = WholeNumber()
     return click.option(f"--{name}", field.name, **kwargs)
 
 

@@ -417,6 +417,19 @@ def test_a_run_id_from_elsewhere_is_one_line(tiny_data, tracking_store, cache_di
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_counts_written_as_whole_floats_are_taken_as_mlflow_run_passes_them(tiny_data, tracking_store, cache_dir):
+    # An MLproject declares counts as float (MLflow has no integer type) and passes the text as given.
+    result = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--epochs", "1.0", "--batch-size",
+                     "32.0", "--val-size", "5e1", "--eval-batch-size", "100", "--no-register")
+    assert result.exit_code == 0, result.output
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("cifar-exp").experiment_id])
+    params = run.data.params
+    assert (params["train.epochs"], params["train.batch_size"], params["data.val_size"]) == ("1", "32", "50")
+    for value in ("1.5", "nan", "inf", "five"):
+        result = run_cli("train", "--data-dir", tiny_data, "--epochs", value)
+        assert result.exit_code == 2 and f"Invalid value for '--epochs': {value!r} is not a whole number" in result.output
+
+
 def test_a_leftover_run_id_of_a_finished_run_is_refused_not_overwritten(tiny_data, tracking_store, cache_dir,
                                                                          monkeypatch):
     # MLFLOW_RUN_ID still set from an earlier `mlflow run`, or by hand: that run is not reopened.
