@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 RUN_KIND = "run_kind"  # tag that tells benchmark / export / pareto runs from training runs
 EXPORT_CHECKS = "export_checks.json"  # written by `export` beside the ONNX files, and logged with them
+EXPORTED_TAG = "onnx_exported"  # on the run that logged an export's files: fp32 or int8
 
 
 @dataclass(frozen=True)
@@ -287,8 +288,10 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     model, classes = load_classifier(export.model_uri)
     source_run_id = tracking.model_source_run(export.model_uri)
     # MLflow refuses to log into a deleted run: the files then go into a new run, as for an unknown one.
+    # So do those of a second export: the first one's files and metrics (int8 among them, perhaps on
+    # another test split) would stay beside them, and MLflow cannot remove them.
     into_source_run = (bool(source_run_id) and not tracking.inside_project_run()
-                       and tracking.run_is_active(source_run_id))
+                       and tracking.run_is_active(source_run_id) and not _exported_before(source_run_id))
     if not into_source_run:
         tracking.check_run_target(tracking_cfg.experiment_name)
     try:
@@ -300,7 +303,7 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     check_class_count(classes, names, data_cfg.data_dir)
     tracking.check_trained_classes(export.model_uri, names, data_cfg.data_dir, source_run_id=source_run_id)
     calibration = calibration_images(train, export.calibration_images) if export.int8 else None
-    tags = {"onnx_exported": "int8" if calibration is not None else "fp32"}
+    tags = {EXPORTED_TAG: "int8" if calibration is not None else "fp32"}
     run_id = source_run_id if into_source_run else None  # a new run's id once it is opened
 
     def publish(staged: ExportResult) -> list[Path]:
@@ -344,6 +347,14 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     return ExportOutcome(run_id, result, logged_into_source_run=into_source_run)
 
 
+def _exported_before(run_id: str) -> bool:
+    record = tracking.get_run(run_id)
+    if record is not None and EXPORTED_TAG in record.tags:
+        log.info("run %s holds an earlier export: this one is logged into a new run", run_id)
+        return True
+    return False
+
+
 # --------------------------------------------------------------------------------------------------
 # pareto
 
@@ -369,7 +380,8 @@ def tradeoff_points(runs: list[tracking.RunRecord]) -> list[TradeoffPoint]:
             latency = run.metrics.get(f"{backend}/b1/p50_ms")
             accuracy = run.metrics.get(f"{backend}/test_accuracy")
             if accuracy is None and source is not None and "fp32" in backend:
-                accuracy = source.metrics.get(f"{backend}/test_accuracy", _one_pass_test_accuracy(source))
+                # Not an export's metrics in that run: those may come from another test folder.
+                accuracy = _one_pass_test_accuracy(source)
             if latency is None or accuracy is None:
                 continue
             label = run.tags.get("model", run.run_name)

@@ -659,20 +659,21 @@ def add_to_run(
 ) -> None:
     """Log into an existing run (e.g. the finished training run of a model) without reopening it.
 
-    ``artifacts`` maps local files to their artifact folder. The run's status stays as it was.
+    ``artifacts`` maps local files to their artifact folder; they go first, so that files that cannot
+    be written leave no metrics or tags claiming them. The run's status stays as it was.
     """
     from mlflow.entities import Metric, RunTag
 
     client = MlflowClient()
     timestamp = int(time.time() * 1000)
     try:
+        for path, artifact_path in artifacts.items():
+            client.log_artifact(run_id, str(path), artifact_path)
         client.log_batch(
             run_id,
             metrics=[Metric(key, float(value), timestamp, 0) for key, value in metrics.items()],
             tags=[RunTag(key, str(value)) for key, value in tags.items()],
         )
-        for path, artifact_path in artifacts.items():
-            client.log_artifact(run_id, str(path), artifact_path)
     except (MlflowException, OSError) as error:
         raise TrackingError(f"cannot log into run {run_id}: {first_line(error)}") from None
 

@@ -725,8 +725,9 @@ def test_tradeoff_points_pair_one_pass_latency_with_one_pass_accuracy(tracking_s
     from cifar_exp.deployment import tradeoff_points
 
     sources = {}
+    # An export logged its checks into "plain" (perhaps on another test folder): not the run's accuracy.
     for name, metrics in [("tta", {"test_accuracy": 0.87, "test_accuracy_without_tta": 0.85}),
-                          ("plain", {"test_accuracy": 0.72})]:
+                          ("plain", {"test_accuracy": 0.72, "pytorch-fp32/test_accuracy": 0.61})]:
         with tracking.start_run("pareto-sources", name) as run_id:
             tracking.log_metrics(metrics)
         sources[name] = run_id
@@ -1090,7 +1091,8 @@ def test_export_of_a_model_whose_run_was_deleted_goes_into_a_new_run(in_store, t
 
 
 def test_an_export_that_cannot_be_logged_leaves_the_folder_as_it_was(in_store, tiny_data, tmp_path, monkeypatch):
-    run_id, _, cache = in_store
+    _, _, cache = in_store
+    run_id = _model_run("never-exported")
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.onnx").write_text("an earlier export")
@@ -1105,6 +1107,52 @@ def test_an_export_that_cannot_be_logged_leaves_the_folder_as_it_was(in_store, t
     assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
         f"Error: cannot log into run {run_id}: the store went away"]
     assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_text() == "an earlier export"
+
+
+def _model_run(experiment: str) -> str:
+    """A new run that logged an (untrained) seed model: one no export has logged into yet."""
+    with tracking.start_run(experiment) as run_id:
+        tracking.log_model(build_classifier(TrainConfig(), 10), None)
+    return run_id
+
+
+def test_export_files_that_cannot_be_logged_leave_no_metrics_in_the_models_run(in_store, tiny_data, tmp_path,
+                                                                               monkeypatch):
+    _, _, cache = in_store
+    run_id = _model_run("unwritable-artifacts")
+
+    def permission_denied(self, run_id, local_path, artifact_path=None):
+        raise PermissionError(13, "Permission denied", f"mlruns/{run_id}/artifacts/onnx")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", permission_denied)
+    result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--output-dir", tmp_path / "out",
+                     "--data-dir", tiny_data, "--cache-dir", cache)
+    assert result.exit_code == 1 and f"Error: cannot log into run {run_id}: " in result.output
+    run = MlflowClient().get_run(run_id)
+    assert not [key for key in run.data.metrics if "/" in key] and "onnx_exported" not in run.data.tags
+
+
+def test_a_second_export_of_a_model_goes_into_a_new_run(in_store, tiny_data, tmp_path):
+    # The first export's int8 file and metrics (on another test folder, perhaps) cannot be removed
+    # from the model's run: the second export's would sit beside them as if from one export.
+    _, _, cache = in_store
+    run_id = _model_run("exported-twice")
+    uri = f"runs:/{run_id}/model"
+    first = run_cli("export", "--model-uri", uri, "--int8", "--calibration-images", "64", "--output-dir",
+                    tmp_path / "a", "--data-dir", tiny_data, "--cache-dir", cache)
+    assert first.exit_code == 0 and f"in the model's run {run_id}" in first.output, first.output
+    second = run_cli("export", "--model-uri", uri, "--no-int8", "--output-dir", tmp_path / "b",
+                     "--data-dir", tiny_data, "--cache-dir", cache, "--experiment-name", "exports")
+    assert second.exit_code == 0, second.output
+    [export_run] = [r for r in all_runs() if r.data.tags.get("run_kind") == "export"
+                    and r.data.tags.get("source_run_id") == run_id]
+    assert f"logged under onnx/ in run {export_run.info.run_id}" in second.output
+    assert export_run.data.tags["onnx_exported"] == "fp32" and "onnxruntime-int8/test_accuracy" not in \
+        export_run.data.metrics
+    client = MlflowClient()
+    assert {a.path for a in client.list_artifacts(run_id, "onnx")} == {
+        "onnx/model.onnx", "onnx/model.int8.onnx", "onnx/export_checks.json"}  # the first export's, as it was
+    assert client.get_run(run_id).data.tags["onnx_exported"] == "int8"
 
 
 @pytest.mark.parametrize("taken", ["export_checks.json", "model.onnx"])
