@@ -90,13 +90,39 @@ def check_tracking_store() -> str:
             reason = getattr(error, "reason", error)
             raise TrackingError(f"MLflow tracking server {shown} is unreachable: {reason}") from None
     else:
+        database = sqlite_file(uri)
+        if database is not None:
+            _check_sqlite_writable(database, shown)
         try:
-            with _store_lock(sqlite_file(uri)):
+            with _store_lock(database):
                 MlflowClient(uri).search_experiments(max_results=1)
         except Exception as error:
             # first line: SQLAlchemy appends a "Background on this error" line
             raise TrackingError(f"MLflow tracking store {shown} cannot be used: {first_line(error)}") from None
     return uri
+
+
+def _check_sqlite_writable(database: Path, shown: str) -> None:
+    """A SQLite store must be writable, and so must its folder (SQLite writes its journal there). MLflow
+    finds out only after a minute and a half of retries, with a warning each time."""
+    for target, probe in ((database.parent, _probe_folder), (database, _probe_file)):
+        try:
+            probe(target)
+        except OSError as error:
+            raise TrackingError(f"MLflow tracking store {shown} cannot be used: cannot write {target}: "
+                                f"{error.strerror or error}") from None
+
+
+def _probe_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)  # as MLflow would create it
+    with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
+        pass
+
+
+def _probe_file(path: Path) -> None:
+    if path.exists():
+        with open(path, "r+b"):
+            pass
 
 
 @contextlib.contextmanager

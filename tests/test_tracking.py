@@ -267,6 +267,27 @@ def test_an_unusable_store_is_one_line_without_its_password(monkeypatch):
     assert "secret" not in str(raised.value) and "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize(("layout", "target", "reason"), [
+    ("folder-is-a-file", "{tmp}/a-file", "File exists"),  # the database's folder taken by a file
+    ("database-is-a-folder", "{tmp}/mlflow.db", "Is a directory"),
+])
+def test_a_sqlite_store_that_cannot_be_written_is_one_line_at_once(tmp_path, monkeypatch, layout, target, reason):
+    # MLflow itself retries for a minute and a half, logging a warning each time, before it gives up.
+    if layout == "folder-is-a-file":
+        (tmp_path / "a-file").write_text("")
+        database = tmp_path / "a-file" / "mlflow.db"
+    else:
+        (tmp_path / "mlflow.db").mkdir()
+        database = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    started = time.monotonic()
+    with pytest.raises(TrackingError) as raised:
+        tracking.check_tracking_store()
+    assert str(raised.value) == (f"MLflow tracking store sqlite:///{database} cannot be used: cannot write "
+                                 f"{target.format(tmp=tmp_path)}: {reason}")
+    assert time.monotonic() - started < 10
+
+
 @pytest.mark.parametrize("amp_dtype", [None, "bfloat16"])
 def test_test_accuracy_is_measured_as_validation_was(tiny_data, tracking_store, cache_dir, monkeypatch, amp_dtype):
     # With --tta, validation used mirror TTA: so does the test accuracy; the one-pass accuracy (what
