@@ -598,8 +598,12 @@ def check_run_target(experiment_name: str) -> None:
     except MlflowException as error:
         raise TrackingError(f"cannot use experiment {experiment_name!r}: {first_line(error)}") from None
     if experiment is not None and experiment.lifecycle_stage != "active":
-        raise TrackingError(f"experiment {experiment_name!r} was deleted: restore it (`mlflow experiments restore "
-                            f"--experiment-id {experiment.experiment_id}`) or pass another --experiment-name")
+        raise _deleted(experiment)
+
+
+def _deleted(experiment: Any) -> TrackingError:
+    return TrackingError(f"experiment {experiment.name!r} was deleted: restore it (`mlflow experiments restore "
+                         f"--experiment-id {experiment.experiment_id}`) or pass another --experiment-name")
 
 
 def _check_project_run(client: MlflowClient, run_id: str) -> None:
@@ -661,11 +665,14 @@ def running_runs(experiment_name: str, run_kinds: tuple[str, ...]) -> list[tuple
 
 
 def find_runs(experiment_name: str) -> list[RunRecord]:
-    """Every run of an experiment (active ones only, newest first)."""
+    """Every run of an experiment (active ones only, newest first); a TrackingError for an unknown or
+    deleted experiment."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise TrackingError(f"no MLflow experiment named {experiment_name!r} in {tracking_uri()}")
+    if experiment.lifecycle_stage != "active":  # its runs are deleted with it: not "no runs"
+        raise _deleted(experiment)
     records, token = [], None
     while True:
         page = client.search_runs([experiment.experiment_id], page_token=token, order_by=["start_time DESC"])
