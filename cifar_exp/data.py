@@ -232,13 +232,14 @@ def _load_image_folder_splits(root: Path, cache_dir: Path, splits: tuple[str, ..
         if extra:
             raise DataError(f"{root / 'test'} has class folder {extra[0]!r} that train lacks")
 
-    _check_each_image_has_one_place(files)
+    _check_each_image_once(files)
     listing = [(split, c, image.name, *_size_and_mtime(image.entry))
                for split in files for c in classes for image in files[split][c]]
     digest = hashlib.sha256(repr((CACHE_FORMAT, str(root), listing)).encode()).hexdigest()[:20]
     folder_key = hashlib.sha256(str(root).encode()).hexdigest()[:8]  # the same for every listing of root
     cache_file = cache_dir / f"imagefolder-{folder_key}-{digest}.pt"
     source = f"imagefolder:{root}"
+    _remove_abandoned_writes(cache_dir, folder_key)
     if cache_file.is_file():
         try:
             cached = torch.load(cache_file, weights_only=True)
@@ -259,7 +260,6 @@ def _load_image_folder_splits(root: Path, cache_dir: Path, splits: tuple[str, ..
                 with contextlib.suppress(OSError):
                     stale.unlink()
                     log.info("removed the outdated cache %s", stale)
-        _remove_abandoned_writes(cache_dir, folder_key)
     return sets, classes, source
 
 
@@ -276,34 +276,45 @@ def _remove_abandoned_writes(cache_dir: Path, folder_key: str) -> None:
                 log.info("removed %s, a cache write that never finished", partial)
 
 
-def _check_each_image_has_one_place(files: dict[str, dict[str, list[ImageFile]]]) -> None:
-    """Refuse one image file reached (through links) from two splits, which would leak test images
-    into training, or from two classes of a split, which would give it two labels."""
-    owner: dict[str, tuple[str, str, str]] = {}  # real path -> (split, class, path as listed)
+def _check_each_image_once(files: dict[str, dict[str, list[ImageFile]]]) -> None:
+    """Refuse one image file listed twice (through a symbolic or hard link): in train/ and test/ it
+    would leak the test split into training, in two classes it would have two labels, and twice in
+    train/ it could be both trained and validated on."""
+    owner: dict[object, tuple[str, str, str]] = {}  # file identity -> (split, class, path as listed)
     for split, classes in files.items():
         for label, images in classes.items():
             for image in images:
-                first_split, first_label, first_path = owner.setdefault(image.real, (split, label, image.entry.path))
+                info = _stat(image.entry)
+                # Device and inode name the file, however it is reached (0 where the platform has none).
+                identity = (info.st_dev, info.st_ino) if info.st_ino else os.path.realpath(image.entry.path)
+                first_split, first_label, first_path = owner.setdefault(identity, (split, label, image.entry.path))
+                if first_path == image.entry.path:
+                    continue
+                same = f"{image.entry.path} is the same file as {first_path}"
                 if first_split != split:
-                    raise DataError(f"{image.entry.path} is the same file as {first_path}: an image in both "
-                                    f"{first_split}/ and {split}/ would leak the test split into training")
+                    raise DataError(f"{same}: an image in both {first_split}/ and {split}/ would leak the test "
+                                    "split into training")
                 if first_label != label:
-                    raise DataError(f"{image.entry.path} is the same file as {first_path}: refusing to label one "
-                                    f"image both {first_label!r} and {label!r}")
+                    raise DataError(f"{same}: refusing to label one image both {first_label!r} and {label!r}")
+                raise DataError(f"{same}: one image twice in {split}/{label} " + (
+                    "could be both trained and validated on" if split == "train" else "would count twice"))
+
+
+def _stat(entry: os.DirEntry) -> os.stat_result:
+    try:
+        return entry.stat()  # cached by the entry: one system call however often it is asked
+    except OSError as error:  # e.g. a symlink to a file that is gone
+        raise DataError(f"cannot read image {entry.path}: {error.strerror or error}") from None
 
 
 def _size_and_mtime(entry: os.DirEntry) -> tuple[int, int]:
-    try:
-        info = entry.stat()
-    except OSError as error:  # e.g. a symlink to a file that is gone
-        raise DataError(f"cannot read image {entry.path}: {error.strerror or error}") from None
+    info = _stat(entry)
     return info.st_size, info.st_mtime_ns
 
 
 class ImageFile(NamedTuple):
     name: str  # its path inside the class folder, "/"-separated: the file name, for an image directly in it
     entry: os.DirEntry
-    real: str  # the path with every link resolved: which file it is, however it was reached
 
 
 def _list_split(root: Path, split: str) -> dict[str, list[ImageFile]]:
@@ -319,19 +330,17 @@ def _list_split(root: Path, split: str) -> dict[str, list[ImageFile]]:
     files = {}
     for class_dir in class_dirs:
         class_real = os.path.realpath(class_dir.path)
-        images = sorted(_image_files(class_dir.path, class_real, "", class_dir.name, class_real, split_real,
-                                     {class_real}))
+        images = sorted(_image_files(class_dir.path, "", class_dir.name, class_real, split_real, {class_real}))
         if not images:
             raise DataError(f"class folder {class_dir.path} holds no .png/.jpg images")
         files[class_dir.name] = images
     return files
 
 
-def _image_files(folder: str, folder_real: str, prefix: str, label: str, class_real: str, split_real: str,
+def _image_files(folder: str, prefix: str, label: str, class_real: str, split_real: str,
                  seen: set[str]) -> Iterator[ImageFile]:
-    """The images in ``folder`` (``folder_real`` with links resolved) and its subfolders (images in
-    subfolders count, as in torchvision's ImageFolder), hidden entries left out; a folder reached again
-    through a link is read once."""
+    """The images in ``folder`` and its subfolders (images in subfolders count, as in torchvision's
+    ImageFolder), hidden entries left out; a folder reached again through a link is read once."""
     for entry in os.scandir(folder):
         if entry.name.startswith("."):
             continue
@@ -344,11 +353,9 @@ def _image_files(folder: str, folder_real: str, prefix: str, label: str, class_r
                                 f"to label them {label!r}")
             if real not in seen:
                 seen.add(real)
-                yield from _image_files(entry.path, real, f"{prefix}{entry.name}/", label, class_real, split_real,
-                                        seen)
+                yield from _image_files(entry.path, f"{prefix}{entry.name}/", label, class_real, split_real, seen)
         elif entry.name.lower().endswith(IMAGE_SUFFIXES):
-            real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(folder_real, entry.name)
-            yield ImageFile(prefix + entry.name, entry, real)
+            yield ImageFile(prefix + entry.name, entry)
 
 
 def _decode_split(split: str, files: dict[str, list[ImageFile]], classes: tuple[str, ...]) -> ImageSet:

@@ -124,7 +124,8 @@ def test_an_interrupted_cache_write_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_a_cache_write_killed_long_ago_is_cleaned_up_and_one_in_progress_is_not(tmp_path):
-    # SIGKILL (or the OOM killer) while writing leaves the temporary file: no handler runs.
+    # SIGKILL (or the OOM killer) while writing leaves the temporary file: no handler runs. The rerun
+    # that follows writes the cache, and every later one only loads it: loading cleans up too.
     root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
     cfg = DataConfig(data_dir=str(root), val_on_test=True, cache_dir=str(tmp_path / "cache"))
     load_splits(cfg)
@@ -134,8 +135,7 @@ def test_a_cache_write_killed_long_ago_is_cleaned_up_and_one_in_progress_is_not(
     long_ago = time.time() - data_module.ABANDONED_WRITE_SECONDS - 60
     os.utime(abandoned, (long_ago, long_ago))
     in_progress.write_bytes(b"being written by another process")
-    cache.unlink()  # decoded and saved again, then cleaned up after
-    load_splits(cfg)
+    load_splits(cfg)  # from the cache, which it finds beside them
     assert sorted((tmp_path / "cache").iterdir()) == [cache, in_progress]
 
 
@@ -203,6 +203,14 @@ def test_images_in_a_class_folders_subfolders_are_read_as_imagefolder_reads_them
     (lambda root: (shutil.rmtree(root / "train" / "dog"), (root / "train" / "dog").symlink_to(root / "train" / "cat")),
      "{root}/train/dog/0000.png is the same file as {root}/train/cat/0000.png: refusing to label one image both "
      "'cat' and 'dog'"),
+    # A hard link is the same file too.
+    (lambda root: os.link(root / "test" / "cat" / "0001.jpg", root / "train" / "cat" / "from-test.jpg"),
+     "{root}/test/cat/0001.jpg is the same file as {root}/train/cat/from-test.jpg: an image in both train/ and "
+     "test/"),
+    # Twice in one class: carved into training and validation, it would be validated on what it trained on.
+    (lambda root: (root / "train" / "cat" / "again.png").symlink_to(root / "train" / "cat" / "0000.png"),
+     "{root}/train/cat/again.png is the same file as {root}/train/cat/0000.png: one image twice in train/cat "
+     "could be both trained and validated on"),
     # A test class folder that is a training one.
     (lambda root: (shutil.rmtree(root / "test" / "cat"), (root / "test" / "cat").symlink_to(root / "train" / "cat")),
      "{root}/test/cat/0000.png is the same file as {root}/train/cat/0000.png: an image in both train/ and test/"),
