@@ -728,16 +728,14 @@ UI_STOP_SECONDS = 15  # how long a stopping `mlflow ui` gets to stop its server 
 def check_ui_address(host: str, port: int) -> None:
     """Fail where ``mlflow ui`` could not listen: it logs the error but exits 0, and the address it was
     to serve may be another process's (another store's UI)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as error:
-        raise ConfigError(f"--host {host}: {error.strerror}") from None
-    with socket.socket(family, kind, proto) as probe:
+    # Bound as uvicorn (mlflow ui's server) binds: IPv6 only for a host written with ':', so "localhost"
+    # is 127.0.0.1 even where the resolver lists ::1 first.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no obstacle
         try:
-            probe.bind(address)
-        except OSError as error:
+            probe.bind((host, port))
+        except OSError as error:  # taken, not an address of this machine, or a name that does not resolve
             raise ConfigError(f"cannot serve the MLflow UI on {host}:{port}: {error.strerror or error}") from None
 
 

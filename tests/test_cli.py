@@ -353,7 +353,9 @@ def test_ui_on_a_port_in_use_is_an_error_not_a_pointer_to_another_server(trackin
     assert result.output == f"Error: cannot serve the MLflow UI on 127.0.0.1:{port}: Address already in use\n"
     assert launched == []
     result = run_cli("ui", "--host", "no-such-host.invalid")
-    assert result.exit_code == 1 and result.output.startswith("Error: --host no-such-host.invalid: ")
+    assert result.exit_code == 1 and result.output.startswith(
+        "Error: cannot serve the MLflow UI on no-such-host.invalid:5000: ")
+    assert launched == []
 
 
 def test_ui_passes_allowed_hosts_to_mlflow(tracking_store, monkeypatch):
