@@ -224,11 +224,11 @@ class TrackingConfig:
         if name is not None and not name.strip():
             # An empty name (the MLproject's default) means none given: cifar10-<model>.
             object.__setattr__(self, "registered_model_name", None)
-        elif name is not None and (any(c in name for c in "/:@?#%") or name == "." or name.startswith("..")):
+        elif name is not None and (any(c in name for c in "/:@?#") or name == "." or name.startswith("..")):
             # The Model Registry's rules (no '/' or ':'; no name that reads as a relative path), checked
             # here, not after the training it would waste; and what models:/NAME@ALIAS cannot address:
-            # '@', a URI's query or fragment ('?', '#') and percent escapes ('%').
-            raise ConfigError(f"registered-model-name must not contain '/', ':', '@', '?', '#' or '%', nor be '.' "
+            # '@', and a URI's query or fragment ('?', '#').
+            raise ConfigError(f"registered-model-name must not contain '/', ':', '@', '?' or '#', nor be '.' "
                               f"or start with '..', got {name!r}")
 
 
