@@ -110,11 +110,12 @@ def benchmark_and_track(
         report = run_benchmark(model, label=label, cfg=bench, calibration=calibration,
                                calibration_missing=missing, test=test, work_dir=Path(tmp))
     document = {**report.to_dict(), "model_uri": bench.model_uri, "source_run_id": source_run_id}
-    # The GPU is named where a CUDA backend was measured; every other backend ran on the CPU.
-    measured_on = next((torch.device(b.device) for b in report.backends if b.device.startswith("cuda")),
-                       torch.device("cpu"))
+    devices = sorted({torch.device(b.device).type for b in report.backends})  # e.g. ["cpu", "cuda"]
     tags = {
-        **tracking.environment_tags(measured_on, None),
+        **tracking.environment_tags(torch.device("cpu"), None),  # device_name: the CPU's
+        "device": ",".join(devices),
+        # The GPU is named where a CUDA backend was measured.
+        **({"cuda_device_name": torch.cuda.get_device_name()} if "cuda" in devices else {}),
         RUN_KIND: "benchmark",
         "model": label,
         "model_uri": bench.model_uri or "none (untrained)",

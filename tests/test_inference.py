@@ -884,21 +884,26 @@ def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):
     assert "onnxruntime-fp32/test_accuracy" not in run.data.metrics  # untrained: no accuracy to report
 
 
-def test_a_benchmark_that_measured_on_the_gpu_is_tagged_with_it(in_store, tmp_path, monkeypatch):
-    # No GPU here: the CPU backend's result is relabelled as measured on CUDA, as pytorch-fp32-cuda's is.
+@pytest.mark.parametrize(("on_the_gpu", "devices"), [(0, "cpu"), (1, "cpu,cuda"), (2, "cuda")])
+def test_a_benchmark_run_is_tagged_with_the_devices_it_measured_on(in_store, tmp_path, monkeypatch, on_the_gpu,
+                                                                   devices):
+    # No GPU here: the first ``on_the_gpu`` results are relabelled as measured on CUDA, as the -cuda backends' are.
     measured = deployment.run_benchmark
 
-    def on_the_gpu(*args, **kwargs):
+    def partly_on_the_gpu(*args, **kwargs):
         report = measured(*args, **kwargs)
-        return dataclasses.replace(report, backends=[dataclasses.replace(b, device="cuda") for b in report.backends])
+        return dataclasses.replace(report, backends=[dataclasses.replace(b, device="cuda") if i < on_the_gpu else b
+                                                     for i, b in enumerate(report.backends)])
 
-    monkeypatch.setattr(deployment, "run_benchmark", on_the_gpu)
+    monkeypatch.setattr(deployment, "run_benchmark", partly_on_the_gpu)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A GPU")
-    result = run_cli("benchmark", "--model", "seed", "--backends", "pytorch-fp32", "--experiment-name", "gpu",
-                     "--output", tmp_path / "b.json", "--threads", "1", *QUICK_ARGS)
+    result = run_cli("benchmark", "--model", "seed", "--backends", "pytorch-fp32,onnxruntime-fp32", "--experiment-name",
+                     f"gpu-{on_the_gpu}", "--output", tmp_path / "b.json", "--threads", "1", *QUICK_ARGS)
     assert result.exit_code == 0, result.output
-    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("gpu").experiment_id])
-    assert run.data.tags["device"] == "cuda" and run.data.tags["device_name"] == "A GPU"
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(f"gpu-{on_the_gpu}").experiment_id])
+    tags = run.data.tags
+    assert tags["device"] == devices and tags["device_name"] == tracking.cpu_name()
+    assert tags.get("cuda_device_name") == ("A GPU" if on_the_gpu else None)
 
 
 def test_benchmark_cli_measures_an_architecture_at_other_widths(in_store, tmp_path):
