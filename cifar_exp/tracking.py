@@ -182,8 +182,9 @@ def start_run(
             mlflow.end_run(status="FINISHED")
             finished = True
     except BaseException as error:
-        if run is not None and not finished:
-            _end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        active = mlflow.active_run()
+        if run is not None and not finished and active is not None and active.info.run_id == run.info.run_id:
+            _end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")  # not a parent run
         raise
 
 

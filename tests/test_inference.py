@@ -1047,11 +1047,11 @@ def test_export_unknown_model_uri(in_store, tmp_path):
 def test_pareto_needs_benchmarked_runs(in_store):
     missing = run_cli("pareto", "--experiment-name", "nothing-here")
     assert missing.exit_code == 1 and "no MLflow experiment named 'nothing-here'" in missing.output
-    gone = MlflowClient().create_experiment("gone")
+    gone = MlflowClient().create_experiment("pareto-gone")
     MlflowClient().delete_experiment(gone)
-    deleted = run_cli("pareto", "--experiment-name", "gone")
+    deleted = run_cli("pareto", "--experiment-name", "pareto-gone")
     assert deleted.exit_code == 1 and deleted.output == (
-        f"Error: experiment 'gone' was deleted: restore it (`mlflow experiments restore --experiment-id {gone}`) or "
+        f"Error: experiment 'pareto-gone' was deleted: restore it (`mlflow experiments restore --experiment-id {gone}`) or "
         "pass another --experiment-name\n")
     with tracking.start_run("no-benchmarks"):
         tracking.log_metrics({"test_accuracy": 0.7})

@@ -329,20 +329,20 @@ def test_an_interrupt_held_back_while_a_trial_is_finished_fails_it_in_both(tiny_
     # once it is written: Optuna then marks the trial FAIL, and its run must say so too.
     from cifar_exp import tracking
 
-    set_tags, end_run = tracking.set_tags, tracking._end_run
+    set_tags, end_run = tracking.set_tags, mlflow.end_run
 
     def interrupted_after_tag(tags):
         set_tags(tags)
         if tags.get("optuna_state") == ("FAIL" if where == "diverged" else "COMPLETE"):
             raise KeyboardInterrupt
 
-    def interrupted_after_close(status):
+    def interrupted_after_close(status="FINISHED"):
         end_run(status)
         if status == "FINISHED":  # the trial's run: the first to finish
             raise KeyboardInterrupt
 
     if where == "run close":
-        monkeypatch.setattr(tracking, "_end_run", interrupted_after_close)
+        monkeypatch.setattr(mlflow, "end_run", interrupted_after_close)
     else:
         monkeypatch.setattr(tracking, "set_tags", interrupted_after_tag)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
