@@ -317,6 +317,9 @@ class TuneConfig:
                     f"or inverted: --{low.replace('_', '-')} must be below --{high.replace('_', '-')}"
                 )
         _require_at_least(self, 2, "grid_size")
+        if self.grid_size > MAX_GRID_SIZE:  # Optuna lists every point up front: memory, not trials, runs out
+            raise ConfigError(f"grid-size must be <= {MAX_GRID_SIZE} ({MAX_GRID_SIZE}² points with the decay), "
+                              f"got {self.grid_size}")
         _require_at_least(self, 0, "tpe_startup_trials", "prune_startup_trials", "prune_warmup_epochs")
         _require_at_least(self, 1, "heartbeat_interval", note=" second")
         _require_choice(self, "sampler", "pruner", "objectives")
@@ -528,6 +531,7 @@ def _require_at_least(config: Any, minimum: int, *names: str, note: str = "") ->
             raise ConfigError(f"{name.replace('_', '-')} must be >= {minimum}{note}, got {value}")
 
 
+MAX_GRID_SIZE = 100
 MAX_SEED = 2**32 - 1  # what scikit-learn's and Optuna's (NumPy) random states take
 
 

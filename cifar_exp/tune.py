@@ -239,7 +239,7 @@ def tune(
     if _is_shared_storage(storage_url) and (tune_cfg.baseline or grid):
         # Workers started together would all find no baseline and each queue one: spread them out.
         time.sleep(random.uniform(0, 3))
-    if tune_cfg.baseline and baseline_needed(study):
+    if tune_cfg.baseline and baseline_needed(study, baseline_params):
         with deferred():
             study.enqueue_trial(baseline_params, user_attrs={"baseline": True})
     for stopped in grid_trials_to_retry(study, grid) if grid else ():
@@ -312,7 +312,7 @@ def tune(
         if grid and len(ran) < tune_cfg.n_trials and study.sampler.is_exhausted(study):
             report(f"every point of the {math.prod(map(len, grid.values()))}-point grid has run: "
                    f"stopped after {len(ran)} of {tune_cfg.n_trials} trials")
-        best, baseline = best_trial(study), baseline_trial(study)
+        best, baseline = best_trial(study), baseline_trial(study, baseline_params)
         pareto = pareto_trials(study) if tune_cfg.multi_objective else []
         _log_study_summary(study, best, baseline, ran, tune_cfg, pareto, decay=decay)
         if best is None:
@@ -1027,15 +1027,20 @@ def tradeoff_point(trial: FrozenTrial) -> TradeoffPoint:
     )
 
 
-def baseline_needed(study: optuna.Study) -> bool:
-    """Whether to queue the baseline trial: the study holds none, or only ones that were interrupted.
+def _is_baseline(trial: FrozenTrial, params: dict[str, Any]) -> bool:
+    """Whether ``trial`` is a baseline trial of ``params`` (a queued one holds them as fixed_params)."""
+    return bool(trial.user_attrs.get("baseline")) and (trial.system_attrs.get("fixed_params") or trial.params) == params
+
+
+def baseline_needed(study: optuna.Study, params: dict[str, Any]) -> bool:
+    """Whether to queue the baseline trial of ``params``: the study holds none, or only ones that were
+    interrupted (a baseline of other settings, from an earlier run with other --lr/--lr-decay, is not it).
 
     A baseline that ran (or is queued, or running on another worker) is not queued again; one that
     failed on its own (its loss diverged) would fail again. One stopped by Ctrl-C or SIGTERM is.
     """
     return not any(
-        t.user_attrs.get("baseline")
-        and not (t.state == TrialState.FAIL and t.user_attrs.get("reason") == INTERRUPTED)
+        _is_baseline(t, params) and not (t.state == TrialState.FAIL and t.user_attrs.get("reason") == INTERRUPTED)
         for t in study.get_trials(deepcopy=False)
     )
 
@@ -1068,9 +1073,9 @@ def _queue_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
     _queue_copy(study, trial, {k: v for k, v in trial.system_attrs.items() if k in ("grid_id", "search_space")})
 
 
-def baseline_trial(study: optuna.Study) -> TrialSummary | None:
-    """The study's baseline trial: its first COMPLETE one, else its first one in any state."""
-    trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")]
+def baseline_trial(study: optuna.Study, params: dict[str, Any]) -> TrialSummary | None:
+    """The study's baseline trial of ``params``: its first COMPLETE one, else its first one in any state."""
+    trials = [t for t in study.get_trials(deepcopy=False) if _is_baseline(t, params)]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     chosen = complete or trials
     return TrialSummary.of(chosen[0]) if chosen else None

@@ -948,16 +948,31 @@ def test_an_interrupted_baseline_is_queued_again_a_diverged_one_is_not():
                 user_attrs={"baseline": True, **({"reason": reason} if reason else {})}))
         return study
 
-    assert baseline_needed(study_of())
+    baseline = {"lr": 0.1}
+    assert baseline_needed(study_of(), baseline)
     interrupted = study_of((TrialState.FAIL, "interrupted"))  # Ctrl-C in an earlier invocation
-    assert baseline_needed(interrupted)
+    assert baseline_needed(interrupted, baseline)
     interrupted.enqueue_trial({"lr": 0.2})  # queued, but not the baseline
-    assert baseline_needed(interrupted)
+    assert baseline_needed(interrupted, baseline)
     interrupted.enqueue_trial({"lr": 0.1}, user_attrs={"baseline": True})  # another worker queued it
-    assert not baseline_needed(interrupted)
-    assert not baseline_needed(study_of((TrialState.FAIL, "training diverged: loss nan")))  # would again
-    assert not baseline_needed(study_of((TrialState.FAIL, "interrupted"), (TrialState.COMPLETE, None)))
-    assert not baseline_needed(study_of((TrialState.PRUNED, None)))
+    assert not baseline_needed(interrupted, baseline)
+    assert not baseline_needed(study_of((TrialState.FAIL, "training diverged: loss nan")), baseline)  # would again
+    assert not baseline_needed(study_of((TrialState.FAIL, "interrupted"), (TrialState.COMPLETE, None)), baseline)
+    assert not baseline_needed(study_of((TrialState.PRUNED, None)), baseline)
+    # Resumed with another --lr: the study's baseline is not this run's.
+    assert baseline_needed(study_of((TrialState.COMPLETE, None)), {"lr": 0.2})
+
+
+def test_a_study_resumed_with_another_baseline_runs_and_reports_that_one(tiny_data, tracking_store, cache_dir,
+                                                                          tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    tune_cfg = TuneConfig(n_trials=1, study_name="moved", storage=storage)
+    first = tune(tiny_config(tiny_data, cache_dir, epochs=1), tune_cfg, report=lambda line: None)
+    assert first.baseline.params == {"lr": 0.1, "lr_decay": 0.95}
+    moved = tiny_config(tiny_data, cache_dir, epochs=1, lr=0.2, lr_decay=0.9)
+    second = tune(moved, tune_cfg, report=lambda line: None)
+    assert [(t.baseline, t.params) for t in second.trials] == [(True, {"lr": 0.2, "lr_decay": 0.9})]
+    assert second.baseline.number == second.trials[0].number == 1
 
 
 def test_a_baseline_interrupted_before_its_run_opened_is_queued_again(tiny_data, tracking_store, cache_dir,
@@ -978,7 +993,7 @@ def test_a_baseline_interrupted_before_its_run_opened_is_queued_again(tiny_data,
     [trial] = study.get_trials()
     assert trial.state == TrialState.FAIL and trial.user_attrs["reason"] == "interrupted"
     assert trial.user_attrs["baseline"] and "mlflow_run_id" not in trial.user_attrs  # no run was opened
-    assert baseline_needed(study)
+    assert baseline_needed(study, trial.system_attrs["fixed_params"])
     outcome = tune(tiny_config(tiny_data, cache_dir, epochs=1), TuneConfig(n_trials=1, study_name="s", storage=storage),
                    report=lambda line: None)
     assert [(t.baseline, t.state) for t in outcome.trials] == [(True, "COMPLETE")]
@@ -998,6 +1013,9 @@ def test_config_rejects_unknown_sampler_and_bad_counts():
         TuneConfig(sampler="cmaes")
     with pytest.raises(ConfigError, match="grid-size must be >= 2"):
         TuneConfig(grid_size=1)
+    TuneConfig(grid_size=100)
+    with pytest.raises(ConfigError, match=r"^grid-size must be <= 100 \(100² points with the decay\), got 100000$"):
+        TuneConfig(grid_size=100_000)  # Optuna would list 10^10 points before the first trial
     with pytest.raises(ConfigError, match="timeout must be > 0"):
         TuneConfig(timeout=0)
     assert TuneConfig().lr_min == 0.01 and TuneConfig().decay_max == 0.99
