@@ -613,7 +613,9 @@ def test_a_finished_grid_still_fails_and_reruns_a_dead_workers_trial(tiny_data, 
     dead = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.5, log=True),
                       "lr_decay": optuna.distributions.FloatDistribution(0.85, 0.99)})
     storage.record_heartbeat(dead._trial_id)  # its worker's last sign of life
-    time.sleep(2.5)  # longer than the grace period, twice the interval
+    # Longer than the grace period (twice the interval, 2 s) in SQLite's whole-second timestamps:
+    # stale once the two readings differ by 3 s, which 4 s of real time always gives.
+    time.sleep(4)
     again = tune(cfg, tune_cfg, report=lambda line: None)
     states = [t.state for t in optuna.load_study(study_name="grid", storage=url).trials]
     assert states[dead.number] == TrialState.FAIL and TrialState.RUNNING not in states
