@@ -114,7 +114,8 @@ def _check_sqlite_writable(database: Path, shown: str) -> None:
 
 
 def _probe_folder(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)  # as MLflow would create it
+    """Create ``folder`` if missing (as MLflow would) and write a file in it; an OSError if it cannot."""
+    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
         pass
 
@@ -172,19 +173,18 @@ def start_run(
     ``mlflow run`` created instead of starting a new one.
     """
     run = None
-    finished = False
     try:
         with deferred():  # a signal that arrives while the run is created is raised once it exists
             run = _start_or_resume_run(experiment_name, run_name, tags=tags, nested=nested)
         _check_artifact_folder(run.info.artifact_uri)
         yield run.info.run_id
-        with deferred():  # a signal held back here is raised once the run is closed: it stays FINISHED
-            mlflow.end_run(status="FINISHED")
-            finished = True
+        _end_run("FINISHED")  # a signal held back while it is written is raised after: the run stays FINISHED
     except BaseException as error:
+        # Closed only while it is still the active run: once FINISHED (or never opened) it is not,
+        # and the run on top of MLflow's stack may be its parent.
         active = mlflow.active_run()
-        if run is not None and not finished and active is not None and active.info.run_id == run.info.run_id:
-            _end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")  # not a parent run
+        if run is not None and active is not None and active.info.run_id == run.info.run_id:
+            _end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
 
 
@@ -197,9 +197,7 @@ def _check_artifact_folder(artifact_uri: str) -> None:
 
     folder = Path(local_file_uri_to_path(artifact_uri))
     try:
-        folder.mkdir(parents=True, exist_ok=True)  # MLflow makes it on the first artifact; made now
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        _probe_folder(folder)  # MLflow makes it on the first artifact; made now
     except OSError as error:
         raise TrackingError(f"cannot write the run's artifacts to {folder}: {error.strerror or error}") from None
 

@@ -498,16 +498,23 @@ def test_a_signal_while_the_model_is_logged_leaves_no_registered_version(trackin
     assert [m.description for m in client.search_registered_models()] == (["the user's"] if registered_before else [])
 
 
+def _a_champion_any_run_beats(tiny_data, cache_dir, name):
+    """(config, outcome, client): a first run registered as ``name``'s champion, whose recorded
+    validation accuracy the next run of ``config`` beats."""
+    cfg = dataclasses.replace(tiny_config(tiny_data, cache_dir, epochs=1),
+                              tracking=TrackingConfig(experiment_name="tests", registered_model_name=name))
+    first = train_and_track(cfg)
+    client = MlflowClient()
+    client.set_model_version_tag(name, first.model_version, "val_accuracy", "-1")
+    return cfg, first, client
+
+
 def test_an_interrupt_as_a_version_becomes_champion_gives_the_alias_back(tiny_data, cache_dir, tracking_store,
                                                                          monkeypatch, project_signal_handlers):
     import os
     import signal
 
-    cfg = dataclasses.replace(tiny_config(tiny_data, cache_dir, epochs=1),
-                              tracking=TrackingConfig(experiment_name="tests", registered_model_name="alias"))
-    first = train_and_track(cfg)
-    client = MlflowClient()
-    client.set_model_version_tag("alias", first.model_version, "val_accuracy", "-1")  # any run beats it now
+    cfg, first, client = _a_champion_any_run_beats(tiny_data, cache_dir, "alias")
     set_alias = MlflowClient.set_registered_model_alias
 
     def set_then_signal(self, *args):  # SIGTERM arrives just as the alias has moved
@@ -531,11 +538,7 @@ def test_an_interrupt_as_the_run_closes_leaves_run_and_version_agreeing(tiny_dat
     import os
     import signal
 
-    cfg = dataclasses.replace(tiny_config(tiny_data, cache_dir, epochs=1),
-                              tracking=TrackingConfig(experiment_name="tests", registered_model_name="closing"))
-    first = train_and_track(cfg)
-    client = MlflowClient()
-    client.set_model_version_tag("closing", first.model_version, "val_accuracy", "-1")  # any run beats it now
+    cfg, first, client = _a_champion_any_run_beats(tiny_data, cache_dir, "closing")
     end_run = mlflow.end_run
 
     def interrupted_end_run(status="FINISHED"):
