@@ -184,25 +184,30 @@ def full_recipe(splits: Splits, cfg: TrainConfig) -> tuple[float, float, int]:
     return seconds, test.accuracy, len(splits.train)
 
 
-def seed_recipe(data_dir: str, device_type: str, workers: int, seed: int) -> tuple[float, float, int]:
-    """The seed report's own 50-epoch training loop, run end to end: wall time (with its per-epoch
-    validation), test accuracy and training images. The images are those ``full_recipe`` trains and
-    validates on: ImageFolder lists them in the order the project's loader does (sorted classes,
+def seed_recipe_split(data_dir: str, data: DataConfig, transform=None) -> tuple[Subset, Subset]:
+    """The training and validation images of the seed report's loop: those ``full_recipe`` trains and
+    validates on. ImageFolder lists them in the order the project's loader does (sorted classes,
     sorted file names), so the same stratified split indices pick the same images."""
+    folder = datasets.ImageFolder(str(Path(data_dir) / "train"), transform=transform)
+    train_indices, val_indices = stratified_split_indices(torch.tensor(folder.targets), data.val_size,
+                                                          data.split_seed)
+    return Subset(folder, train_indices.tolist()), Subset(folder, val_indices.tolist())
+
+
+def seed_recipe(data_dir: str, device_type: str, workers: int, seed: int) -> tuple[float, float, int]:
+    """The seed report's own 50-epoch training loop, run end to end on ``seed_recipe_split``'s images:
+    wall time (with its per-epoch validation), test accuracy and training images."""
     device = torch.device(device_type)
     torch.manual_seed(seed)  # weights and the DataLoader's shuffling
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
-    folder = datasets.ImageFolder(str(Path(data_dir) / "train"), transform=transform)
-    data = DataConfig()
-    train_indices, val_indices = stratified_split_indices(torch.tensor(folder.targets), data.val_size,
-                                                          data.split_seed)
+    train_images, val_images = seed_recipe_split(data_dir, DataConfig(), transform)
 
     def loader(dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                           pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
-    train_loader = loader(Subset(folder, train_indices.tolist()), 64, True)
-    val_loader = loader(Subset(folder, val_indices.tolist()), 1000, False)
+    train_loader = loader(train_images, 64, True)
+    val_loader = loader(val_images, 1000, False)
     test_loader = loader(datasets.ImageFolder(str(Path(data_dir) / "test"), transform=transform), 1000, False)
     model = seed_as_reported().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -228,7 +233,7 @@ def seed_recipe(data_dir: str, device_type: str, workers: int, seed: int) -> tup
         scheduler.step()
         accuracy(val_loader)  # the report's per-epoch validation curve
     seconds = time.perf_counter() - start
-    return seconds, accuracy(test_loader, autocast=False), len(train_indices)  # fp32, as full_recipe
+    return seconds, accuracy(test_loader, autocast=False), len(train_images)  # fp32, as full_recipe
 
 
 def _call_in_child(connection: Connection, function, *args) -> None:

@@ -248,9 +248,9 @@ def _evaluate_and_report(
 
 def _training_objective(cfg: TrainConfig) -> str:
     """What ``train_loss`` measures, for the loss curves' legend."""
-    objective = "cross-entropy" + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
+    objective = "cross-entropy" + (f" (label smoothing {cfg.label_smoothing:g})" if cfg.label_smoothing else "")
     if cfg.teacher_uris():
-        return f"distillation {cfg.distill_weight:g} + {objective} {1 - cfg.distill_weight:g}"
+        return f"{cfg.distill_weight:g} × distillation + {1 - cfg.distill_weight:g} × {objective}"
     return objective
 
 

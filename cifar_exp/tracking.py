@@ -767,8 +767,15 @@ def launch_ui(host: str, port: int, allowed_hosts: str | None = None) -> int:
 
 
 def _git_commit() -> str:
+    """The commit of the checkout this package runs from ("-dirty" with uncommitted changes); "unknown"
+    when it is not run from its own checkout (an installed copy, or a copy inside another repository,
+    whose commit would describe other code)."""
     try:
         source_dir = Path(__file__).resolve().parent
+        top_level = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=source_dir, capture_output=True,
+                                   text=True, timeout=5, check=True).stdout.strip()
+        if Path(top_level).resolve() != source_dir.parent:
+            return "unknown"
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True,
                                 text=True, timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source_dir,

@@ -15,9 +15,18 @@ from cifar_exp.config import recipe_config
 from cifar_exp.train import build_shipped_classifier
 
 ACCURACY = Path(__file__).parent.parent / "benchmarks" / "accuracy.py"
+THROUGHPUT = Path(__file__).parent.parent / "benchmarks" / "train_throughput.py"
 SHORT = ["--recipe", "pico", "--epochs", "1", "--set", "warmup_epochs=0", "--skip-latency", "--val-size", "50"]
 TEACHER = ["--teacher-set", "model=pico-res", "--teacher-set", "widths=8,16,16", "--teacher-set", "epochs=1",
            "--teacher-set", "warmup_epochs=0"]
+
+
+def load_script(path: Path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_script", path)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look their module up there
+    spec.loader.exec_module(script)
+    return script
 
 
 def run_accuracy(*args: str, cache: Path) -> subprocess.CompletedProcess:
@@ -131,23 +140,22 @@ def test_accuracy_refuses_bad_teacher_settings_before_loading_data(tmp_path, ext
     assert message in result.stderr and "missing" not in result.stderr
 
 
-def test_the_seed_pipelines_recipe_trains_and_validates_on_the_projects_split(tiny_data, tmp_path):
+def test_the_seed_pipelines_recipe_trains_and_validates_on_the_projects_split(tiny_data, tmp_path, monkeypatch):
     # train_throughput.py --full-recipe seed-dataloader picks its images by index from an ImageFolder:
     # they must be the very images `cifar-exp train` (load_splits) trains and validates on.
     import numpy as np
-    from torchvision import datasets
 
     from cifar_exp.config import DataConfig
-    from cifar_exp.data import load_splits, stratified_split_indices
+    from cifar_exp.data import load_splits
 
-    splits = load_splits(DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=str(tmp_path)))
-    folder = datasets.ImageFolder(str(tiny_data / "train"))
-    train_indices, val_indices = stratified_split_indices(torch.tensor(folder.targets), 50, 0)
-    for indices, images in ((train_indices, splits.train), (val_indices, splits.val)):
-        assert len(indices) == len(images)
-        for position in (0, len(indices) // 2, len(indices) - 1):
-            image, label = folder[int(indices[position])]
-            assert torch.equal(torch.from_numpy(np.asarray(image)).permute(2, 0, 1), images.images[position])
+    data = DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=str(tmp_path))
+    splits = load_splits(data)
+    for subset, images in zip(load_script(THROUGHPUT, monkeypatch).seed_recipe_split(str(tiny_data), data),
+                              (splits.train, splits.val), strict=True):
+        assert len(subset) == len(images)
+        for position in (0, len(subset) // 2, len(subset) - 1):
+            image, label = subset[position]
+            assert torch.equal(torch.from_numpy(np.array(image)).permute(2, 0, 1), images.images[position])
             assert label == int(images.labels[position])
 
 
@@ -155,10 +163,7 @@ def test_accuracy_latency_ratio_is_the_median_of_each_rounds_ratio(monkeypatch, 
     # The VM's speed halves now and then, sometimes between a round's two measurements (the second and
     # fifth of five rounds here): separate medians (0.14 ms for both models) would call the model as fast
     # as the seed.
-    spec = importlib.util.spec_from_file_location("accuracy_script", ACCURACY)
-    accuracy = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, accuracy)  # its dataclasses look their module up there
-    spec.loader.exec_module(accuracy)
+    accuracy = load_script(ACCURACY, monkeypatch)
     speeds = iter([1, 1, 1, 2, 2, 2, 2, 2, 1, 2] * len(accuracy.LATENCY_BACKENDS))  # model, seed, model, ...
     model, seed_model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 2)
 

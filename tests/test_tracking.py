@@ -69,6 +69,26 @@ def test_run_finished_with_params_and_tags(trained):
     assert contexts == ["testing", "training", "validation"]
 
 
+@pytest.mark.parametrize("package_folder", [".", "site"])
+def test_git_commit_is_the_packages_own_checkouts(tmp_path, monkeypatch, package_folder):
+    # A copy of the package inside some other repository (or an installed copy in a virtualenv inside
+    # a checkout) must not be tagged with that repository's HEAD: that commit describes other code.
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    module = tmp_path / package_folder / "cifar_exp" / "tracking.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("# the code\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "code")
+    monkeypatch.setattr(tracking, "__file__", str(module))  # the module as if imported from there
+    assert tracking._git_commit() == (git("rev-parse", "HEAD") if package_folder == "." else "unknown")
+    module.write_text("# changed\n")
+    assert tracking._git_commit() == (git("rev-parse", "HEAD") + "-dirty" if package_folder == "." else "unknown")
+
+
 def test_per_epoch_metrics_are_logged_with_epoch_steps(trained):
     outcome, _, client = trained
     for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
@@ -674,3 +694,13 @@ def test_a_name_a_failed_registration_created_goes_only_if_no_other_version_came
         tracking.delete_model_version(name, version)
     assert [m.name for m in client.search_registered_models()] == ["shared"]
     assert [v.version for v in client.search_model_versions("name='shared'")] == [second]
+
+
+@pytest.mark.parametrize("settings, legend", [
+    ({}, "cross-entropy"),
+    ({"label_smoothing": 0.1}, "cross-entropy (label smoothing 0.1)"),
+    ({"teacher": "runs:/abc/model", "distill_weight": 0.9, "label_smoothing": 0.1},
+     "0.9 × distillation + 0.1 × cross-entropy (label smoothing 0.1)"),
+])
+def test_the_training_loss_legend_names_the_objective_and_its_weights(settings, legend):
+    assert experiment._training_objective(TrainConfig(**settings)) == legend

@@ -326,7 +326,26 @@ def test_cpu_training_keeps_large_blocks_off_fresh_mmap_pages():
 
     assert mmapped_bytes("default") >= 16 * 2**20  # glibc's default: its own mmap, page-faulted in
     assert mmapped_bytes("keep") == 0  # from the heap, whose freed pages stay mapped for the next step
-    assert keep_freed_memory_in_process() and keep_freed_memory_in_process()  # once per process
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_the_allocator_is_set_once_per_process(monkeypatch):
+    from cifar_exp import train
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(train.ctypes, "CDLL", lambda name: FakeLibc())
+    train.keep_freed_memory_in_process.cache_clear()
+    try:
+        assert train.keep_freed_memory_in_process() and train.keep_freed_memory_in_process()
+    finally:
+        train.keep_freed_memory_in_process.cache_clear()  # the next caller sets the real allocator again
+    assert calls == [(-3, 32 * 2**20), (-1, 2**30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD: once each
 
 
 def test_mirror_tta_averages_the_probabilities_of_each_image_and_its_mirror():
