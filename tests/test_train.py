@@ -317,8 +317,6 @@ print(libc.mallinfo2().hblkhd - before)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_cpu_training_keeps_large_blocks_off_fresh_mmap_pages():
-    from cifar_exp.train import keep_freed_memory_in_process
-
     def mmapped_bytes(mode: str) -> int:
         run = subprocess.run([sys.executable, "-c", MMAPPED_BYTES_AFTER_A_16_MIB_TENSOR, mode],
                              capture_output=True, text=True, check=True)
