@@ -60,9 +60,10 @@ def tracking_uri() -> str:
 
 
 def sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (its query, if any, left off); None for others."""
+    """The database file of a ``sqlite:///`` URI (its query, if any, left off); None for others. A ``~``
+    in it is a folder of that name, as SQLite opens it (it expands no home folders)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
-        return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+        return Path(uri[len("sqlite:///"):].split("?", 1)[0])
     return None
 
 

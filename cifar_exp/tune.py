@@ -231,7 +231,7 @@ def tune(
         log.warning("%s: the trials' validation accuracies may be inflated", leak)
     # After the data and teachers: a study is created (with its settings) only for input that works.
     study = open_study(cfg, tune_cfg, study_name, storage_url, data=splits, teacher=teacher)
-    fail_trials_of_dead_workers(study, storage_url)
+    fail_trials_of_dead_workers(study)
     close_runs_of_dead_workers(cfg.tracking.experiment_name, study_name)
 
     before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
@@ -563,6 +563,21 @@ def check_storage(storage_url: str, heartbeat_interval: int, *, default: bool = 
 
 
 JOURNAL_FIRST_BYTES = b'{"op_code":'  # how Optuna's JournalFileBackend starts every entry
+ENTRY_WRITE_SECONDS = 1.0  # how long another worker may take to finish writing the journal's last entry
+
+
+def _ends_with_a_whole_entry(path: Path) -> bool:
+    """Whether the journal at ``path`` ends with a line break, as each whole entry does; an entry
+    another worker is writing right now is given ``ENTRY_WRITE_SECONDS`` to end."""
+    deadline = time.monotonic() + ENTRY_WRITE_SECONDS
+    while True:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            if size == 0 or file.seek(size - 1) >= 0 and file.read(1) == b"\n":
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _not_an_optuna_file(path: Path, *, journal: bool) -> str | None:
@@ -572,17 +587,26 @@ def _not_an_optuna_file(path: Path, *, journal: bool) -> str | None:
     if not path.exists() or path.stat().st_size == 0:
         return None
     if journal:
-        with open(path, "rb") as file:
-            first = file.readline(1 << 20)
-        if not first.endswith(b"\n") and first[:len(JOURNAL_FIRST_BYTES)] == JOURNAL_FIRST_BYTES[:len(first)]:
-            return None  # a first entry another worker is writing (or a crash cut off): Optuna's to judge
         try:
-            entry = json.loads(first)
-        except ValueError:
-            entry = None
-        if not (isinstance(entry, dict) and "op_code" in entry):
-            return f"{path} is not an Optuna journal file (its first line is not a journal entry)"
+            with open(path, "rb") as file:
+                first = file.readline(1 << 20)
+            if first.endswith(b"\n") or first[:len(JOURNAL_FIRST_BYTES)] != JOURNAL_FIRST_BYTES[:len(first)]:
+                try:  # (else a first entry being written, judged by its end below)
+                    entry = json.loads(first)
+                except ValueError:
+                    entry = None
+                if not (isinstance(entry, dict) and "op_code" in entry):
+                    return f"{path} is not an Optuna journal file (its first line is not a journal entry)"
+            if not _ends_with_a_whole_entry(path):
+                # Optuna skips a cut-off last entry when it reads, but appends its next one to it: the
+                # joined line, then in the middle of the file, makes the journal unreadable for good.
+                return (f"{path} ends in a cut-off entry (a worker stopped while writing it): delete the text "
+                        "after its last line break, then run again")
+        except OSError as error:
+            return f"{path} cannot be read ({error.strerror})"
         return None
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} is not writable"
     try:
         with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=1)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -678,6 +702,11 @@ def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig, data: Splits | N
         # Optuna judges a trial stale by the checking worker's grace period, not its runner's: a worker
         # with a shorter interval would fail the live trials of the others.
         settings[HEARTBEAT_SETTING] = tune_cfg.heartbeat_interval
+    if tune_cfg.sampler == "grid":
+        # Optuna's grid sampler counts a point as run only by trials of the very same grid: resumed with
+        # another grid, it would run the points the two grids share again.
+        settings["tune.grid"] = ", ".join(f"{name} {len(values)} points {values[0]:g}..{values[-1]:g}"
+                                          for name, values in grid_space(tune_cfg, decay=searches_decay(cfg.train)).items())
     if tune_cfg.multi_objective:
         # What else its values depend on: the choices searched (Optuna refuses other categorical
         # choices for a parameter within a study), the threads latency is timed with and the CPU it
@@ -785,8 +814,13 @@ def _is_journal_file(storage_url: str) -> bool:
 
 
 def _storage_file(url: str) -> Path | None:
-    """The file of a local storage: a journal file path, or a SQLite URL's database file."""
-    return Path(url).expanduser() if _is_journal_file(url) else tracking.sqlite_file(url)
+    """The file of a local storage: a journal file path (``~`` expanded), or a SQLite URL's database file."""
+    if not _is_journal_file(url):
+        return tracking.sqlite_file(url)
+    try:
+        return Path(url).expanduser()
+    except RuntimeError as error:  # ~user of no such user
+        raise _unusable(url, error) from None
 
 
 def _storage(url: str, heartbeat_interval: int, make_folder: bool = False) -> optuna.storages.BaseStorage:
@@ -811,6 +845,7 @@ def _storage(url: str, heartbeat_interval: int, make_folder: bool = False) -> op
     )
 
 
+LOST_WORKER = "worker lost"  # the reason of a trial whose worker died
 WORKER_ATTRS = ("worker", "worker_process", "mlflow_run_id", "reason")  # what a trial's worker records
 
 
@@ -839,27 +874,29 @@ def _worker_is_gone(recorded: str, mine: str) -> bool:
     return worker_process(int(parts[2])) != recorded  # ended, or its id reused since
 
 
-def fail_trials_of_dead_workers(study: optuna.Study, storage_url: str) -> list[int]:
-    """On a journal file, fail (and retry once) the RUNNING trials of this machine's dead workers.
+def fail_trials_of_dead_workers(study: optuna.Study) -> list[int]:
+    """Fail (and retry once) the RUNNING trials of this machine's dead workers.
 
-    Journal storages have no heartbeats: a worker killed without a word (SIGKILL, out of memory)
-    would leave its trial RUNNING for good, and a baseline it ran would never run again. Each trial
-    records its worker process (``worker_process``); a trial whose process, on this machine and in
-    this pid namespace, is gone is marked FAIL and handled like a stale trial on a database
-    (``_stale_trial``). Other machines' workers cannot be checked from here. Returns the trials failed.
+    A worker killed without a word (SIGKILL, out of memory) leaves its trial RUNNING: for good on a
+    journal file, which has no heartbeats, and on a database until its heartbeat is older than the
+    grace period (while the worker's own runs are closed at once, ``close_runs_of_dead_workers``).
+    Each trial records its worker process (``worker_process``); a trial whose process, on this machine
+    and in this pid namespace, is gone is marked FAIL and handled like a stale trial on a database
+    (``_stale_trial``). Other machines' workers cannot be checked from here: on a database, Optuna's
+    heartbeats find them. Returns the trials failed.
     """
-    if not _is_journal_file(storage_url):
-        return []  # a database storage: Optuna's heartbeats find them
     mine = worker_process()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         recorded = trial.user_attrs.get("worker_process")
         if mine is None or not recorded or not _worker_is_gone(recorded, mine):
             continue
+        why = f"process {recorded.split('/')[2]} is gone"
         try:
             with deferred():  # failed, queued again and its runs closed, or none of it
+                study._storage.set_trial_user_attr(trial._trial_id, "reason", f"{LOST_WORKER} ({why})")
                 study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                _stale_trial(study, trial, why=f"process {recorded.split('/')[2]} is gone")
+                _stale_trial(study, trial, why=why)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker starting now got to it first
         failed.append(trial.number)
@@ -928,7 +965,7 @@ def _stale_trial(study: optuna.Study, trial: FrozenTrial, why: str = "no heartbe
     if run_id:
         try:
             closed = tracking.kill_stale_run(
-                run_id, tags={"optuna_state": "FAIL", "optuna_reason": f"worker lost ({why})"}
+                run_id, tags={"optuna_state": "FAIL", "optuna_reason": f"{LOST_WORKER} ({why})"}
             )
         except Exception as error:  # the tracking store of a dead worker may be out of reach
             log.warning("could not close MLflow run %s of stale trial %d: %s", run_id, trial.number,

@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -480,6 +481,8 @@ def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracki
         (f"sqlite:///{blocker}/optuna.db", f"{blocker} is not a folder"),
         (f"sqlite:///{tmp_path}/typo/optuna.db", f"{tmp_path}/typo does not exist"),
         (f"{tmp_path}/typo/journal.log", f"{tmp_path}/typo does not exist"),  # a journal file
+        ("~no-such-user-of-cifar-exp/journal.log", "Could not determine home directory"),
+        ("sqlite:///~/optuna.db", "~ does not exist"),  # SQLite opens ./~/optuna.db: it expands no ~
     ]:
         result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, "--storage", storage)
         shown = storage.replace("secret", "***")
@@ -489,23 +492,56 @@ def test_an_unusable_storage_is_reported_before_the_data_loads(tiny_data, tracki
     assert {path: path.read_bytes() for path in others} == others  # Optuna wrote nothing into them
 
 
-def test_a_storage_file_being_written_or_locked_is_left_to_optuna(tmp_path):
+def test_a_storage_file_being_written_or_locked_is_left_to_optuna(tmp_path, monkeypatch):
     from cifar_exp.tune import _not_an_optuna_file
 
     journal = tmp_path / "studies.log"
-    journal.write_bytes(b'{"op_code": 0, "worker_id": "a"')  # another worker's first line, half written
+    journal.write_bytes(b'{"op_code": 0, "worker_id": "a"')  # another worker's first line, half written...
+
+    def end_the_line():
+        with journal.open("ab") as file:
+            file.write(b', "x": 1}\n')
+
+    finish = threading.Timer(0.3, end_the_line)
+    finish.start()  # ... and ended a moment later
     assert _not_an_optuna_file(journal, journal=True) is None
+    finish.join()
     for other in (b"hello\n", b"hello"):  # a text file, with or without its newline
         journal.write_bytes(other)
         assert "not an Optuna journal file" in _not_an_optuna_file(journal, journal=True)
     database = tmp_path / "optuna.db"
     optuna.create_study(storage=f"sqlite:///{database}")
     assert _not_an_optuna_file(database, journal=False) is None
+    with monkeypatch.context() as patched:  # (root may write read-only files)
+        patched.setattr(os, "access", lambda path, mode: Path(path) != database)
+        assert _not_an_optuna_file(database, journal=False) == f"{database} is not writable"
     assert "not an Optuna journal file" in _not_an_optuna_file(database, journal=True)  # a path, not sqlite:///
     with sqlite3.connect(database, isolation_level=None) as writer:
         writer.execute("BEGIN EXCLUSIVE")  # a worker writing: not readable now, but no reason to refuse
         assert _not_an_optuna_file(database, journal=False) is None
         writer.execute("ROLLBACK")
+
+
+def test_a_journal_cut_off_mid_entry_or_unreadable_is_refused(tmp_path, monkeypatch):
+    # Optuna skips a cut-off last entry when it reads the journal, but appends its next entry to it:
+    # the joined line, then in the middle of the file, would make the whole study unreadable.
+    from cifar_exp import tune as tune_module
+
+    journal = tmp_path / "studies.log"
+    optuna.create_study(study_name="s", storage=_optuna_storage(str(journal)))
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 5, "worker')  # a worker that died writing (disk full, power cut)
+    assert tune_module._not_an_optuna_file(journal, journal=True) == (
+        f"{journal} ends in a cut-off entry (a worker stopped while writing it): delete the text after its last "
+        "line break, then run again")
+    journal.write_bytes(whole)
+    assert tune_module._not_an_optuna_file(journal, journal=True) is None
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tune_module, "open", unreadable, raising=False)  # (root reads any file)
+    assert tune_module._not_an_optuna_file(journal, journal=True) == f"{journal} cannot be read (Permission denied)"
 
 
 def test_study_with_another_direction_or_other_settings_is_refused(tiny_data, tracking_store, cache_dir, tmp_path):
@@ -1074,10 +1110,11 @@ def test_a_grid_point_interrupted_in_one_run_runs_in_the_next(tiny_data, trackin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("journal", [False, True])
-def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_store, cache_dir, tmp_path, journal):
-    """SIGKILL: no handler runs. The next worker finds the trial's heartbeat stale (a database) or its
-    process gone (a journal file, which has no heartbeats), fails and retries it."""
+@pytest.mark.parametrize("where", ["journal", "database", "database, another machine"])
+def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_store, cache_dir, tmp_path, where):
+    """SIGKILL: no handler runs. The next worker finds the trial's process gone (a worker of this
+    machine), or its heartbeat stale (another machine's, on a database), fails and retries it."""
+    journal = where == "journal"
     storage = str(tmp_path / "study.log") if journal else f"sqlite:///{tmp_path / 'study.db'}"
     common = ["--data-dir", tiny_data, "--cache-dir", cache_dir, "--val-size", "50", "--batch-size", "32",
               "--storage", storage, "--study-name", "killed", "--heartbeat-interval", "1", "--pruner", "none"]
@@ -1088,8 +1125,11 @@ def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_s
     study = optuna.load_study(study_name="killed", storage=_optuna_storage(storage))
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
     dead_pid = study.trials[0].user_attrs["worker"].rpartition(":")[2]
-    if not journal:
+    why = f"process {dead_pid} is gone"
+    if where == "database, another machine":  # its process cannot be checked from here: its heartbeat tells
+        study._storage.set_trial_user_attr(study.trials[0]._trial_id, "worker_process", "another-boot/1/1/1")
         time.sleep(3)  # > 2 heartbeat intervals
+        why = "no heartbeat"
 
     result = run_cli("tune", *common)
     assert result.exit_code == 0, result.output
@@ -1103,8 +1143,9 @@ def test_worker_killed_mid_trial_does_not_leave_it_running(tiny_data, tracking_s
     assert sorted(r.info.run_name for r in dead) == ["trial-0", "tune-killed"]
     trial_run = next(r for r in dead if r.info.run_name == "trial-0")
     assert trial_run.data.tags["optuna_state"] == "FAIL"
-    assert trial_run.data.tags["optuna_reason"] == (
-        f"worker lost (process {dead_pid} is gone)" if journal else "worker lost (no heartbeat)")
+    assert trial_run.data.tags["optuna_reason"] == f"worker lost ({why})"
+    if where != "database, another machine":  # (a heartbeat fails a trial before cifar-exp sees it)
+        assert study.trials[0].user_attrs["reason"] == f"worker lost ({why})"  # trials.csv's reason column
 
 
 def _optuna_storage(storage):
@@ -1144,9 +1185,11 @@ def test_only_trials_of_dead_workers_on_this_machine_are_failed(tracking_store, 
     for run_id in run_ids.values():  # the runs as their workers left them: RUNNING
         client.update_run(run_id, status="RUNNING")
 
-    assert fail_trials_of_dead_workers(study, storage) == [0, 2]
-    assert fail_trials_of_dead_workers(study, storage) == []  # done once
+    assert fail_trials_of_dead_workers(study) == [0, 2]
+    assert fail_trials_of_dead_workers(study) == []  # done once
     trials = study.get_trials()
+    assert [t.user_attrs.get("reason") for t in trials[:3]] == [
+        f"worker lost (process {ended.pid} is gone)", None, f"worker lost (process {pid} is gone)"]
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL, TrialState.RUNNING,
                                          TrialState.RUNNING, TrialState.WAITING, TrialState.WAITING]
     retry = trials[5]
@@ -1155,7 +1198,6 @@ def test_only_trials_of_dead_workers_on_this_machine_are_failed(tracking_store, 
     statuses = {name: client.get_run(run_id).info.status for name, run_id in run_ids.items()}
     assert statuses == {"ended": "KILLED", "alive": "RUNNING", "pid reused": "KILLED", "other namespace": "RUNNING",
                         "other boot": "RUNNING"}
-    assert fail_trials_of_dead_workers(study, f"sqlite:///{tmp_path / 'db'}") == []  # databases have heartbeats
 
 
 def test_study_and_retrain_runs_of_dead_workers_are_closed(tracking_store):
@@ -1351,3 +1393,19 @@ def test_a_dead_workers_trial_is_queued_again_once():
     study.tell(study.ask(), state=TrialState.FAIL)  # the retry's worker dies as well
     _queue_again(study, study.trials[1])
     assert len(study.trials) == 2  # no third try
+
+
+def test_a_grid_study_resumed_with_another_grid_is_refused(tmp_path):
+    # Optuna's grid sampler counts a point as run only by trials of the same grid: another grid would
+    # run the points both grids hold again.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    cfg = ExperimentConfig()
+    open_study(cfg, TuneConfig(sampler="grid", grid_size=2), "grid", storage)
+    open_study(cfg, TuneConfig(sampler="grid", grid_size=2), "grid", storage)  # the same grid: resumed
+    with pytest.raises(StorageError, match=r"other settings \(grid lr 2 points 0\.01\.\.0\.5, lr_decay 2 points "
+                                           r"0\.85\.\.0\.99 -> lr 3 points 0\.01\.\.0\.5, lr_decay 3 points"):
+        open_study(cfg, TuneConfig(sampler="grid", grid_size=3), "grid", storage)
+    with pytest.raises(StorageError, match=r"other settings \(grid lr 2 points 0\.01\.\.0\.5, .* -> lr 2 points "
+                                           r"0\.02\.\.0\.5"):
+        open_study(cfg, TuneConfig(sampler="grid", grid_size=2, lr_min=0.02), "grid", storage)
+    open_study(cfg, TuneConfig(sampler="tpe"), "grid", storage)  # other samplers may sample any point again
