@@ -191,8 +191,16 @@ def start_run(
 
 def _check_artifact_folder(artifact_uri: str) -> None:
     """A run whose artifacts cannot be written to a local folder fails now, not after its training
-    (``./mlruns`` taken by a file, a read-only working folder). Remote artifact stores are not probed."""
-    if urllib.parse.urlparse(artifact_uri).scheme not in ("", "file"):
+    (``./mlruns`` taken by a file, a read-only working folder), as does one in an experiment whose
+    artifacts only a tracking server stores. Remote artifact stores are not probed."""
+    scheme = urllib.parse.urlparse(artifact_uri).scheme
+    if scheme == "mlflow-artifacts" and urllib.parse.urlparse(tracking_uri()).scheme not in ("http", "https"):
+        # An experiment created in a tracking server's UI (plain `mlflow ui` serves artifacts itself).
+        raise TrackingError(
+            f"the run's artifacts go to {artifact_uri}, which only an MLflow tracking server stores (the experiment "
+            "was created through one): set MLFLOW_TRACKING_URI to that server's address, or pass another "
+            "--experiment-name")
+    if scheme not in ("", "file"):
         return
     from mlflow.utils.file_utils import local_file_uri_to_path
 
@@ -751,6 +759,10 @@ def launch_ui(host: str, port: int, allowed_hosts: str | None = None) -> int:
     """
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
                "--host", host, "--port", str(port), *(["--allowed-hosts", allowed_hosts] if allowed_hosts else [])]
+    if sqlite_file(tracking_uri()) is not None:
+        # Experiments created in the UI keep their artifacts where the client puts a new experiment's
+        # (./mlruns): by default the UI gives them mlflow-artifacts:/, which only a running server stores.
+        command += ["--default-artifact-root", str(Path("mlruns").resolve())]
     process = subprocess.Popen(command)
     try:
         return process.wait()

@@ -1,6 +1,7 @@
 """The command line: help, one-line errors for bad input, and no run ever left RUNNING."""
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -173,6 +174,21 @@ def test_a_run_whose_artifacts_cannot_be_written_fails_before_training(tiny_data
         f"Error: cannot write the run's artifacts to {tmp_path / 'mlruns'}/1/") and "Not a directory" in result.output
     [run] = all_runs()
     assert run.info.status == "FAILED" and "train_loss" not in run.data.metrics
+
+
+def test_a_run_in_an_experiment_whose_artifacts_only_a_server_stores_fails_before_training(
+        tiny_data, tracking_store, cache_dir):
+    # Plain `mlflow ui` gives the experiments created in it mlflow-artifacts:/ locations.
+    MlflowClient().create_experiment("from-a-server-ui", artifact_location="mlflow-artifacts:/7")
+    result = run_cli("train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--epochs", "2", "--val-size", "50",
+                     "--experiment-name", "from-a-server-ui")
+    assert result.exit_code == 1 and "epoch 1/2" not in result.output
+    [run] = all_runs()
+    assert run.info.status == "FAILED" and "train_loss" not in run.data.metrics
+    assert result.output.splitlines()[-1] == (
+        f"Error: the run's artifacts go to mlflow-artifacts:/7/{run.info.run_id}/artifacts, which only an MLflow "
+        "tracking server stores (the experiment was created through one): set MLFLOW_TRACKING_URI to that "
+        "server's address, or pass another --experiment-name")
 
 
 @pytest.mark.slow
@@ -400,6 +416,13 @@ def test_a_terminated_ui_stops_the_mlflow_server_it_started(tmp_path):
             except OSError:
                 assert ui.poll() is None and time.monotonic() < deadline, ui.stdout.read()
                 time.sleep(0.5)
+        # An experiment created in the UI keeps its artifacts where cifar-exp's runs can write them.
+        created = urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/create", data=b'{"name": "from-the-ui"}',
+            headers={"Content-Type": "application/json"}), timeout=30)
+        experiment_id = json.load(created)["experiment_id"]
+        assert MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment(experiment_id).artifact_location == \
+            f"{tmp_path / 'mlruns'}/{experiment_id}"
         ui.send_signal(signal.SIGTERM)  # to cifar-exp alone, not its process group
         output = ui.communicate(timeout=60)[0]
         assert ui.returncode == -signal.SIGTERM and "Aborted: SIGTERM." in output, output
