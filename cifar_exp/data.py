@@ -73,13 +73,17 @@ def load_splits(cfg: DataConfig) -> Splits:
 
 def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet, tuple[str, ...], str]:
     root = Path(cfg.data_dir).expanduser()
-    if root.exists() and not root.is_dir():
-        raise DataError(f"data dir {root} is not a folder")
-    if (root / "train").is_dir() or (root / "test").is_dir():
+    with _looking_into(root):
+        if root.exists() and not root.is_dir():
+            raise DataError(f"data dir {root} is not a folder")
+        image_folders = (root / "train").is_dir() or (root / "test").is_dir()
+        batches = (root / "cifar-10-batches-py").is_dir()
+        exists = root.exists()
+    if image_folders:
         return _load_image_folder(root.resolve(), _cache_dir(cfg))
-    if (root / "cifar-10-batches-py").is_dir() or cfg.download:
+    if batches or cfg.download:
         return _load_torchvision(root, cfg.download)
-    if not root.exists():
+    if not exists:
         raise DataError(f"data dir {root} does not exist (pass --download to fetch CIFAR-10 there)")
     raise DataError(
         f"no CIFAR-10 dataset in {root}: expected train/<class>/ and test/<class>/ image folders "
@@ -87,10 +91,20 @@ def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet, tuple[str, ...], 
     )
 
 
+@contextlib.contextmanager
+def _looking_into(root: Path) -> Iterator[None]:
+    """A data folder that cannot be looked into (no permission, a name too long) is a one-line DataError."""
+    try:
+        yield
+    except OSError as error:
+        raise DataError(f"cannot read data dir {root}: {error.strerror or error}") from None
+
+
 def is_held_out_test_folder(data_dir: str) -> bool:
     """An image folder with test/ but no train/: a test set shipped on its own."""
     root = Path(data_dir).expanduser()
-    return (root / "test").is_dir() and not (root / "train").exists()
+    with _looking_into(root):
+        return (root / "test").is_dir() and not (root / "train").exists()
 
 
 def load_test_set(cfg: DataConfig) -> tuple[ImageSet, tuple[str, ...], str]:

@@ -305,9 +305,12 @@ def check_writable_folder(folder: Path) -> Path:
     """
     folder = Path(folder).expanduser()
     existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     try:
+        while not existing.exists() and existing != existing.parent:
+            if existing.is_symlink():  # no folder can be made in its place, nor through it
+                raise ExportError(f"cannot write to {folder}: {existing} is a link to {os.readlink(existing)}, "
+                                  "which does not exist")
+            existing = existing.parent
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):

@@ -15,6 +15,7 @@ from cifar_exp.data import (
     DeviceBatches,
     ImageSet,
     augment_batch,
+    is_held_out_test_folder,
     load_splits,
     random_crop,
     stratified_split,
@@ -317,6 +318,14 @@ def test_test_split_missing_a_class(tmp_path, cache_dir):
     shutil.rmtree(root / "test" / "frog")
     with pytest.raises(DataError, match="has no folder for class 'frog' that train has"):
         load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
+def test_data_dir_that_cannot_be_looked_into(tmp_path):
+    too_long = tmp_path / ("a" * 300)  # (as root no permission is ever missing; a name too long fails alike)
+    for load in (lambda: load_splits(DataConfig(data_dir=str(too_long))),
+                 lambda: is_held_out_test_folder(str(too_long))):
+        with pytest.raises(DataError, match=f"^cannot read data dir {too_long}: File name too long$"):
+            load()
 
 
 def test_data_dir_that_is_a_file(tmp_path):

@@ -626,6 +626,14 @@ def test_export_to_an_unwritable_folder(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ExportError, match=f"cannot write to {blocker / 'out'}"):
         inference.check_writable_folder(blocker / "out")
+    too_long = tmp_path / ("a" * 300)
+    with pytest.raises(ExportError, match=f"^cannot write to {too_long / 'out'}: File name too long$"):
+        inference.check_writable_folder(too_long / "out")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")  # a folder cannot be made where it points, nor in it
+    for folder in (tmp_path / "link", tmp_path / "link" / "out"):
+        with pytest.raises(ExportError, match=f"^cannot write to {folder}: {tmp_path / 'link'} is a link to "
+                                              f"{tmp_path / 'nowhere'}, which does not exist$"):
+            inference.check_writable_folder(folder)
 
 
 # --------------------------------------------------------------------------------------------------
