@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from cifar_exp import interrupts
 from cifar_exp.cli import CHATTY_LOGGERS
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, recipe_config
 from cifar_exp.data import ImageSet, Splits, load_splits
@@ -154,10 +155,17 @@ def load_saved_teacher(cfg: ExperimentConfig, splits: Splits, path: Path) -> Out
     model = build_shipped_classifier(cfg.train, len(splits.classes))
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
-        reason = str(error).strip().splitlines()[0]  # a shape mismatch lists every tensor
+    except pickle.UnpicklingError:  # (torch's message suggests weights_only=False: not for a file of unknown origin)
+        reason = "not a state_dict that --save-dir wrote"
+    except (OSError, RuntimeError) as error:
+        # A shape mismatch lists every tensor, one per line: the first says enough.
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        reason = " ".join(lines[:2]) + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    else:
+        reason = None
+    if reason:
         raise ConfigError(f"--teacher-dir: cannot load {path} as a {cfg.train.model} of these --teacher-set "
-                          f"settings: {reason}") from None
+                          f"settings: {reason}")
     val, test = (evaluate_as_tracked(model, images, cfg.train) for images in (splits.val, splits.test))
     return Outcome(val.accuracy, test.accuracy, test.one_pass_accuracy, 0.0, f"loaded from {path}", model,
                    teacher_uri=f"untracked:{path}")
@@ -341,4 +349,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    interrupts.run_script(main)

@@ -11,9 +11,11 @@ batch-1 p50 and batch-256 throughput are from that floor, side by side in one ru
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
+from cifar_exp import interrupts
 from cifar_exp.config import TrainConfig
 from cifar_exp.inference import available_cores, count_macs, cpu_name, measure_matmul_rate
 from cifar_exp.models import model_names
@@ -34,9 +36,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=available_cores(), help="threads (default: all cores)")
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per matrix product")
     args = parser.parse_args()
+    if args.threads < 1 or not args.seconds > 0:
+        parser.error(f"--threads must be >= 1 and --seconds > 0, got {args.threads} and {args.seconds}")
+    try:
+        reports = {path: read_report(path) for path in args.reports}
+    except ValueError as error:
+        parser.error(str(error))
 
     print(f"{cpu_name()}, {available_cores()} cores available")
-    thread_counts = sorted({1, args.threads, *(json.loads(p.read_text())["machine"]["threads"] for p in args.reports)})
+    thread_counts = sorted({1, args.threads, *(report["machine"]["threads"] for report in reports.values())})
     rates: dict[tuple[str, int], float] = {}  # (precision, threads) -> best sustained MAC/s
     for precision in ("fp32", "int8"):
         for threads in thread_counts:
@@ -52,8 +60,7 @@ def main() -> None:
         floors = ", ".join(f"{p} {macs / r * 1e6:6.1f} µs" for (p, t), r in rates.items() if t == args.threads)
         print(f"  {name:<10} {macs / 1e6:6.2f} M MACs/image: {floors}")
 
-    for path in args.reports:
-        report = json.loads(path.read_text())
+    for path, report in reports.items():
         macs = report["model"]["macs_per_image"]
         print(f"\n{path} ({report['model']['name']}, {report['machine']['threads']} threads)")
         threads = report["machine"]["threads"]  # each report against the floor at its own thread count
@@ -72,6 +79,22 @@ def main() -> None:
         _print_targets(report)
 
 
+def read_report(path: Path) -> dict:
+    """The ``benchmark.json`` at ``path``; ValueError, in one line, for a file that is not one."""
+    try:
+        report = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    except ValueError as error:  # not JSON
+        raise ValueError(f"{path} is not a benchmark.json of `cifar-exp benchmark`: {error}") from None
+    try:
+        for keys in (("machine", "threads"), ("model", "macs_per_image"), ("model", "name"), ("backends",)):
+            functools.reduce(lambda part, key: part[key], keys, report)
+    except (KeyError, TypeError):
+        raise ValueError(f"{path} is not a benchmark.json of `cifar-exp benchmark`: no {'.'.join(keys)}") from None
+    return report
+
+
 def _print_targets(report: dict) -> None:
     """Each target's p50 ratio, and the ratio within each repeat (both timed seconds apart)."""
     backends = {backend["name"]: backend["latency"] for backend in report["backends"]}
@@ -87,4 +110,4 @@ def _print_targets(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    interrupts.run_script(main)

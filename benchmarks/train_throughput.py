@@ -27,9 +27,12 @@ their mean ± std over ``--recipe-seeds``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import itertools
 import multiprocessing
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
+from cifar_exp import interrupts
 from cifar_exp.config import DataConfig, TrainConfig
 from cifar_exp.data import DeviceBatches, ImageSet, Splits, load_dataset, load_splits, stratified_split_indices
 from cifar_exp.errors import CifarExpError
@@ -132,6 +136,7 @@ def peak_memory(device: torch.device) -> str:
 def _serve_seed_pipelines(connection: Connection, data_dir: str, device_type: str,
                           specs: dict[str, tuple[int, str]], steps: int) -> None:
     """Child process: measure the named seed pipeline on each request, until None arrives."""
+    _die_with_parent()
     device = torch.device(device_type)
     folder = datasets.ImageFolder(
         str(Path(data_dir) / "train"),
@@ -194,13 +199,14 @@ def seed_recipe_split(data_dir: str, data: DataConfig, transform=None) -> tuple[
     return Subset(folder, train_indices.tolist()), Subset(folder, val_indices.tolist())
 
 
-def seed_recipe(data_dir: str, device_type: str, workers: int, seed: int) -> tuple[float, float, int]:
+def seed_recipe(data_dir: str, val_size: int, device_type: str, workers: int,
+                seed: int) -> tuple[float, float, int]:
     """The seed report's own 50-epoch training loop, run end to end on ``seed_recipe_split``'s images:
     wall time (with its per-epoch validation), test accuracy and training images."""
     device = torch.device(device_type)
     torch.manual_seed(seed)  # weights and the DataLoader's shuffling
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
-    train_images, val_images = seed_recipe_split(data_dir, DataConfig(), transform)
+    train_images, val_images = seed_recipe_split(data_dir, DataConfig(val_size=val_size), transform)
 
     def loader(dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
@@ -236,7 +242,18 @@ def seed_recipe(data_dir: str, device_type: str, workers: int, seed: int) -> tup
     return seconds, accuracy(test_loader, autocast=False), len(train_images)  # fp32, as full_recipe
 
 
+def _die_with_parent() -> None:
+    """In a child process: be sent SIGTERM when the parent dies, also killed outright (SIGKILL), where it
+    cannot stop its children; the DataLoader's workers then end with this process. Linux only."""
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1  # from linux/prctl.h
+
+
 def _call_in_child(connection: Connection, function, *args) -> None:
+    _die_with_parent()
     connection.send(function(*args))
 
 
@@ -250,6 +267,9 @@ def in_child_process(function, *args):
     child.close()
     try:
         return connection.recv()  # EOFError if the child died
+    except BaseException:  # e.g. Ctrl-C or SIGTERM here: the child's training must not go on alone
+        process.terminate()
+        raise
     finally:
         process.join()
 
@@ -283,9 +303,13 @@ def main() -> None:
                         "DataLoader pipeline (the first --workers value), or (no value) both.")
     parser.add_argument("--recipe-seeds", type=int, nargs="+", default=[0],
                         help="Seeds of the --full-recipe runs (mean and std over them).")
+    parser.add_argument("--val-size", type=int, default=DataConfig().val_size,
+                        help="Training images the --full-recipe runs carve off for validation.")
     args = parser.parse_args()
     if args.steps < 1 or args.rounds < 0:
         parser.error(f"--steps must be >= 1 and --rounds >= 0, got {args.steps} and {args.rounds}")
+    if min(args.workers) < 0:
+        parser.error(f"--workers must be >= 0, got {' '.join(map(str, args.workers))}")
 
     try:
         device = resolve_device(args.device)
@@ -297,6 +321,9 @@ def main() -> None:
         parser.error(f"the seed pipeline reads an ImageFolder tree: {Path(args.data_dir) / 'train'} is not a folder")
     try:
         train = load_dataset(DataConfig(data_dir=args.data_dir))[0]  # all of train/: no validation needed here
+        # The full recipe's split, before any round runs: a --val-size the data cannot give fails now.
+        splits = load_splits(DataConfig(data_dir=args.data_dir, val_size=args.val_size)) \
+            if args.full_recipe is not None else None
     except CifarExpError as error:
         parser.error(str(error))
     # The seed's AMP: fp16 with a GradScaler on its RTX 3060; on a CPU the autocast --amp resolves to.
@@ -310,8 +337,8 @@ def main() -> None:
     print(f"hardware: {_hardware(device)}; torch {torch.__version__}; project autocast: {amp_dtype or 'fp32'}")
     if args.rounds:
         measure_throughput(args, cfg, train, device, seed_specs)
-    if args.full_recipe is not None:
-        train_full_recipes(args, device)
+    if splits is not None:
+        train_full_recipes(args, device, splits)
     sys.stdout.flush()
 
 
@@ -353,19 +380,19 @@ def measure_throughput(args: argparse.Namespace, cfg: TrainConfig, train: ImageS
               f"ratio vs {baseline_name} {median / baseline:.2f}x (per round: {per_round})")
 
 
-def train_full_recipes(args: argparse.Namespace, device: torch.device) -> None:
-    """The 50-epoch seed recipe with each pipeline asked for, once per seed: time and test accuracy."""
+def train_full_recipes(args: argparse.Namespace, device: torch.device, splits: Splits) -> None:
+    """The 50-epoch seed recipe with each pipeline asked for, once per seed, on ``splits`` (the
+    seed-style pipeline on the same images): time and test accuracy."""
     pipelines = args.full_recipe or FULL_RECIPE_PIPELINES
     runs = {}
     if "project" in pipelines:
-        splits = load_splits(DataConfig(data_dir=args.data_dir))  # once for every run: decoded (cached)
         runs["project"] = lambda seed: full_recipe(splits, TrainConfig(device=device.type, seed=seed))
         if device.type == "cuda":
             runs["project, eager steps"] = lambda seed: full_recipe(
                 splits, TrainConfig(device="cuda", cuda_graphs=False, seed=seed))
     if "seed-dataloader" in pipelines:
         runs[f"seed-dataloader, {args.workers[0]} workers"] = lambda seed: in_child_process(
-            seed_recipe, args.data_dir, device.type, args.workers[0], seed)
+            seed_recipe, args.data_dir, args.val_size, device.type, args.workers[0], seed)
     for name, run in runs.items():
         accuracies, times = [], []
         for seed in args.recipe_seeds:
@@ -380,4 +407,4 @@ def train_full_recipes(args: argparse.Namespace, device: torch.device) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    interrupts.run_script(main)

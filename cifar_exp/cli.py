@@ -171,7 +171,7 @@ def reports_errors(command: Callable) -> Callable:
         except CifarExpError as error:
             raise click.ClickException(str(error)) from None
         except KeyboardInterrupt as interrupt:
-            signum = getattr(interrupt, "signum", signal.SIGINT)
+            signum = interrupts.signal_of(interrupt)
             click.echo(f"Aborted: {signal.Signals(signum).name}.", err=True)
             raise click.exceptions.Exit(128 + signum) from None
 

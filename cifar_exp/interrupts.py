@@ -20,7 +20,7 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _depth = 0  # how many deferred() blocks the main thread is inside
@@ -48,6 +48,24 @@ def install_handlers() -> None:
         global _unraisablehook
         _unraisablehook = sys.unraisablehook
         sys.unraisablehook = _redeliver_swallowed_interrupt
+
+
+def signal_of(interrupt: KeyboardInterrupt) -> int:
+    """The signal behind ``interrupt``: the one ``Interrupted`` records, or SIGINT (Python's own Ctrl-C)."""
+    return getattr(interrupt, "signum", signal.SIGINT)
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """The entry point of a script (the benchmarks): ``main()`` with the handlers installed, so an
+    interrupt closes what it opened (an MLflow run as KILLED) and ends the script as the CLI ends it:
+    one line, ``Aborted: SIGTERM.``, and the exit status 128 + the signal's number."""
+    install_handlers()
+    try:
+        main()
+    except KeyboardInterrupt as interrupt:
+        signum = signal_of(interrupt)
+        sys.stderr.write(f"Aborted: {signal.Signals(signum).name}.\n")
+        raise SystemExit(128 + signum) from None
 
 
 REDELIVERY_DELAY_SECONDS = 0.05

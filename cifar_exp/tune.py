@@ -705,8 +705,9 @@ def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig, data: Splits | N
     if tune_cfg.sampler == "grid":
         # Optuna's grid sampler counts a point as run only by trials of the very same grid: resumed with
         # another grid, it would run the points the two grids share again.
+        grid = grid_space(tune_cfg, decay=searches_decay(cfg.train))
         settings["tune.grid"] = ", ".join(f"{name} {len(values)} points {values[0]:g}..{values[-1]:g}"
-                                          for name, values in grid_space(tune_cfg, decay=searches_decay(cfg.train)).items())
+                                          for name, values in grid.items())
     if tune_cfg.multi_objective:
         # What else its values depend on: the choices searched (Optuna refuses other categorical
         # choices for a parameter within a study), the threads latency is timed with and the CPU it

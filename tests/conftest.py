@@ -52,12 +52,14 @@ def with_last_epoch(result, **fields):
     return dataclasses.replace(result, history=[*result.history[:-1], last])
 
 
-def signal_cli_mid_training(args: list[str], epochs: int, sig: signal.Signals) -> tuple[int, str]:
-    """Run ``python -m cifar_exp *args``, send ``sig`` once its ``epoch 1/<epochs>`` line is out.
+def signal_cli_mid_training(args: list[str], epochs: int, sig: signal.Signals, *,
+                            program: tuple[str, ...] = ("-m", "cifar_exp"), env: dict | None = None) -> tuple[int, str]:
+    """Run ``python -m cifar_exp *args`` (or another ``program``: a script), send ``sig`` once its
+    ``epoch 1/<epochs>`` line is out.
 
     Returns the exit status and what the process wrote (stdout and stderr) after the signal.
     """
-    process = subprocess.Popen([sys.executable, "-m", "cifar_exp", *map(str, args)],
+    process = subprocess.Popen([sys.executable, *program, *map(str, args)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in process.stdout:  # wait for training to be under way

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp.config import recipe_config
 from cifar_exp.train import build_shipped_classifier
+from conftest import signal_cli_mid_training
 
 ACCURACY = Path(__file__).parent.parent / "benchmarks" / "accuracy.py"
 THROUGHPUT = Path(__file__).parent.parent / "benchmarks" / "train_throughput.py"
@@ -97,6 +99,18 @@ def test_accuracy_distils_from_saved_teachers_as_from_trained_ones(tiny_data, tm
     assert f"; loaded from {saved}\n" in loaded.stdout and "training time per teacher" in trained.stdout
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_accuracy_run_is_closed_as_killed(tiny_data, tracking_store, tmp_path, sig):
+    returncode, rest = signal_cli_mid_training(
+        ["--recipe", "seed", "--epochs", "30", "--seeds", "0", "--val-size", "50", "--skip-latency",
+         "--data-dir", tiny_data], epochs=30, sig=sig, program=(str(ACCURACY),),
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert returncode == 128 + sig and rest.strip().splitlines()[-1] == f"Aborted: {sig.name}.", rest
+    assert "Traceback" not in rest
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("accuracy").experiment_id])
+    assert run.info.status == "KILLED"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--untracked"], "--teacher-dir: no teacher for seed 0: {dir}/pico-pico-seed0-teacher.pt is not a file"),
     ([], "--teacher-dir needs --teacher-set (the teachers' architecture) and --untracked"),
@@ -117,7 +131,14 @@ def test_accuracy_names_a_saved_teacher_of_another_architecture(tiny_data, tmp_p
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"accuracy.py: error: --teacher-dir: cannot load {tmp_path / 'pico-pico-seed0-teacher.pt'} "
                            "as a pico-res of these --teacher-set settings: Error(s) in loading state_dict"), last
+    assert "size mismatch for " in last and last.endswith(" more)")  # the first mismatch, the others counted
     assert "epoch 1/1" not in result.stderr  # no student trained
+    (tmp_path / "pico-pico-seed0-teacher.pt").write_text("not a model")
+    result = run_accuracy(*SHORT, *TEACHER, "--seeds", "0", "--untracked", "--teacher-dir", str(tmp_path),
+                          "--data-dir", str(tiny_data), cache=tmp_path / "cache")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "as a pico-res of these --teacher-set settings: not a state_dict that --save-dir wrote")
 
 
 def test_accuracy_refuses_a_save_dir_it_cannot_write_before_loading_data(tmp_path):
