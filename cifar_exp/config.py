@@ -74,6 +74,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        _require_nonempty(self, "data_dir")
         _require_at_least(self, 0, "val_size")
         _require_seed(self, "split_seed")
         if not self.val_on_test and self.val_size == 0:
@@ -163,10 +164,12 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            # (Whether the recipe or the user set it is not known here: the hint fits either.)
             from_recipe = RECIPES.get(self.recipe, {}).get("warmup_epochs") == self.warmup_epochs
             raise ConfigError(
                 f"warmup-epochs must be in [0, epochs {self.epochs}], got {self.warmup_epochs}"
-                + (f" (set by --recipe {self.recipe}: pass --warmup-epochs too)" if from_recipe else "")
+                + (f" (--recipe {self.recipe} warms up for {self.warmup_epochs:g} epochs: pass a --warmup-epochs of "
+                   f"at most {self.epochs})" if from_recipe else "")
             )
         if not 0 <= self.cutout <= 32:
             raise ConfigError(f"cutout must be in [0, 32] pixels, got {self.cutout}")
@@ -174,6 +177,8 @@ class TrainConfig:
             raise ConfigError(f"distill-weight must be in (0, 1], got {self.distill_weight}")
         if not self.distill_temperature > 0:
             raise ConfigError(f"distill-temperature must be > 0, got {self.distill_temperature}")
+        if not self.amp and self.amp_dtype != "auto":
+            raise ConfigError(f"amp-dtype {self.amp_dtype} needs --amp: with --no-amp everything runs in fp32")
         if not self.teacher_uris():
             for name in ("distill_weight", "distill_temperature", "distill_mirror"):
                 if getattr(self, name) != _field(TrainConfig, name).default:
@@ -224,12 +229,16 @@ class TrackingConfig:
         if name is not None and not name.strip():
             # An empty name (the MLproject's default) means none given: cifar10-<model>.
             object.__setattr__(self, "registered_model_name", None)
-        elif name is not None and (any(c in name for c in "/:@?#") or name == "." or name.startswith("..")):
+        elif name is not None and (any(c in name for c in "/:@?#") or not name.isprintable() or name == "."
+                                   or name.startswith("..")):
             # The Model Registry's rules (no '/' or ':'; no name that reads as a relative path), checked
             # here, not after the training it would waste; and what models:/NAME@ALIAS cannot address:
-            # '@', and a URI's query or fragment ('?', '#').
-            raise ConfigError(f"registered-model-name must not contain '/', ':', '@', '?' or '#', nor be '.' "
-                              f"or start with '..', got {name!r}")
+            # '@', a URI's query or fragment ('?', '#'), and control characters (the URI parser drops them).
+            raise ConfigError(f"registered-model-name must not contain '/', ':', '@', '?', '#' or control "
+                              f"characters, nor be '.' or start with '..', got {name!r}")
+        if not self.register and self.registered_model_name is not None:
+            raise ConfigError(f"registered-model-name {self.registered_model_name!r} needs --register: with "
+                              "--no-register nothing is registered")
 
 
 @dataclass(frozen=True)
@@ -515,12 +524,17 @@ def _positive_ints(text: str, option_name: str) -> tuple[int, ...]:
     return values
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the models and optimizers compute in it
+
+
 def _require_finite(config: Any) -> None:
-    """Every float field must be a finite number: NaN passes every comparison check unnoticed."""
+    """Every float field must be a finite number (NaN passes every comparison check unnoticed) that
+    float32 can hold: a larger one fails deep inside training, after a run has opened."""
     for field_ in dataclasses.fields(config):
         value = getattr(config, field_.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{field_.name.replace('_', '-')} must be a finite number, got {value}")
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise ConfigError(f"{field_.name.replace('_', '-')} must be a finite number within float32's range "
+                              f"(up to {FLOAT32_MAX:.3g}), got {value}")
 
 
 def _require_at_least(config: Any, minimum: int, *names: str, note: str = "") -> None:

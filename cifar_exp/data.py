@@ -336,8 +336,11 @@ def _list_split(root: Path, split: str) -> dict[str, list[ImageFile]]:
     if not folder.is_dir():
         raise DataError(f"{folder} is missing: an image folder dataset needs both train/ and test/")
     # Hidden entries (.ipynb_checkpoints/, macOS ._* files, ...) are no classes and no images.
-    class_dirs = sorted((e for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")),
-                        key=lambda e: e.name)
+    entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+    for entry in entries:
+        if entry.is_symlink() and not os.path.exists(entry.path):  # a class folder on a drive not mounted?
+            raise DataError(f"{entry.path} is a link to {os.readlink(entry.path)}, which does not exist")
+    class_dirs = sorted((e for e in entries if e.is_dir()), key=lambda e: e.name)
     if not class_dirs:
         raise DataError(f"{folder} holds no class folders")
     split_real = os.path.realpath(folder)
@@ -369,6 +372,9 @@ def _image_files(folder: str, prefix: str, label: str, class_real: str, split_re
                 seen.add(real)
                 yield from _image_files(entry.path, f"{prefix}{entry.name}/", label, class_real, split_real, seen)
         elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+            if not (entry.is_file() or entry.is_symlink()):  # (a broken link is named when it fails to decode)
+                # A FIFO would block its reader for good, past Ctrl-C: the decoding threads wait on it.
+                raise DataError(f"{entry.path} is not a regular file (a FIFO, socket or device), so no image")
             yield ImageFile(prefix + entry.name, entry)
 
 

@@ -36,18 +36,22 @@ def test_defaults_are_the_seed_recipe():
     ("widths", "32,0,64", "widths must be comma-separated positive integers, got 0 in '32,0,64'"),
     ("widths", "wide", "widths must be comma-separated positive integers, got 'wide'"),
     ("hidden", -1, r"hidden must be >= 0 \(0: the architecture's own\), got -1"),
-    ("lr", math.nan, "lr must be a finite number, got nan"),  # NaN fails no comparison
-    ("momentum", math.nan, "momentum must be a finite number, got nan"),
-    ("weight_decay", math.inf, "weight-decay must be a finite number, got inf"),
-    ("norm_std", math.nan, "norm-std must be a finite number, got nan"),
-    ("warmup_epochs", math.nan, "warmup-epochs must be a finite number, got nan"),
+    ("lr", math.nan, "lr must be a finite number within float32's range \(up to 3.4e\+38\), got nan"),  # NaN fails no comparison
+    ("momentum", math.nan, "momentum must be a finite number within float32's range \(up to 3.4e\+38\), got nan"),
+    ("weight_decay", math.inf, "weight-decay must be a finite number within float32's range \(up to 3.4e\+38\), got inf"),
+    ("norm_std", math.nan, "norm-std must be a finite number within float32's range \(up to 3.4e\+38\), got nan"),
+    ("warmup_epochs", math.nan, "warmup-epochs must be a finite number within float32's range \(up to 3.4e\+38\), got nan"),
     ("warmup_epochs", 60.0, r"warmup-epochs must be in \[0, epochs 50\], got 60.0$"),
+    # Finite in Python but not in float32, which training computes in: an overflow deep inside it.
+    ("lr", 1e39, r"lr must be a finite number within float32's range \(up to 3.4e\+38\), got 1e\+39"),
+    ("norm_mean", -1e300, r"norm-mean must be a finite number within float32's range \(up to 3.4e\+38\), got -1e\+300"),
+    ("amp_dtype", "bfloat16", "amp-dtype bfloat16 needs --amp: with --no-amp everything runs in fp32"),
     ("seed", -1, r"seed must be in \[0, 4294967295\], got -1"),
     ("seed", 2**64 - 1, r"seed must be in \[0, 4294967295\], got 18446744073709551615"),
 ])
 def test_bad_training_values_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(**{field: value})
+        TrainConfig(**{field: value}, **({"amp": False} if field == "amp_dtype" else {}))
 
 
 def test_decay_of_one_is_allowed():
@@ -70,22 +74,33 @@ def test_width_knobs_default_to_the_architectures_own():
 
 
 def test_a_recipes_warmup_longer_than_the_epochs_asked_for_names_the_recipe():
-    with pytest.raises(ConfigError, match=r"got 10 \(set by --recipe pico: pass --warmup-epochs too\)"):
+    with pytest.raises(ConfigError, match=r"got 10 \(--recipe pico warms up for 10 epochs: pass a --warmup-epochs "
+                                          r"of at most 5\)"):
         dataclasses.replace(recipe_config("pico"), epochs=5)
 
 
+def test_a_model_too_large_to_build_is_a_config_error():
+    from cifar_exp.train import build_network
+
+    with pytest.raises(ConfigError, match=r"^cannot build model seed \(widths its own, hidden 1000000000\): .*"
+                                          r"can't allocate memory"):
+        build_network(TrainConfig(hidden=10**9))  # 256 GB of weights
+
+
 def test_other_configs_refuse_nan_too():
-    with pytest.raises(ConfigError, match="lr-min must be a finite number, got nan"):
+    with pytest.raises(ConfigError, match="lr-min must be a finite number within float32's range \(up to 3.4e\+38\), got nan"):
         TuneConfig(lr_min=math.nan)
-    with pytest.raises(ConfigError, match="seconds-per-repeat must be a finite number, got inf"):
+    with pytest.raises(ConfigError, match="seconds-per-repeat must be a finite number within float32's range \(up to 3.4e\+38\), got inf"):
         BenchmarkConfig(seconds_per_repeat=math.inf)
 
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"experiment_name": " "}, "experiment-name must not be empty"),
-    *[({"registered_model_name": name}, f"registered-model-name must not contain '/', ':', '@', '?' or '#', "
-       f"nor be '.' or start with '..', got '{name}'")
-      for name in ("a/b", "a:b", "..cifar", ".", "cifar@v2", "q?x", "h#x")],
+    *[({"registered_model_name": name}, f"registered-model-name must not contain '/', ':', '@', '?', '#' or "
+       f"control characters, nor be '.' or start with '..', got {name!r}")
+      for name in ("a/b", "a:b", "..cifar", ".", "cifar@v2", "q?x", "h#x", "a\nb", "tab\there")],
+    ({"registered_model_name": "mine", "register": False},
+     "registered-model-name 'mine' needs --register: with --no-register nothing is registered"),
 ])
 def test_tracking_names_mlflow_would_refuse_are_refused_before_training(fields, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -113,3 +128,8 @@ def test_registered_model_names_follow_the_registrys_own_check(name):
 def test_an_empty_registered_model_name_means_the_default():
     # The MLproject's train entry points pass --registered-model-name "" for "not given".
     assert ExperimentConfig(tracking=TrackingConfig(registered_model_name=" ")).registered_model_name == "cifar10-seed"
+
+
+def test_an_empty_data_dir_is_refused_not_read_as_the_working_folder():
+    with pytest.raises(ConfigError, match="data-dir must not be empty, got ''"):
+        DataConfig(data_dir="")

@@ -328,6 +328,24 @@ def test_data_dir_that_cannot_be_looked_into(tmp_path):
             load()
 
 
+def test_a_class_folder_linked_to_nothing_is_named_not_dropped(tmp_path, cache_dir):
+    # e.g. a link to a drive not mounted: silently, the model would train on nine classes.
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    for split in ("train", "test"):
+        shutil.rmtree(root / split / "cat")
+        (root / split / "cat").symlink_to(tmp_path / "unmounted" / split / "cat")
+    with pytest.raises(DataError, match=f"^{root / 'train' / 'cat'} is a link to {tmp_path / 'unmounted'}/train/cat, "
+                                        "which does not exist$"):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
+def test_an_image_name_on_a_fifo_is_refused_not_waited_on(tmp_path, cache_dir):
+    root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
+    os.mkfifo(root / "train" / "cat" / "fifo.png")  # opening it would block until someone writes to it
+    with pytest.raises(DataError, match=f"^{root / 'train' / 'cat' / 'fifo.png'} is not a regular file"):
+        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+
+
 def test_data_dir_that_is_a_file(tmp_path):
     (tmp_path / "data").write_text("not a folder")
     with pytest.raises(DataError, match=f"data dir {tmp_path / 'data'} is not a folder"):
