@@ -160,8 +160,8 @@ def _explicit_options(options: dict[str, Any]) -> set[str]:
 def reports_errors(command: Callable) -> Callable:
     """Turn the project's errors into click's one-line ``Error: ...`` and a non-zero exit.
 
-    An interrupt (Ctrl-C, SIGTERM) prints one line saying so and exits with status 128 + the
-    signal's number (130, 143), which ``run`` turns into death by that signal.
+    An interrupt (Ctrl-C, SIGTERM, SIGHUP) prints one line saying so and exits with status 128 + the
+    signal's number (130, 143, 129), which ``run`` turns into death by that signal.
     """
 
     @functools.wraps(command)
@@ -170,10 +170,16 @@ def reports_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except CifarExpError as error:
             raise click.ClickException(str(error)) from None
+        except Exception as error:
+            interrupt = interrupts.interrupt_behind(error)
+            if interrupt is None:
+                raise
+            stopped_by = interrupt
         except KeyboardInterrupt as interrupt:
-            signum = interrupts.signal_of(interrupt)
-            click.echo(f"Aborted: {signal.Signals(signum).name}.", err=True)
-            raise click.exceptions.Exit(128 + signum) from None
+            stopped_by = interrupt
+        signum = interrupts.signal_of(stopped_by)
+        click.echo(f"Aborted: {signal.Signals(signum).name}.", err=True)
+        raise click.exceptions.Exit(128 + signum) from None
 
     return wrapper
 
@@ -399,7 +405,6 @@ def ui(host: str, port: int, allowed_hosts: str | None) -> None:
     sys.exit(tracking.launch_ui(host, port, allowed_hosts))
 
 
-STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def run() -> None:
@@ -415,7 +420,7 @@ def run() -> None:
         main(prog_name="cifar-exp")
     except SystemExit as done:
         stopped_by = done.code - 128 if isinstance(done.code, int) else None
-        if stopped_by not in STOPPING_SIGNALS:
+        if stopped_by not in interrupts.STOPPING_SIGNALS:
             raise
         sys.stdout.flush()
         sys.stderr.flush()

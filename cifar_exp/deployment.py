@@ -127,6 +127,7 @@ def benchmark_and_track(
     # before the run opens, and a failed run leaves no report behind (nor a folder made for it).
     with output_folder(json_path.parent):
         staged = _stage_text(json_path.parent, json_path.name, json.dumps(document, indent=2))
+        run_id = None
         try:
             with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=tags) as run_id:
                 tracking.log_params({**{f"benchmark.{k}": v for k, v in asdict(bench).items()},
@@ -139,7 +140,10 @@ def benchmark_and_track(
                 tracking.log_text(report.table() + "\n", "benchmark.txt")
                 tracking.log_table(benchmark_rows(report), "benchmark_table.json")
         except BaseException:
-            staged.unlink(missing_ok=True)
+            if run_id is not None and tracking.run_finished(run_id):
+                _move_into_place(staged, json_path)  # a signal held back as the run closed FINISHED: kept
+            else:
+                staged.unlink(missing_ok=True)
             raise
         _move_into_place(staged, json_path)
     return BenchmarkOutcome(run_id, report, json_path)

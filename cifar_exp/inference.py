@@ -33,6 +33,7 @@ from torch import nn
 from cifar_exp.config import BenchmarkConfig
 from cifar_exp.data import IMAGE_SHAPE, ImageSet
 from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError, first_line
+from cifar_exp.interrupts import deferred
 from cifar_exp.models import count_parameters
 from cifar_exp.train import cpu_name, cpu_supports_bf16, eval_mode
 
@@ -1305,8 +1306,9 @@ def export_and_verify(
     check_file_targets(out_dir, EXPORTED_FILES)
     with output_folder(out_dir), tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
         staged = _export_and_verify_in(model, Path(staging), test=test, calibration=calibration, threads=threads)
-        extra_files = list(publish(staged)) if publish else []
-        _move_exported_files(Path(staging), out_dir, extra_files)
+        with deferred():  # published (e.g. logged into the model's run) and moved into place, or neither
+            extra_files = list(publish(staged)) if publish else []
+            _move_exported_files(Path(staging), out_dir, extra_files)
     return replace(
         staged,
         onnx_path=out_dir / "model.onnx",

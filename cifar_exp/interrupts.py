@@ -35,19 +35,36 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal
+
+
 def install_handlers() -> None:
-    """Make SIGINT (Ctrl-C) and SIGTERM raise ``KeyboardInterrupt``, deferred inside ``deferred()``.
+    """Make SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) raise ``KeyboardInterrupt``,
+    deferred inside ``deferred()``.
 
     A terminated process then unwinds like Ctrl-C, so its MLflow run is closed as KILLED. A signal
-    the process was started ignoring (a background job's SIGINT) stays ignored.
+    the process was started ignoring (a background job's SIGINT, SIGHUP under nohup) stays ignored.
     """
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOPPING_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _interrupt)
     if sys.unraisablehook is not _redeliver_swallowed_interrupt:
         global _unraisablehook
         _unraisablehook = sys.unraisablehook
         sys.unraisablehook = _redeliver_swallowed_interrupt
+
+
+def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt that ``error`` is, or was raised while handling (its ``__context__`` chain); None
+    if none. A second Ctrl-C inside a library's cleanup after the first (Optuna failing the trial the
+    first one stopped) can surface as that library's own error: the command was still interrupted."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__context__
+    return None
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> int:

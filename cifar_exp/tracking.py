@@ -38,7 +38,7 @@ from torch import nn
 
 from cifar_exp.data import ImageSet
 from cifar_exp.errors import ConfigError, DataError, TrackingError, first_line
-from cifar_exp.interrupts import deferred
+from cifar_exp.interrupts import deferred, interrupt_behind
 from cifar_exp.train import cpu_name
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def start_run(
         # and the run on top of MLflow's stack may be its parent.
         active = mlflow.active_run()
         if run is not None and active is not None and active.info.run_id == run.info.run_id:
-            _end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            _end_run("FAILED" if interrupt_behind(error) is None else "KILLED")
         raise
 
 
@@ -387,12 +387,26 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
                                              CREATED_NAME, "true")
     except BaseException:
         # Ctrl-C raised as the logging ended, or the tag failed: the run will be KILLED or FAILED, and
-        # no registered version may point at it.
+        # no registered version may point at it. (A second Ctrl-C, which deferred() does not hold back,
+        # may stop log_model after it registered the version but before it said which: found by run.)
         if info is not None and info.registered_model_version is not None:
             delete_model_version(registered_model_name, info.registered_model_version)
+        elif registered_model_name is not None:
+            for version in _versions_of_active_run(client, registered_model_name):
+                delete_model_version(registered_model_name, version)
         raise
     version = info.registered_model_version
     return info.model_uri, None if version is None else str(version)
+
+
+@deferred()
+def _versions_of_active_run(client: MlflowClient, name: str) -> list[str]:
+    """The versions of registered model ``name`` made from the active run's model."""
+    run = mlflow.active_run()
+    if run is None:
+        return []
+    # Filtered by run id only: a name may hold quotes that the filter syntax would need escaped.
+    return [v.version for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
 
 
 @deferred()

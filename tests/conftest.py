@@ -106,10 +106,10 @@ def ctrl_c_is_not_ignored():
 
 @pytest.fixture
 def project_signal_handlers():
-    """The CLI's SIGINT/SIGTERM handlers installed for the test, the test process's own restored after."""
+    """The CLI's SIGINT/SIGTERM/SIGHUP handlers installed for the test, the test process's own restored after."""
     from cifar_exp import interrupts
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in interrupts.STOPPING_SIGNALS}
     unraisablehook = sys.unraisablehook
     interrupts.install_handlers()
     yield

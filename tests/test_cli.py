@@ -244,13 +244,14 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
 
 
 @pytest.mark.slow
-def test_terminated_training_is_marked_killed(tiny_data, tracking_store, cache_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal closed
+def test_terminated_training_is_marked_killed(tiny_data, tracking_store, cache_dir, sig):
     returncode, output = signal_cli_mid_training(
         ["train", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--epochs", 500, "--val-size", 50],
-        epochs=500, sig=signal.SIGTERM,
+        epochs=500, sig=sig,
     )
     # Killed by the signal (after closing its run and saying so), as a shell expects of a stopped command.
-    assert returncode == -signal.SIGTERM and output.strip().endswith("Aborted: SIGTERM."), output
+    assert returncode == -sig and output.strip().endswith(f"Aborted: {sig.name}."), output
     assert [r.info.status for r in all_runs()] == ["KILLED"]
 
 
@@ -498,7 +499,7 @@ def test_other_exceptions_python_drops_still_reach_the_previous_hook(monkeypatch
 
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(type(unraisable.exc_value)))
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in interrupts.STOPPING_SIGNALS}
     try:
         interrupts.install_handlers()
         interrupts.install_handlers()  # twice (train inside tune, say): the hook must not wrap itself
@@ -512,3 +513,26 @@ def test_other_exceptions_python_drops_still_reach_the_previous_hook(monkeypatch
         for s, handler in handlers.items():
             signal.signal(s, handler)
     assert reported == [ValueError]
+
+
+def test_an_error_raised_while_an_interrupt_unwinds_still_reads_as_the_interrupt(tracking_store, capsys):
+    # A second Ctrl-C inside Optuna's cleanup of the trial the first one stopped surfaced as Optuna's
+    # UnboundLocalError: the run was closed FAILED and the command ended in a traceback.
+    import click
+
+    from cifar_exp import tracking
+    from cifar_exp.cli import reports_errors
+
+    @reports_errors
+    def command():
+        with tracking.start_run("tests", "interrupted-twice"):
+            try:
+                raise interrupts.Interrupted(signal.SIGINT)
+            finally:
+                raise UnboundLocalError("cannot access local variable 'updated_state'")  # (the cleanup, cut short)
+
+    with pytest.raises(click.exceptions.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 128 + signal.SIGINT
+    assert capsys.readouterr().err.splitlines()[-1] == "Aborted: SIGINT."  # (after MLflow's log lines)
+    assert [r.info.status for r in all_runs()] == ["KILLED"]

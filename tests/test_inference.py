@@ -4,7 +4,9 @@ import copy
 import dataclasses
 import csv
 import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -288,6 +290,21 @@ def test_a_failed_export_leaves_the_folder_as_it_was(tiny_trained, tmp_path, mon
     result = inference.export_and_verify(build_classifier(TrainConfig(), 10), out, test=splits.test, threads=1)
     assert result.int8_path is None and [path.name for path in out.iterdir()] == ["model.onnx"]
     assert result.onnx_path == out / "model.onnx" and out.joinpath("model.onnx").read_bytes() != before["model.onnx"]
+
+
+def test_an_export_interrupted_as_it_is_published_still_lands(tiny_trained, tmp_path, project_signal_handlers):
+    # Ctrl-C while the files are logged into the model's run: the run then records the export, so the
+    # files it names must reach the output folder too (the signal is raised once they have).
+    model, splits = tiny_trained
+
+    def logged_as_ctrl_c_came(staged):
+        os.kill(os.getpid(), signal.SIGINT)
+        return []
+
+    with pytest.raises(KeyboardInterrupt):
+        inference.export_and_verify(model, tmp_path / "out", test=splits.test, threads=1,
+                                    publish=logged_as_ctrl_c_came)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx"]
 
 
 def test_export_allows_rounding_that_scales_with_large_logits(tiny_trained, tmp_path):
@@ -890,6 +907,27 @@ def test_benchmark_cli_with_an_architecture_name(in_store, tmp_path):
     assert run.data.tags["model"] == "seed" and run.data.tags["model_uri"] == "none (untrained)"
     assert "onnxruntime-fp32/b1/p50_ms" in run.data.metrics
     assert "onnxruntime-fp32/test_accuracy" not in run.data.metrics  # untrained: no accuracy to report
+
+
+def test_a_benchmark_interrupted_as_its_run_closes_finished_keeps_its_report(in_store, tmp_path, monkeypatch,
+                                                                              project_signal_handlers):
+    # A signal held back while the run closes FINISHED is raised after it: the run stays, and pareto
+    # reads it, so the --output report it logged stays too.
+    from cifar_exp import interrupts
+
+    def closed_as_ctrl_c_came(status):
+        with interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            mlflow.end_run(status=status)
+
+    monkeypatch.setattr(tracking, "_end_run", closed_as_ctrl_c_came)
+    before = {r.info.run_id for r in all_runs()}
+    result = run_cli("benchmark", "--model", "seed", "--backends", "onnxruntime-fp32", "--output",
+                     tmp_path / "b.json", "--threads", "1", "--experiment-name", "interrupted", *QUICK_ARGS)
+    assert result.exit_code == 128 + signal.SIGINT and "Aborted: SIGINT." in result.output
+    [run] = [r for r in all_runs() if r.info.run_id not in before]
+    assert run.info.status == "FINISHED"
+    assert json.loads((tmp_path / "b.json").read_text())["model"]["name"] == "seed"
 
 
 @pytest.mark.parametrize(("on_the_gpu", "devices"), [(0, "cpu"), (1, "cpu,cuda"), (2, "cuda")])

@@ -704,3 +704,19 @@ def test_a_name_a_failed_registration_created_goes_only_if_no_other_version_came
 ])
 def test_the_training_loss_legend_names_the_objective_and_its_weights(settings, legend):
     assert experiment._training_objective(TrainConfig(**settings)) == legend
+
+
+def test_a_version_registered_as_a_second_ctrl_c_stopped_log_model_is_removed(tracking_store, monkeypatch):
+    # deferred() does not hold back a second Ctrl-C: it may stop MLflow's log_model after the version
+    # exists but before log_model says which. No version may point at the run that will be KILLED.
+    real_log_model = mlflow.pytorch.log_model
+
+    def stopped_after_registering(*args, **kwargs):
+        real_log_model(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow.pytorch, "log_model", stopped_after_registering)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with pytest.raises(KeyboardInterrupt), tracking.start_run("tests", "twice-interrupted"):
+        tracking.log_model(model, "cifar10-twice")
+    assert MlflowClient().search_model_versions("name = 'cifar10-twice'") == []
