@@ -320,10 +320,9 @@ def main() -> None:
     if not (Path(args.data_dir) / "train").is_dir():
         parser.error(f"the seed pipeline reads an ImageFolder tree: {Path(args.data_dir) / 'train'} is not a folder")
     try:
-        train = load_dataset(DataConfig(data_dir=args.data_dir))[0]  # all of train/: no validation needed here
-        # The full recipe's split, before any round runs: a --val-size the data cannot give fails now.
-        splits = load_splits(DataConfig(data_dir=args.data_dir, val_size=args.val_size)) \
-            if args.full_recipe is not None else None
+        train, _, classes, _ = load_dataset(DataConfig(data_dir=args.data_dir))  # all of train/: no validation here
+        if args.full_recipe is not None:  # its split, before any round: a --val-size the data cannot give fails now
+            stratified_split_indices(train.labels, args.val_size, DataConfig().split_seed, classes)
     except CifarExpError as error:
         parser.error(str(error))
     # The seed's AMP: fp16 with a GradScaler on its RTX 3060; on a CPU the autocast --amp resolves to.
@@ -337,8 +336,8 @@ def main() -> None:
     print(f"hardware: {_hardware(device)}; torch {torch.__version__}; project autocast: {amp_dtype or 'fp32'}")
     if args.rounds:
         measure_throughput(args, cfg, train, device, seed_specs)
-    if splits is not None:
-        train_full_recipes(args, device, splits)
+    if args.full_recipe is not None:
+        train_full_recipes(args, device)
     sys.stdout.flush()
 
 
@@ -380,12 +379,14 @@ def measure_throughput(args: argparse.Namespace, cfg: TrainConfig, train: ImageS
               f"ratio vs {baseline_name} {median / baseline:.2f}x (per round: {per_round})")
 
 
-def train_full_recipes(args: argparse.Namespace, device: torch.device, splits: Splits) -> None:
-    """The 50-epoch seed recipe with each pipeline asked for, once per seed, on ``splits`` (the
-    seed-style pipeline on the same images): time and test accuracy."""
+def train_full_recipes(args: argparse.Namespace, device: torch.device) -> None:
+    """The 50-epoch seed recipe with each pipeline asked for, once per seed, on the --val-size split
+    (the seed-style pipeline on the same images): time and test accuracy."""
     pipelines = args.full_recipe or FULL_RECIPE_PIPELINES
     runs = {}
     if "project" in pipelines:
+        # Once for every run (decoded, or from the cache), and not before the rounds: their peak memory.
+        splits = load_splits(DataConfig(data_dir=args.data_dir, val_size=args.val_size))
         runs["project"] = lambda seed: full_recipe(splits, TrainConfig(device=device.type, seed=seed))
         if device.type == "cuda":
             runs["project, eager steps"] = lambda seed: full_recipe(

@@ -168,16 +168,13 @@ def reports_errors(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except CifarExpError as error:
-            raise click.ClickException(str(error)) from None
-        except Exception as error:
+        except BaseException as error:
             interrupt = interrupts.interrupt_behind(error)
+            if interrupt is None and isinstance(error, CifarExpError):
+                raise click.ClickException(str(error)) from None
             if interrupt is None:
                 raise
-            stopped_by = interrupt
-        except KeyboardInterrupt as interrupt:
-            stopped_by = interrupt
-        signum = interrupts.signal_of(stopped_by)
+        signum = interrupts.signal_of(interrupt)
         click.echo(f"Aborted: {signal.Signals(signum).name}.", err=True)
         raise click.exceptions.Exit(128 + signum) from None
 
@@ -408,22 +405,12 @@ def ui(host: str, port: int, allowed_hosts: str | None) -> None:
 
 
 def run() -> None:
-    """The ``cifar-exp`` program: ``main``, and a command an interrupt stopped ends killed by it.
-
-    A shell tells a program that handled Ctrl-C (exit status 130) from one that Ctrl-C killed, and
-    goes on with a loop of commands only after the former. So once the command has closed its runs and
-    said ``Aborted: SIGINT.``, the process dies by that signal with its default action (Python's own
-    way with an uncaught ``KeyboardInterrupt``; the exit functions then do not run: nothing of ours
-    is left to them).
-    """
+    """The ``cifar-exp`` program: ``main``, and a command an interrupt stopped ends killed by it
+    (``interrupts.die_by``), once it has closed its runs and said ``Aborted: SIGINT.``."""
     try:
         main(prog_name="cifar-exp")
     except SystemExit as done:
         stopped_by = done.code - 128 if isinstance(done.code, int) else None
         if stopped_by not in interrupts.STOPPING_SIGNALS:
             raise
-        sys.stdout.flush()
-        sys.stderr.flush()
-        signal.signal(stopped_by, signal.SIG_DFL)
-        os.kill(os.getpid(), stopped_by)
-        raise  # only if the signal is blocked
+        interrupts.die_by(stopped_by)

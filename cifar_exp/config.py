@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,8 +230,8 @@ class TrackingConfig:
         if name is not None and not name.strip():
             # An empty name (the MLproject's default) means none given: cifar10-<model>.
             object.__setattr__(self, "registered_model_name", None)
-        elif name is not None and (any(c in name for c in "/:@?#") or not name.isprintable() or name == "."
-                                   or name.startswith("..")):
+        elif name is not None and (any(c in name for c in "/:@?#") or _has_control_characters(name)
+                                   or name == "." or name.startswith("..")):
             # The Model Registry's rules (no '/' or ':'; no name that reads as a relative path), checked
             # here, not after the training it would waste; and what models:/NAME@ALIAS cannot address:
             # '@', a URI's query or fragment ('?', '#'), and control characters (the URI parser drops them).
@@ -553,6 +554,11 @@ def _require_seed(config: Any, name: str) -> None:
     value = getattr(config, name)
     if not 0 <= value <= MAX_SEED:
         raise ConfigError(f"{name.replace('_', '-')} must be in [0, {MAX_SEED}], got {value}")
+
+
+def _has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds a control character (a line break, a tab, ...: Unicode category Cc)."""
+    return any(unicodedata.category(c) == "Cc" for c in text)
 
 
 def _require_nonempty(config: Any, *names: str) -> None:

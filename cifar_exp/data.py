@@ -372,8 +372,9 @@ def _image_files(folder: str, prefix: str, label: str, class_real: str, split_re
                 seen.add(real)
                 yield from _image_files(entry.path, f"{prefix}{entry.name}/", label, class_real, split_real, seen)
         elif entry.name.lower().endswith(IMAGE_SUFFIXES):
-            if not (entry.is_file() or entry.is_symlink()):  # (a broken link is named when it fails to decode)
-                # A FIFO would block its reader for good, past Ctrl-C: the decoding threads wait on it.
+            # A FIFO (or a link to one) would block its reader for good, past Ctrl-C: the decoding threads
+            # wait on it. (A broken link is named when it fails to decode.)
+            if not (entry.is_file() or entry.is_symlink() and not os.path.exists(entry.path)):
                 raise DataError(f"{entry.path} is not a regular file (a FIFO, socket or device), so no image")
             yield ImageFile(prefix + entry.name, entry)
 

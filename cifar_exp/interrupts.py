@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM as ``KeyboardInterrupt``, held back while a tracking write is under way.
+"""Ctrl-C, SIGTERM and SIGHUP as ``KeyboardInterrupt``, held back while a tracking write is under way.
 
 A ``KeyboardInterrupt`` raised in the middle of a database write (MLflow's SQLite store, Optuna's)
 can leave that write's transaction open and the database locked: closing the run as KILLED then
@@ -17,11 +17,12 @@ would finish as if no signal had come. Such a swallowed interrupt is sent to the
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 _depth = 0  # how many deferred() blocks the main thread is inside
 _pending: int | None = None  # a signal that arrived inside one, raised when the outermost ends
@@ -72,17 +73,34 @@ def signal_of(interrupt: KeyboardInterrupt) -> int:
     return getattr(interrupt, "signum", signal.SIGINT)
 
 
+def die_by(signum: int) -> NoReturn:
+    """End the process killed by ``signum``, with its default action.
+
+    A shell tells a program that handled Ctrl-C (exit status 130) from one that Ctrl-C killed, and
+    goes on with a loop of commands only after the former: so a command that has closed its runs and
+    said so ends as Python ends on an uncaught ``KeyboardInterrupt`` (the exit functions then do not
+    run: nothing of ours is left to them).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    raise SystemExit(128 + signum)  # only if the signal is blocked
+
+
 def run_script(main: Callable[[], object]) -> None:
-    """The entry point of a script (the benchmarks): ``main()`` with the handlers installed, so an
-    interrupt closes what it opened (an MLflow run as KILLED) and ends the script as the CLI ends it:
-    one line, ``Aborted: SIGTERM.``, and the exit status 128 + the signal's number."""
+    """The entry point of a script (the benchmarks, whose ``main`` prints like the CLI's commands):
+    ``main()`` with the handlers installed, so an interrupt closes what it opened (an MLflow run as
+    KILLED) and ends the script as it ends a CLI command: ``Aborted: SIGTERM.``, then ``die_by``."""
     install_handlers()
     try:
         main()
-    except KeyboardInterrupt as interrupt:
-        signum = signal_of(interrupt)
-        sys.stderr.write(f"Aborted: {signal.Signals(signum).name}.\n")
-        raise SystemExit(128 + signum) from None
+    except BaseException as error:
+        interrupt = interrupt_behind(error)
+        if interrupt is None:
+            raise
+        sys.stderr.write(f"Aborted: {signal.Signals(signal_of(interrupt)).name}.\n")
+        die_by(signal_of(interrupt))
 
 
 REDELIVERY_DELAY_SECONDS = 0.05

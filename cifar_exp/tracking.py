@@ -394,6 +394,8 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
         elif registered_model_name is not None:
             for version in _versions_of_active_run(client, registered_model_name):
                 delete_model_version(registered_model_name, version)
+            if not name_existed:  # (its CREATED_NAME tag may not have been set yet)
+                _delete_name_left_empty(client, registered_model_name)
         raise
     version = info.registered_model_version
     return info.model_uri, None if version is None else str(version)
@@ -405,8 +407,12 @@ def _versions_of_active_run(client: MlflowClient, name: str) -> list[str]:
     run = mlflow.active_run()
     if run is None:
         return []
-    # Filtered by run id only: a name may hold quotes that the filter syntax would need escaped.
-    return [v.version for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
+    try:  # best effort, as the deletion is: the error being handled matters more
+        # Filtered by run id only: a name may hold quotes that the filter syntax would need escaped.
+        return [v.version for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
+    except MlflowException as error:
+        log.warning("could not look up the %s versions of run %s: %s", name, run.info.run_id, error.message)
+        return []
 
 
 @deferred()
@@ -773,7 +779,7 @@ def launch_ui(host: str, port: int, allowed_hosts: str | None = None) -> int:
     """
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
                "--host", host, "--port", str(port), *(["--allowed-hosts", allowed_hosts] if allowed_hosts else [])]
-    if sqlite_file(tracking_uri()) is not None:
+    if urllib.parse.urlparse(tracking_uri()).scheme not in ("http", "https"):
         # Experiments created in the UI keep their artifacts where the client puts a new experiment's
         # (./mlruns): by default the UI gives them mlflow-artifacts:/, which only a running server stores.
         command += ["--default-artifact-root", str(Path("mlruns").resolve())]

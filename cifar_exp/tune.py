@@ -730,7 +730,10 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
         _claim_new_study(study, settings, study_name)
         return
     # A setting the study has no record of was added to cifar-exp since: its trials ran with its default.
+    # (Not so the grid, which holds its own search space: a grid study from before it was recorded is
+    # taken to have run this grid.)
     defaults = study_settings(ExperimentConfig(), tune_cfg)
+    defaults.pop("tune.grid", None)
     recorded = {k: stored.get(k, defaults.get(k, v)) for k, v in settings.items()}
     differ = {k: (recorded[k], v) for k, v in settings.items() if recorded[k] != v}
     if HEARTBEAT_SETTING in differ and len(differ) == 1:
@@ -872,7 +875,17 @@ def _worker_is_gone(recorded: str, mine: str) -> bool:
     parts = recorded.split("/")  # boot, namespace, pid, start time
     if len(parts) != 4 or not parts[2].isdigit() or parts[:2] != mine.split("/")[:2]:
         return False
-    return worker_process(int(parts[2])) != recorded  # ended, or its id reused since
+    pid = int(parts[2])
+    current = worker_process(pid)
+    if current is None:  # no such process, or one /proc does not show us (another user's, under hidepid)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's: whether it is the same process cannot be told
+        return False
+    return current != recorded  # ended, and its id reused since
 
 
 def fail_trials_of_dead_workers(study: optuna.Study) -> list[int]:

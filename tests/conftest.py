@@ -59,8 +59,10 @@ def signal_cli_mid_training(args: list[str], epochs: int, sig: signal.Signals, *
 
     Returns the exit status and what the process wrote (stdout and stderr) after the signal.
     """
+    # (Under nohup the test process ignores SIGHUP, and a child would inherit that: not the case tested.)
     process = subprocess.Popen([sys.executable, *program, *map(str, args)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     try:
         for line in process.stdout:  # wait for training to be under way
             if line.startswith(f"epoch 1/{epochs}"):

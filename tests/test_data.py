@@ -341,9 +341,16 @@ def test_a_class_folder_linked_to_nothing_is_named_not_dropped(tmp_path, cache_d
 
 def test_an_image_name_on_a_fifo_is_refused_not_waited_on(tmp_path, cache_dir):
     root = write_image_folder(tmp_path / "d", train_per_class=2, test_per_class=1)
-    os.mkfifo(root / "train" / "cat" / "fifo.png")  # opening it would block until someone writes to it
-    with pytest.raises(DataError, match=f"^{root / 'train' / 'cat' / 'fifo.png'} is not a regular file"):
-        load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+    os.mkfifo(tmp_path / "fifo")  # opening it would block until someone writes to it
+    for name in ("fifo.png", "link-to-a-fifo.png"):
+        image = root / "train" / "cat" / name
+        if name == "fifo.png":
+            os.mkfifo(image)
+        else:
+            image.symlink_to(tmp_path / "fifo")
+        with pytest.raises(DataError, match=f"^{image} is not a regular file"):
+            load_splits(DataConfig(data_dir=str(root), val_on_test=True, cache_dir=cache_dir))
+        image.unlink()
 
 
 def test_data_dir_that_is_a_file(tmp_path):

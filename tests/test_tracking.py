@@ -720,3 +720,4 @@ def test_a_version_registered_as_a_second_ctrl_c_stopped_log_model_is_removed(tr
     with pytest.raises(KeyboardInterrupt), tracking.start_run("tests", "twice-interrupted"):
         tracking.log_model(model, "cifar10-twice")
     assert MlflowClient().search_model_versions("name = 'cifar10-twice'") == []
+    assert MlflowClient().search_registered_models() == []  # the name it created goes too

@@ -1409,3 +1409,28 @@ def test_a_grid_study_resumed_with_another_grid_is_refused(tmp_path):
                                            r"0\.02\.\.0\.5"):
         open_study(cfg, TuneConfig(sampler="grid", grid_size=2, lr_min=0.02), "grid", storage)
     open_study(cfg, TuneConfig(sampler="tpe"), "grid", storage)  # other samplers may sample any point again
+    # A grid study from before the grid was recorded (here over lr alone: a cosine schedule has no decay
+    # to search) resumes, taken to have run this grid, which it records from then on.
+    cosine = ExperimentConfig(train=TrainConfig(schedule="cosine"))
+    study = open_study(cosine, TuneConfig(sampler="grid", grid_size=2), "older-grid", storage)
+    study.set_user_attr("settings", {k: v for k, v in study.user_attrs["settings"].items() if k != "tune.grid"})
+    study = open_study(cosine, TuneConfig(sampler="grid", grid_size=2), "older-grid", storage)
+    assert study.user_attrs["settings"]["tune.grid"] == "lr 2 points 0.01..0.5"
+
+
+def test_a_worker_that_proc_hides_is_not_taken_for_dead(monkeypatch):
+    # Under hidepid, /proc shows no other user's processes: such a worker, alive, must keep its trial.
+    from cifar_exp import tune as tune_module
+
+    mine = tune_module.worker_process()
+    boot, namespace, _, _ = mine.split("/")
+    recorded = f"{boot}/{namespace}/4242/123"
+    monkeypatch.setattr(tune_module, "worker_process", lambda pid=None: None if pid else mine)
+
+    def kill(pid, sig, error):
+        raise error
+
+    monkeypatch.setattr(tune_module.os, "kill", lambda pid, sig: kill(pid, sig, PermissionError(1, "not yours")))
+    assert not tune_module._worker_is_gone(recorded, mine)  # alive: another user's
+    monkeypatch.setattr(tune_module.os, "kill", lambda pid, sig: kill(pid, sig, ProcessLookupError(3, "no such")))
+    assert tune_module._worker_is_gone(recorded, mine)
