@@ -142,8 +142,8 @@ class TrainConfig:
     )
     device: str = option("auto", "Device to train (evaluate: to run the model) on; auto: CUDA if present.", DEVICES)
     seed: int = option(
-        0, "Seed of weights, shuffling and augmentation; equal seeds give equal runs (on CUDA, up to "
-        "cuDNN's choice of algorithms).",
+        0, "Seed of weights, shuffling and augmentation; equal seeds give equal runs on the same machine with "
+        "the same thread count (on CUDA, up to cuDNN's choice of algorithms).",
     )
     eval_batch_size: int = option(1000, "Batch size for validation and test evaluation.")
 

@@ -144,7 +144,7 @@ def build_network(cfg: TrainConfig, num_classes: int = NUM_CLASSES) -> nn.Module
     try:
         return build_model(cfg.model, num_classes, widths=cfg.conv_widths(), hidden=cfg.hidden or None)
     except (RuntimeError, MemoryError) as error:  # e.g. --hidden 1000000000: weights beyond this machine's memory
-        raise ConfigError(f"cannot build model {cfg.model} (widths {cfg.conv_widths() or 'its own'}, hidden "
+        raise ConfigError(f"cannot build model {cfg.model} (widths {cfg.widths.strip() or 'its own'}, hidden "
                           f"{cfg.hidden or 'its own'}): {first_line(error) or type(error).__name__}") from None
 
 

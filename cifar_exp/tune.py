@@ -71,7 +71,7 @@ from cifar_exp.experiment import (  # noqa: E402
     teacher_may_know_validation,
     train_and_track,
 )
-from cifar_exp.inference import measure_latency  # noqa: E402
+from cifar_exp.inference import available_cores, measure_latency  # noqa: E402
 from cifar_exp.models import architecture, count_parameters  # noqa: E402
 from cifar_exp.reports import TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
 from cifar_exp.train import (  # noqa: E402
@@ -216,6 +216,7 @@ def tune(
         tune_cfg.check_baseline_widths(cfg.train.model, tuple(width_params[name] for name in WIDTH_PARAMS),
                                        width_params.get(HIDDEN_PARAM))
         baseline_params.update(width_params)
+        _check_largest_choices(cfg.train, tune_cfg)
     tracking.check_tracking_store()
     tracking.check_run_target(cfg.tracking.experiment_name)  # before the study is created
     device = resolve_device(cfg.train.device)
@@ -1049,9 +1050,31 @@ def validation_accuracy(trial: FrozenTrial) -> float:
 
 
 def best_trial(study: optuna.Study) -> TrialSummary | None:
-    """The most accurate COMPLETE trial (in an accuracy,latency study: whatever its latency)."""
+    """The most accurate COMPLETE trial (in an accuracy,latency study: of the equally accurate ones, the
+    fastest, which is on the Pareto set: the first of them could be beaten on latency)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return TrialSummary.of(max(complete, key=validation_accuracy)) if complete else None
+    if not complete:
+        return None
+    if len(study.directions) > 1:
+        return TrialSummary.of(max(complete, key=lambda t: (t.values[0], -t.values[1])))
+    return TrialSummary.of(max(complete, key=validation_accuracy))
+
+
+def _check_largest_choices(train_cfg: TrainConfig, tune_cfg: TuneConfig) -> None:
+    """Refuse, before any study or run, width choices a trial could not build (its weights beyond this
+    machine's memory), and a latency thread count beyond its cores (oversubscribed, the timings
+    would measure thread contention)."""
+    if tune_cfg.latency_threads > available_cores():
+        raise ConfigError(f"latency-threads {tune_cfg.latency_threads} is more than the {available_cores()} cores "
+                          "here (0: all cores)")
+    widest = max(tune_cfg.width_choice_list())
+    largest = dataclasses.replace(train_cfg, widths=f"{widest},{widest},{widest}")
+    if architecture(train_cfg.model).hidden is not None:
+        largest = dataclasses.replace(largest, hidden=max(tune_cfg.hidden_choice_list()))
+    try:
+        build_network(largest)
+    except ConfigError as error:
+        raise ConfigError(f"--width-choices/--hidden-choices: the largest choices are too large: {error}") from None
 
 
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:

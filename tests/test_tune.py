@@ -1434,3 +1434,28 @@ def test_a_worker_that_proc_hides_is_not_taken_for_dead(monkeypatch):
     assert not tune_module._worker_is_gone(recorded, mine)  # alive: another user's
     monkeypatch.setattr(tune_module.os, "kill", lambda pid, sig: kill(pid, sig, ProcessLookupError(3, "no such")))
     assert tune_module._worker_is_gone(recorded, mine)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    # A width no trial could build (36 TB of weights) failed mid-study with a traceback.
+    (["--width-choices", "16,64,1000000"], "--width-choices/--hidden-choices: the largest choices are too large: "
+                                           "cannot build model seed (widths 1000000,1000000,1000000, hidden "),
+    (["--latency-threads", "4096"], "latency-threads 4096 is more than the "),  # oversubscribed timings
+])
+def test_two_objective_choices_that_cannot_run_are_refused_before_the_study(tiny_data, tracking_store, cache_dir,
+                                                                            tmp_path, extra, message):
+    result = run_cli("tune", "--data-dir", tiny_data, "--cache-dir", cache_dir, *TINY_ARGS, *ACC_LAT, *extra,
+                     "--study-name", "refused")
+    assert result.exit_code == 1 and result.output.splitlines()[-1].startswith(f"Error: {message}"), result.output
+    assert all_runs() == [] and not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
+def test_the_best_of_two_equally_accurate_trials_is_the_faster_one(tmp_path):
+    # The first of them is dominated (as accurate, slower): named best, it was off its own Pareto set.
+    from cifar_exp.tune import best_trial, pareto_trials
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for values in ([0.5, 0.4], [0.5, 0.2], [0.3, 0.1]):
+        study.add_trial(optuna.trial.create_trial(values=values, params={"lr": 0.1},
+                                                  distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)}))
+    assert best_trial(study).number == 1 and 1 in [t.number for t in pareto_trials(study)]
