@@ -59,10 +59,13 @@ def signal_cli_mid_training(args: list[str], epochs: int, sig: signal.Signals, *
 
     Returns the exit status and what the process wrote (stdout and stderr) after the signal.
     """
-    # (Under nohup the test process ignores SIGHUP, and a child would inherit that: not the case tested.)
+    def default_handling():  # under nohup (or in a background job) the child would inherit an ignored one
+        if sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (SIGKILL cannot be handled at all)
+            signal.signal(sig, signal.SIG_DFL)
+
     process = subprocess.Popen([sys.executable, *program, *map(str, args)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
+                               preexec_fn=default_handling)
     try:
         for line in process.stdout:  # wait for training to be under way
             if line.startswith(f"epoch 1/{epochs}"):
