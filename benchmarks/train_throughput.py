@@ -242,14 +242,14 @@ def seed_recipe(data_dir: str, val_size: int, device_type: str, workers: int,
     return seconds, accuracy(test_loader, autocast=False), len(train_images)  # fp32, as full_recipe
 
 
+PR_SET_PDEATHSIG = 1  # from linux/prctl.h
+
+
 def _die_with_parent() -> None:
     """In a child process: be sent SIGTERM when the parent dies, also killed outright (SIGKILL), where it
     cannot stop its children; the DataLoader's workers then end with this process. Linux only."""
     with contextlib.suppress(AttributeError, OSError):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 
 
 def _call_in_child(connection: Connection, function, *args) -> None:

@@ -402,8 +402,6 @@ def ui(host: str, port: int, allowed_hosts: str | None) -> None:
     sys.exit(tracking.launch_ui(host, port, allowed_hosts))
 
 
-
-
 def run() -> None:
     """The ``cifar-exp`` program: ``main``, and a command an interrupt stopped ends killed by it
     (``interrupts.die_by``), once it has closed its runs and said ``Aborted: SIGINT.``."""

@@ -140,7 +140,7 @@ def benchmark_and_track(
                 tracking.log_text(report.table() + "\n", "benchmark.txt")
                 tracking.log_table(benchmark_rows(report), "benchmark_table.json")
         except BaseException:
-            if run_id is not None and tracking.run_finished(run_id):
+            if tracking.run_finished(run_id):
                 _move_into_place(staged, json_path)  # a signal held back as the run closed FINISHED: kept
             else:
                 staged.unlink(missing_ok=True)

@@ -194,7 +194,7 @@ def _check_artifact_folder(artifact_uri: str) -> None:
     (``./mlruns`` taken by a file, a read-only working folder), as does one in an experiment whose
     artifacts only a tracking server stores. Remote artifact stores are not probed."""
     scheme = urllib.parse.urlparse(artifact_uri).scheme
-    if scheme == "mlflow-artifacts" and urllib.parse.urlparse(tracking_uri()).scheme not in ("http", "https"):
+    if scheme == "mlflow-artifacts" and not is_tracking_server(tracking_uri()):
         # An experiment created in a tracking server's UI (plain `mlflow ui` serves artifacts itself).
         raise TrackingError(
             f"the run's artifacts go to {artifact_uri}, which only an MLflow tracking server stores (the experiment "
@@ -779,7 +779,7 @@ def launch_ui(host: str, port: int, allowed_hosts: str | None = None) -> int:
     """
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
                "--host", host, "--port", str(port), *(["--allowed-hosts", allowed_hosts] if allowed_hosts else [])]
-    if urllib.parse.urlparse(tracking_uri()).scheme not in ("http", "https"):
+    if not is_tracking_server(tracking_uri()):
         # Experiments created in the UI keep their artifacts where the client puts a new experiment's
         # (./mlruns): by default the UI gives them mlflow-artifacts:/, which only a running server stores.
         command += ["--default-artifact-root", str(Path("mlruns").resolve())]

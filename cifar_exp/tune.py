@@ -216,7 +216,7 @@ def tune(
         tune_cfg.check_baseline_widths(cfg.train.model, tuple(width_params[name] for name in WIDTH_PARAMS),
                                        width_params.get(HIDDEN_PARAM))
         baseline_params.update(width_params)
-        _check_largest_choices(cfg.train, tune_cfg)
+        _check_two_objective_search(cfg.train, tune_cfg)
     tracking.check_tracking_store()
     tracking.check_run_target(cfg.tracking.experiment_name)  # before the study is created
     device = resolve_device(cfg.train.device)
@@ -884,7 +884,7 @@ def _worker_is_gone(recorded: str, mine: str) -> bool:
         except ProcessLookupError:
             return True
         except PermissionError:
-            return False  # alive, another user's: whether it is the same process cannot be told
+            pass  # alive, another user's: whether it is the same process cannot be told
         return False
     return current != recorded  # ended, and its id reused since
 
@@ -1060,7 +1060,7 @@ def best_trial(study: optuna.Study) -> TrialSummary | None:
     return TrialSummary.of(max(complete, key=validation_accuracy))
 
 
-def _check_largest_choices(train_cfg: TrainConfig, tune_cfg: TuneConfig) -> None:
+def _check_two_objective_search(train_cfg: TrainConfig, tune_cfg: TuneConfig) -> None:
     """Refuse, before any study or run, width choices a trial could not build (its weights beyond this
     machine's memory), and a latency thread count beyond its cores (oversubscribed, the timings
     would measure thread contention)."""
