@@ -14,12 +14,17 @@ batch-1 CPU latency of the model next to the `seed` model's, measured side by si
     python benchmarks/accuracy.py --recipe pico --teacher-set model=pico-res --teacher-set widths=64,256,256
     python benchmarks/accuracy.py --recipe pico --teacher-set model=pico-res --teacher-set widths=64,256,256 \
         --teacher-dir models --untracked   # distil from the teachers an earlier --save-dir models kept
+    python benchmarks/accuracy.py --recipe pico --val-size 500 --model pico-sep --set distill_mirror=true \
+        --teacher-set model=pico-res --teacher-set label_smoothing=0 --teacher-set lr=0.2 \
+        --teacher-set widths=48,112,160 --teacher-ensemble   # issue 6's best: each student learns from 3 teachers
 
 With ``--teacher-set``, each seed first trains a teacher (the recipe with those overrides, the same
 seed), reports it, and then distils the seed's model from it (``--teacher``): tracked, the student
 loads the teacher's logged model as `cifar-exp train --teacher runs:/ID/model` would. With
-``--teacher-dir`` the teachers are not trained but loaded from the files an earlier run's
-``--save-dir`` wrote (e.g. teachers trained on a GPU, students distilled on a CPU).
+``--teacher-ensemble`` every seed's teacher is trained first, and each student learns from all of
+them (their logits averaged, as ``--teacher URI,URI,...``). With ``--teacher-dir`` the teachers are
+not trained but loaded from the files an earlier run's ``--save-dir`` wrote (e.g. teachers trained
+on a GPU, students distilled on a CPU).
 
 Run the latency comparison on a quiet machine: it alternates the two models, but other jobs on the
 same cores still distort both.
@@ -44,7 +49,7 @@ from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, Train
 from cifar_exp.data import ImageSet, Splits, load_splits
 from cifar_exp.errors import CifarExpError, ConfigError, ExportError
 from cifar_exp.inference import check_writable_folder, count_macs, measure_latency
-from cifar_exp.models import NUM_CLASSES, count_parameters
+from cifar_exp.models import NUM_CLASSES, Ensemble, count_parameters
 from cifar_exp.train import (
     EvalResult,
     build_classifier,
@@ -182,6 +187,16 @@ def save(model: torch.nn.Module, folder: str | None, name: str) -> None:
             raise ExportError(f"cannot save {name}.pt in {folder}: {error}") from None
 
 
+def ensemble_of(teachers: list[Outcome], splits: Splits, cfg: TrainConfig) -> Outcome:
+    """One teacher of several, their logits averaged as `cifar-exp train --teacher URI,URI,...` averages
+    them, evaluated as one trained teacher is."""
+    model = Ensemble([t.model for t in teachers])
+    val, test = (evaluate_as_tracked(model, images, cfg) for images in (splits.val, splits.test))
+    return Outcome(val.accuracy, test.accuracy, test.one_pass_accuracy, sum(t.seconds for t in teachers),
+                   "ensemble of " + ", ".join(t.run for t in teachers), model,
+                   teacher_uri=",".join(t.teacher_uri for t in teachers))
+
+
 def tta_label(train: TrainConfig) -> str:
     return " (mirror TTA: two passes per image)" if train.tta else ""
 
@@ -193,39 +208,54 @@ def describe(outcome: Outcome) -> str:
 
 
 def train_seeds(args: argparse.Namespace, base: ExperimentConfig, teacher_base: TrainConfig | None,
-                splits: Splits) -> tuple[list[Outcome], list[Outcome]]:
+                splits: Splits) -> tuple[list[Outcome], list[Outcome], Outcome | None]:
     """Train each of ``args.seeds`` (first its own teacher, with ``teacher_base``); returns the
-    students' and the teachers' outcomes."""
+    students' and the teachers' outcomes, and with ``--teacher-ensemble`` the teachers' ensemble."""
     def train(cfg: ExperimentConfig, teacher: Outcome | None = None) -> Outcome:
         # Untracked, the teacher is handed over in memory; tracked, the run loads it through its URI.
         if args.untracked:
             return train_untracked(cfg, splits, teacher.model if teacher else None)
         return train_tracked(cfg, splits)
 
-    rows: list[Outcome] = []
+    def named(seed: int, *, teacher: bool = False) -> ExperimentConfig:
+        run_name = seed_run_name(args.recipe, base.train.model, seed, teacher=teacher)
+        train_cfg = replace(teacher_base if teacher else base.train, seed=seed)
+        return replace(base, train=train_cfg, tracking=replace(base.tracking, run_name=run_name))
+
+    def train_teacher(seed: int) -> Outcome:
+        cfg = named(seed, teacher=True)
+        if args.teacher_dir:
+            teacher = load_saved_teacher(cfg, splits, saved_model_path(args.teacher_dir, cfg.tracking.run_name))
+        else:
+            teacher = train(cfg)
+        print(f"seed {seed} teacher: {describe(teacher)}", flush=True)  # before a save that may fail
+        if not args.teacher_dir:  # a loaded teacher is on disk already
+            save(teacher.model, args.save_dir, cfg.tracking.run_name)
+        return teacher
+
     teachers: list[Outcome] = []
+    ensemble = None
+    if teacher_base is not None and args.teacher_ensemble:  # every teacher before the first student
+        teachers = [train_teacher(seed) for seed in args.seeds]
+        ensemble = ensemble_of(teachers, splits, teacher_base) if len(teachers) > 1 else teachers[0]
+        print(f"teacher ensemble: {describe(ensemble)}", flush=True)
+    rows: list[Outcome] = []
     for seed in args.seeds:
-        run_name = seed_run_name(args.recipe, base.train.model, seed)
-        cfg = replace(base, train=replace(base.train, seed=seed), tracking=replace(base.tracking, run_name=run_name))
-        teacher = None
-        if teacher_base is not None:
-            teacher_name = seed_run_name(args.recipe, base.train.model, seed, teacher=True)
-            teacher_cfg = replace(cfg, train=replace(teacher_base, seed=seed),
-                                  tracking=replace(cfg.tracking, run_name=teacher_name))
-            if args.teacher_dir:
-                teacher = load_saved_teacher(teacher_cfg, splits, saved_model_path(args.teacher_dir, teacher_name))
-            else:
-                teacher = train(teacher_cfg)
+        cfg = named(seed)
+        if teacher_base is None:
+            teacher = None
+        elif ensemble is not None:
+            teacher = ensemble
+        else:
+            teacher = train_teacher(seed)
             teachers.append(teacher)
-            print(f"seed {seed} teacher: {describe(teacher)}", flush=True)  # before a save that may fail
-            if not args.teacher_dir:  # a loaded teacher is on disk already
-                save(teacher.model, args.save_dir, teacher_name)
+        if teacher is not None:
             cfg = replace(cfg, train=replace(cfg.train, teacher=teacher.teacher_uri))
         rows.append(train(cfg, teacher))
         print(f"seed {seed}: {describe(rows[-1])}", flush=True)
-        save(rows[-1].model, args.save_dir, run_name)
+        save(rows[-1].model, args.save_dir, cfg.tracking.run_name)
 
-    return rows, teachers
+    return rows, teachers, ensemble
 
 
 def main() -> None:
@@ -240,6 +270,9 @@ def main() -> None:
                         help="Distil each seed's model from a teacher trained first with the same seed: the recipe "
                         "with these overrides (repeatable; --model and --set do not apply to it, --epochs does "
                         "unless one sets epochs here).")
+    parser.add_argument("--teacher-ensemble", action="store_true",
+                        help="With --teacher-set: train every seed's teacher first, then distil each seed's model "
+                        "from all of them (their logits averaged) instead of from its own.")
     parser.add_argument("--teacher-dir", help="With --teacher-set and --untracked: load each seed's teacher from "
                         "the RUN_NAME-teacher.pt an earlier run's --save-dir wrote here instead of training it "
                         "(--teacher-set gives its architecture).")
@@ -280,6 +313,8 @@ def main() -> None:
             except ConfigError as error:
                 raise ConfigError(f"--teacher-set: {error}") from None
             overrides["teacher"] = "untracked:teacher"  # stands in for each seed's teacher, named per seed
+        elif args.teacher_ensemble:
+            raise ConfigError("--teacher-ensemble needs --teacher-set (the teachers to train)")
         base = ExperimentConfig(
             data=DataConfig(data_dir=args.data_dir, val_size=args.val_size),
             train=recipe_config(args.recipe, **overrides),
@@ -317,7 +352,7 @@ def main() -> None:
     except CifarExpError as error:
         parser.error(str(error))
     try:
-        rows, teachers = train_seeds(args, base, teacher_base, splits)
+        rows, teachers, ensemble = train_seeds(args, base, teacher_base, splits)
     except CifarExpError as error:  # e.g. a diverged run, or the tracking store gone: one line, exit 1
         sys.exit(f"{parser.prog}: error: {error}")
     model = build_shipped_classifier(base.train, len(splits.classes))
@@ -333,6 +368,8 @@ def main() -> None:
     if teachers:
         print(f"teachers ({' '.join(args.teacher_overrides)}, {count_parameters(teachers[0].model):,} parameters), "
               f"test accuracy{tta_label(teacher_base)}: {mean_std([t.test_accuracy for t in teachers])}; "
+              + (f"each student learned from all {len(teachers)} (logits averaged: test accuracy "
+                 f"{100 * ensemble.test_accuracy:.2f}%); " if ensemble is not None else "")
               + (f"loaded from {args.teacher_dir}" if args.teacher_dir else
                  f"training time per teacher: {statistics.mean(t.seconds for t in teachers):.0f} s"))
     print(f"validation accuracy (final epoch){tta}: {mean_std([r.val_accuracy for r in rows])}")

@@ -99,6 +99,73 @@ def test_accuracy_distils_from_saved_teachers_as_from_trained_ones(tiny_data, tm
     assert f"; loaded from {saved}\n" in loaded.stdout and "training time per teacher" in trained.stdout
 
 
+@pytest.mark.slow
+def test_accuracy_distils_every_student_from_the_ensemble_of_all_tracked_teachers(tiny_data, tracking_store,
+                                                                                     tmp_path):
+    result = run_accuracy(*SHORT, *TEACHER, "--set", "distill_mirror=true", "--seeds", "0", "1",
+                          "--teacher-ensemble", "--data-dir", str(tiny_data), cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    lines = [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("seed ")]
+    assert lines == ["seed 0 teacher", "seed 1 teacher", "seed 0", "seed 1"]  # every teacher before a student
+    assert "each student learned from all 2 (logits averaged: test accuracy " in result.stdout
+    assert "teacher ensemble: val " in result.stdout
+
+    client = MlflowClient()
+    runs = {run.info.run_name: run for run in client.search_runs(
+        [client.get_experiment_by_name("accuracy").experiment_id])}
+    teachers = [runs[f"pico-pico-seed{seed}-teacher"].info.run_id for seed in (0, 1)]
+    for seed in (0, 1):
+        # both teachers, loaded from MLflow as `train --teacher runs:/A/model,runs:/B/model` loads them
+        student = runs[f"pico-pico-seed{seed}"]
+        assert student.data.params["train.teacher"] == ",".join(f"runs:/{run}/model" for run in teachers)
+        assert student.data.tags["teacher_run_ids"] == ",".join(teachers)
+
+
+@pytest.mark.slow
+def test_accuracy_teacher_ensemble_changes_what_the_student_learns(tiny_data, tmp_path):
+    common = [*SHORT, *TEACHER, "--seeds", "0", "1", "--untracked", "--data-dir", str(tiny_data)]
+    teachers = tmp_path / "teachers"
+    trained = run_accuracy(*common, "--teacher-ensemble", "--save-dir", str(teachers), cache=tmp_path / "cache")
+    assert trained.returncode == 0, trained.stderr
+    own, ensemble = tmp_path / "own", tmp_path / "ensemble"
+    for extra, folder in (([], own), (["--teacher-ensemble"], ensemble)):
+        loaded = run_accuracy(*common, *extra, "--teacher-dir", str(teachers), "--save-dir", str(folder),
+                              cache=tmp_path / "cache")
+        assert loaded.returncode == 0, loaded.stderr
+
+    def weights(folder: Path, seed: int) -> dict[str, torch.Tensor]:
+        return torch.load(folder / f"pico-pico-seed{seed}.pt", weights_only=True)
+
+    # the ensemble's own test accuracy, as printed, is that of the two teachers' averaged logits
+    from cifar_exp.config import DataConfig
+    from cifar_exp.data import load_splits
+    from cifar_exp.models import Ensemble
+    from cifar_exp.train import evaluate
+
+    members = []
+    for seed in (0, 1):
+        members.append(build_shipped_classifier(recipe_config("pico", model="pico-res", widths="8,16,16"), 10))
+        members[-1].load_state_dict(torch.load(teachers / f"pico-pico-seed{seed}-teacher.pt", weights_only=True))
+    test = load_splits(DataConfig(data_dir=str(tiny_data), val_size=50, cache_dir=str(tmp_path / "cache"))).test
+    expected = evaluate(Ensemble(members), test, channels_last=True, tta=True)
+    assert f"test {expected.accuracy:.4f} (one pass {expected.one_pass_accuracy:.4f})" in next(
+        line for line in trained.stdout.splitlines() if line.startswith("teacher ensemble: "))
+
+    for seed in (0, 1):
+        # from the loaded teachers the same students as from the trained ones (deterministic on this CPU) ...
+        assert all(torch.equal(tensor, weights(teachers, seed)[name])
+                   for name, tensor in weights(ensemble, seed).items())
+        # ... and not the students of each seed's own teacher
+        assert not all(torch.equal(tensor, weights(own, seed)[name]) for name, tensor in weights(ensemble, seed).items())
+
+
+def test_accuracy_refuses_a_teacher_ensemble_without_teachers(tmp_path):
+    result = run_accuracy(*SHORT, "--teacher-ensemble", "--data-dir", str(tmp_path / "missing"), cache=tmp_path)
+    assert result.returncode == 2
+    assert "--teacher-ensemble needs --teacher-set (the teachers to train)" in result.stderr
+    assert "missing" not in result.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_accuracy_run_is_closed_as_killed(tiny_data, tracking_store, tmp_path, sig):
     returncode, rest = signal_cli_mid_training(
