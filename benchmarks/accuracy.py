@@ -58,6 +58,7 @@ from cifar_exp.train import (
     evaluate,
     fit,
     parameter_counts,
+    served_validation_accuracy,
 )
 
 
@@ -110,13 +111,24 @@ def parse_override(text: str, flag: str = "--set") -> tuple[str, object]:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    val_accuracy: float  # final epoch
+    val_accuracy: float  # final epoch (with the recipe's TTA)
+    served_val_accuracy: float  # the shipped model's, fp32, one pass: what a choice between variants compares
     test_accuracy: float
     one_pass_accuracy: float | None  # the test accuracy without TTA, where the recipe has TTA
     seconds: float
     run: str  # the MLflow run id, or "untracked"
     model: torch.nn.Module
     teacher_uri: str  # what a student's TrainConfig.teacher names to learn from this model
+
+
+def one_pass(result: EvalResult) -> float:
+    return result.accuracy if result.one_pass_accuracy is None else result.one_pass_accuracy
+
+
+def untracked_uri(name: str | Path) -> str:
+    """What an untracked student's ``TrainConfig.teacher`` names its in-memory teacher by: a label, with
+    commas escaped, since a list of teachers is comma-separated (a --teacher-dir may hold one)."""
+    return "untracked:" + str(name).replace("%", "%25").replace(",", "%2C")
 
 
 def evaluate_as_tracked(model: torch.nn.Module, images: ImageSet, cfg: TrainConfig) -> EvalResult:
@@ -129,8 +141,9 @@ def train_untracked(cfg: ExperimentConfig, splits: Splits, teacher: torch.nn.Mod
     but do not track."""
     result = fit(cfg.train, splits, teacher=teacher)
     test = evaluate_as_tracked(result.model, splits.test, cfg.train)
-    return Outcome(result.history[-1].val_accuracy, test.accuracy, test.one_pass_accuracy, result.train_seconds,
-                   "untracked", result.model, teacher_uri=f"untracked:{cfg.tracking.run_name}")
+    return Outcome(result.history[-1].val_accuracy, served_validation_accuracy(result, splits.val, cfg.train),
+                   test.accuracy, test.one_pass_accuracy, result.train_seconds, "untracked", result.model,
+                   teacher_uri=untracked_uri(cfg.tracking.run_name))
 
 
 def train_tracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
@@ -139,8 +152,8 @@ def train_tracked(cfg: ExperimentConfig, splits: Splits) -> Outcome:
     from cifar_exp.experiment import train_and_track  # MLflow only where runs are tracked
 
     outcome = train_and_track(cfg, splits=splits, tags={"benchmark": "accuracy"})
-    return Outcome(outcome.fit.history[-1].val_accuracy, outcome.test.accuracy, outcome.test.one_pass_accuracy,
-                   outcome.fit.train_seconds, outcome.run_id, outcome.fit.model,
+    return Outcome(outcome.fit.history[-1].val_accuracy, outcome.served_val_accuracy, outcome.test.accuracy,
+                   outcome.test.one_pass_accuracy, outcome.fit.train_seconds, outcome.run_id, outcome.fit.model,
                    teacher_uri=f"runs:/{outcome.run_id}/model")
 
 
@@ -172,8 +185,8 @@ def load_saved_teacher(cfg: ExperimentConfig, splits: Splits, path: Path) -> Out
         raise ConfigError(f"--teacher-dir: cannot load {path} as a {cfg.train.model} of these --teacher-set "
                           f"settings: {reason}")
     val, test = (evaluate_as_tracked(model, images, cfg.train) for images in (splits.val, splits.test))
-    return Outcome(val.accuracy, test.accuracy, test.one_pass_accuracy, 0.0, f"loaded from {path}", model,
-                   teacher_uri=f"untracked:{path}")
+    return Outcome(val.accuracy, one_pass(val), test.accuracy, test.one_pass_accuracy, 0.0, f"loaded from {path}",
+                   model, teacher_uri=untracked_uri(path))
 
 
 def save(model: torch.nn.Module, folder: str | None, name: str) -> None:
@@ -192,8 +205,8 @@ def ensemble_of(teachers: list[Outcome], splits: Splits, cfg: TrainConfig) -> Ou
     them, evaluated as one trained teacher is."""
     model = Ensemble([t.model for t in teachers])
     val, test = (evaluate_as_tracked(model, images, cfg) for images in (splits.val, splits.test))
-    return Outcome(val.accuracy, test.accuracy, test.one_pass_accuracy, sum(t.seconds for t in teachers),
-                   "ensemble of " + ", ".join(t.run for t in teachers), model,
+    return Outcome(val.accuracy, one_pass(val), test.accuracy, test.one_pass_accuracy,
+                   sum(t.seconds for t in teachers), "ensemble of " + ", ".join(t.run for t in teachers), model,
                    teacher_uri=",".join(t.teacher_uri for t in teachers))
 
 
@@ -202,7 +215,7 @@ def tta_label(train: TrainConfig) -> str:
 
 
 def describe(outcome: Outcome) -> str:
-    return (f"val {outcome.val_accuracy:.4f}  test {outcome.test_accuracy:.4f}"
+    return (f"val {outcome.val_accuracy:.4f} (served {outcome.served_val_accuracy:.4f})  test {outcome.test_accuracy:.4f}"
             + (f" (one pass {outcome.one_pass_accuracy:.4f})" if outcome.one_pass_accuracy is not None else "")
             + f"  {outcome.seconds:.0f} s  run {outcome.run}")
 
@@ -323,6 +336,8 @@ def main() -> None:
         build_network(base.train)  # an unknown model or knob fails here, before the data loads
         if args.untracked and base.train.teacher_uris() and teacher_base is None:
             raise ConfigError("--set teacher needs MLflow to load the teacher's models: drop --untracked")
+        if args.untracked and teacher_base is not None and teacher_base.teacher_uris():
+            raise ConfigError("--teacher-set teacher needs MLflow to load the teacher's own teachers: drop --untracked")
         if args.teacher_dir:
             if teacher_base is None or not args.untracked:
                 raise ConfigError("--teacher-dir needs --teacher-set (the teachers' architecture) and --untracked "
@@ -373,6 +388,8 @@ def main() -> None:
               + (f"loaded from {args.teacher_dir}" if args.teacher_dir else
                  f"training time per teacher: {statistics.mean(t.seconds for t in teachers):.0f} s"))
     print(f"validation accuracy (final epoch){tta}: {mean_std([r.val_accuracy for r in rows])}")
+    print("validation accuracy as served (fp32, one pass; choose variants on this): "
+          f"{mean_std([r.served_val_accuracy for r in rows])}")
     print(f"test accuracy{tta}: {mean_std([r.test_accuracy for r in rows])}")
     if base.train.tta:
         print(f"test accuracy in one pass (as exported): {mean_std([r.one_pass_accuracy for r in rows])}")

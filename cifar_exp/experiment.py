@@ -17,6 +17,7 @@ import torch
 from cifar_exp import tracking
 from cifar_exp.config import EvaluateConfig, ExperimentConfig, TrainConfig
 from cifar_exp.data import Splits, load_splits, load_test_set
+from cifar_exp.errors import ConfigError
 from cifar_exp.inference import check_class_count, check_classifier
 from cifar_exp.models import Ensemble
 from cifar_exp.reports import ClassMetrics, class_metrics, write_evaluation_report, write_training_report
@@ -44,6 +45,7 @@ class TrainingOutcome:
     model_uri: str
     model_version: str | None  # None when not registered
     champion: bool
+    served_val_accuracy: float  # the logged model's, in fp32 and one pass per image: what the champion rule compares
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def train_and_track(
         if version and not tracking.run_finished(run_id):
             tracking.delete_model_version(registered_name, version)
         raise
-    return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion)
+    return TrainingOutcome(run_id, result, test, test_metrics, model_uri, version, champion, served_val_accuracy)
 
 
 def evaluate_and_track(evaluate: EvaluateConfig, cfg: ExperimentConfig) -> EvaluationOutcome:
@@ -176,8 +178,13 @@ def load_teacher(
 ) -> Teacher | None:
     """The models ``--teacher`` names, loaded onto ``device`` and checked against the dataset;
     None without distillation."""
-    members, source_run_ids = [], []
+    members, source_run_ids, uri_of = [], [], {}
     for model_uri in cfg.teacher_uris():
+        # One model under two names would count twice in the ensemble's mean.
+        identity = tracking.model_identity(model_uri)
+        if identity in uri_of:
+            raise ConfigError(f"teacher names one model twice: {uri_of[identity]} and {model_uri}")
+        uri_of[identity] = model_uri
         model = tracking.load_model(model_uri).to(device)
         class_count = check_classifier(model, model_uri, device)
         check_class_count(class_count, classes, data_dir, model=f"teacher {model_uri}")

@@ -539,18 +539,27 @@ def load_model(model_uri: str) -> nn.Module:
 
 
 def model_source_run(model_uri: str) -> str | None:
-    """The run id that logged the model behind ``models:/...`` or ``runs:/...``; None for a model
-    no run logged (a local path, say). A registry lookup that fails is an error, not an unknown run:
-    callers check the run's classes and training images."""
+    """The run id that logged the model behind ``model_uri``, as ``runs:/``, ``models:/`` or its MLmodel
+    file (a logged model's folder, given as a path) names it; None for a model no run logged. A registry
+    lookup that fails is an error, not an unknown run: callers check the run's classes and training images."""
     if model_uri.startswith("runs:/"):
         return model_uri.split("/")[1]
-    if not model_uri.startswith("models:/"):
-        return None
     try:
         # Every form: a version, /latest, @alias, or m-<id> (a logged model, what log_model returns).
         return mlflow.models.get_model_info(model_uri).run_id
     except Exception as error:
+        if not model_uri.startswith("models:/"):
+            return None  # a folder without an MLmodel file (loading it says what is wrong)
         raise TrackingError(f"cannot find the run behind {model_uri}: {first_line(error)}") from None
+
+
+def model_identity(model_uri: str) -> str:
+    """What two URIs of one logged model share (``runs:/ID/model``, ``models:/m-ID``, ``models:/NAME/1``,
+    its folder): the ``model_uuid`` of its MLmodel file; the URI itself where there is none."""
+    try:
+        return mlflow.models.get_model_info(model_uri).model_uuid or model_uri
+    except Exception:  # no MLmodel to read: loading the model says what is wrong
+        return model_uri
 
 
 # --- Inference runs (benchmark, export, pareto) ---------------------------------------------------

@@ -119,12 +119,16 @@ def test_accuracy_distils_every_student_from_the_ensemble_of_all_tracked_teacher
         student = runs[f"pico-pico-seed{seed}"]
         assert student.data.params["train.teacher"] == ",".join(f"runs:/{run}/model" for run in teachers)
         assert student.data.tags["teacher_run_ids"] == ",".join(teachers)
+        # the validation accuracy variants are chosen on: the logged model's, fp32 and one pass
+        served = student.data.metrics["served_val_accuracy"]
+        assert f"seed {seed}: val {student.data.metrics['val_accuracy']:.4f} (served {served:.4f})  " in result.stdout
+    assert "validation accuracy as served (fp32, one pass; choose variants on this): " in result.stdout
 
 
 @pytest.mark.slow
 def test_accuracy_teacher_ensemble_changes_what_the_student_learns(tiny_data, tmp_path):
     common = [*SHORT, *TEACHER, "--seeds", "0", "1", "--untracked", "--data-dir", str(tiny_data)]
-    teachers = tmp_path / "teachers"
+    teachers = tmp_path / "teach,ers"  # a comma, as in the comma-separated list of teachers a student learns from
     trained = run_accuracy(*common, "--teacher-ensemble", "--save-dir", str(teachers), cache=tmp_path / "cache")
     assert trained.returncode == 0, trained.stderr
     own, ensemble = tmp_path / "own", tmp_path / "ensemble"
@@ -222,6 +226,8 @@ def test_accuracy_refuses_a_save_dir_it_cannot_write_before_loading_data(tmp_pat
     (["--set", "teacher=runs:/abc/model"], "--teacher-set trains the teacher: drop --set teacher"),
     (["--teacher-set", "widths=1,2"], "--teacher-set: widths must be three positive integers"),
     (["--teacher-set", "lr=fast"], "--teacher-set lr: "),
+    (["--teacher-set", "teacher=runs:/abc/model", "--untracked"],
+     "--teacher-set teacher needs MLflow to load the teacher's own teachers: drop --untracked"),
 ])
 def test_accuracy_refuses_bad_teacher_settings_before_loading_data(tmp_path, extra, message):
     result = run_accuracy(*SHORT, *TEACHER, *extra, "--data-dir", str(tmp_path / "missing"), cache=tmp_path)

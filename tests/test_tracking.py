@@ -24,7 +24,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_
 from cifar_exp import experiment, tracking
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
 from cifar_exp.data import load_splits
-from cifar_exp.errors import DataError, TrackingError, TrainingDivergedError
+from cifar_exp.errors import ConfigError, DataError, TrackingError, TrainingDivergedError
 from cifar_exp.experiment import train_and_track
 from cifar_exp.models import Ensemble
 from cifar_exp.train import evaluate
@@ -207,7 +207,10 @@ def test_champion_moves_only_to_a_better_version(trained):
 
 def test_a_distilled_run_learns_from_the_logged_teachers_it_records(trained, tiny_data, cache_dir, monkeypatch):
     outcome, splits, client = trained
-    teachers = f"{outcome.model_uri},runs:/{outcome.run_id}/model"  # one model twice: an ensemble of 2
+    untracked = TrackingConfig(experiment_name="tests", register=False)
+    other = train_and_track(dataclasses.replace(tiny_config(tiny_data, cache_dir, epochs=1, seed=1),
+                                                tracking=untracked), splits=splits)
+    teachers = f"{outcome.model_uri},runs:/{other.run_id}/model"  # a logged model's URI, and a run's
     seen = {}
 
     def spying_fit(*args, teacher, **kwargs):
@@ -216,17 +219,43 @@ def test_a_distilled_run_learns_from_the_logged_teachers_it_records(trained, tin
 
     fit = experiment.fit
     monkeypatch.setattr(experiment, "fit", spying_fit)
-    cfg = tiny_config(tiny_data, cache_dir, epochs=1, teacher=teachers)
-    cfg = dataclasses.replace(cfg, tracking=TrackingConfig(experiment_name="tests", register=False))
+    cfg = dataclasses.replace(tiny_config(tiny_data, cache_dir, epochs=1, teacher=teachers), tracking=untracked)
     distilled = train_and_track(cfg, splits=splits)
     run = client.get_run(distilled.run_id)
     assert run.data.params["train.teacher"] == teachers
-    assert run.data.tags["teacher_run_ids"] == f"{outcome.run_id},{outcome.run_id}"
+    assert run.data.tags["teacher_run_ids"] == f"{outcome.run_id},{other.run_id}"
     teacher = seen["teacher"]
     assert isinstance(teacher, Ensemble) and len(teacher.members) == 2
     images = splits.test.images[:8].float() / 255
     with torch.inference_mode():
-        torch.testing.assert_close(teacher(images), outcome.fit.model.cpu()(images), rtol=1e-4, atol=1e-4)
+        mean = (outcome.fit.model.cpu()(images) + other.fit.model.cpu()(images)) / 2  # the members' logits averaged
+        torch.testing.assert_close(teacher(images), mean, rtol=1e-4, atol=1e-4)
+
+
+def test_one_model_named_twice_as_teacher_is_refused_before_any_run(trained, tiny_data, cache_dir, tmp_path):
+    # It would count twice in the ensemble's mean (the same URI twice is refused by the config already).
+    outcome, splits, client = trained
+    runs_before = len(client.search_runs([client.get_experiment_by_name("tests").experiment_id]))
+    folder = mlflow.artifacts.download_artifacts(outcome.model_uri, dst_path=str(tmp_path))
+    for second in (f"runs:/{outcome.run_id}/model", folder):
+        cfg = tiny_config(tiny_data, cache_dir, epochs=1, teacher=f"{outcome.model_uri},{second}")
+        with pytest.raises(ConfigError) as raised:
+            train_and_track(cfg, splits=splits)
+        assert str(raised.value) == f"teacher names one model twice: {outcome.model_uri} and {second}"
+    assert len(client.search_runs([client.get_experiment_by_name("tests").experiment_id])) == runs_before
+
+
+def test_a_teacher_given_as_its_folder_is_known_by_the_run_that_logged_it(trained, tiny_data, cache_dir, tmp_path):
+    outcome, splits, client = trained
+    folder = mlflow.artifacts.download_artifacts(outcome.model_uri, dst_path=str(tmp_path))
+    # its MLmodel file names the run: the class names that run trained on are checked ...
+    with pytest.raises(DataError, match=f"^{folder} was trained on classes {','.join(splits.classes)}; "):
+        tracking.check_trained_classes(folder, splits.classes[::-1], "reversed")
+    # ... and a student on the teacher's own split is recorded as such (no false validation leak)
+    cfg = dataclasses.replace(tiny_config(tiny_data, cache_dir, epochs=1, teacher=folder),
+                              tracking=TrackingConfig(experiment_name="tests", register=False))
+    tags = client.get_run(train_and_track(cfg, splits=splits).run_id).data.tags
+    assert tags["teacher_run_ids"] == outcome.run_id and "validation_leak" not in tags
 
 
 def test_a_teacher_trained_on_another_split_makes_no_champion(trained, tiny_data, cache_dir):
