@@ -387,7 +387,8 @@ def pareto(**options: Any) -> None:
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--allowed-hosts", default=None,
               help="Comma-separated host names (and addresses) the UI answers to besides localhost and private "
-                   "addresses, e.g. a public name with --host 0.0.0.0 (MLflow's --allowed-hosts).")
+                   "addresses, e.g. a public name with --host 0.0.0.0 (MLflow's --allowed-hosts; each name is "
+                   "also allowed with :PORT, as a browser sends it).")
 @reports_errors
 def ui(host: str, port: int, allowed_hosts: str | None) -> None:
     """Start the MLflow UI on the store cifar-exp logs to (MLFLOW_TRACKING_URI or ./mlflow.db)."""

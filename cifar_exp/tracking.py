@@ -776,6 +776,14 @@ def check_ui_address(host: str, port: int) -> None:
             raise ConfigError(f"cannot serve the MLflow UI on {host}:{port}: {error.strerror or error}") from None
 
 
+def ui_allowed_hosts(allowed_hosts: str, port: int) -> str:
+    """MLflow's ``--allowed-hosts`` for ``allowed_hosts``: each name also with the UI's port, as a browser
+    sends it (``Host: that.name:5000``), which MLflow compares by exact string unless it holds a ``*``."""
+    entries = [entry.strip() for entry in allowed_hosts.split(",") if entry.strip()]
+    with_port = [f"{entry}:{port}" for entry in entries if "*" not in entry and not re.search(r":\d+$", entry)]
+    return ",".join(dict.fromkeys(entries + with_port))
+
+
 def launch_ui(host: str, port: int, allowed_hosts: str | None = None) -> int:
     """Run ``mlflow ui`` on the store this tool logs to (``check_ui_address`` first); returns its exit
     code. ``allowed_hosts``: MLflow's ``--allowed-hosts`` (it answers only localhost and private
@@ -787,7 +795,9 @@ def launch_ui(host: str, port: int, allowed_hosts: str | None = None) -> int:
     SIGTERM to this process alone) is passed on as SIGTERM.
     """
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
-               "--host", host, "--port", str(port), *(["--allowed-hosts", allowed_hosts] if allowed_hosts else [])]
+               "--host", host, "--port", str(port)]
+    if allowed_hosts:
+        command += ["--allowed-hosts", ui_allowed_hosts(allowed_hosts, port)]
     if not is_tracking_server(tracking_uri()):
         # Experiments created in the UI keep their artifacts where the client puts a new experiment's
         # (./mlruns): by default the UI gives them mlflow-artifacts:/, which only a running server stores.

@@ -386,11 +386,27 @@ def test_ui_passes_allowed_hosts_to_mlflow(tracking_store, monkeypatch):
 
     launched = []
     monkeypatch.setattr(subprocess, "Popen", Served)
-    result = run_cli("ui", "--host", "0.0.0.0", "--port", str(free_port()), "--allowed-hosts", "mlflow.example.com")
+    port = free_port()
+    result = run_cli("ui", "--host", "0.0.0.0", "--port", str(port), "--allowed-hosts",
+                     "mlflow.example.com, [2001:db8::1],other.example:8080,*.example.org")
     assert result.exit_code == 0, result.output
     [command] = launched
     assert command[command.index("--host") + 1] == "0.0.0.0"
-    assert command[command.index("--allowed-hosts") + 1] == "mlflow.example.com"
+    # A browser sends the port in its Host header, which MLflow compares by exact string: both forms.
+    assert command[command.index("--allowed-hosts") + 1] == (
+        f"mlflow.example.com,[2001:db8::1],other.example:8080,*.example.org,mlflow.example.com:{port},"
+        f"[2001:db8::1]:{port}")
+
+
+def test_a_public_name_reaches_the_ui_as_a_browser_sends_it(tracking_store):
+    # MLflow's own check of the Host header, on the value cifar-exp passes it.
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    from cifar_exp.tracking import ui_allowed_hosts
+
+    allowed = ui_allowed_hosts("that.name", 5000).split(",")
+    assert is_allowed_host_header(allowed, "that.name:5000") and is_allowed_host_header(allowed, "that.name")
+    assert not is_allowed_host_header(allowed, "that.name:5001")
 
 
 def free_port() -> int:
