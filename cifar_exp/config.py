@@ -316,10 +316,10 @@ class TuneConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name.replace('_', '-')} must be a finite number > 0, got {value}")
-        for name in ("decay_min", "decay_max"):
+        for name in ("decay_min", "decay_max"):  # as --lr-decay: 1 is no decay
             value = getattr(self, name)
-            if not 0 < value < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1), got {value}")
+            if not 0 < value <= 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1], got {value}")
         for low, high in (("lr_min", "lr_max"), ("decay_min", "decay_max")):
             if not getattr(self, low) < getattr(self, high):
                 raise ConfigError(
@@ -336,6 +336,8 @@ class TuneConfig:
         for name in ("study_name", "storage"):  # empty: the default; blank: a typo
             if getattr(self, name):
                 _require_nonempty(self, name)
+        if self.study_name and _has_control_characters(self.study_name):  # names a run, printed on one line
+            raise ConfigError(f"study-name must not contain control characters, got {self.study_name!r}")
         self.width_choice_list()
         self.hidden_choice_list()
         _require_at_least(self, 0, "latency_threads", note=" (0: all cores)")

@@ -508,9 +508,9 @@ class _Objective:
                 return
             trial.report(stats.served_val_accuracy, stats.epoch)
         if stats.epoch < self.cfg.train.epochs and trial.should_prune():  # a finished trial has its value
-            raise optuna.TrialPruned(
-                f"pruned after epoch {stats.epoch}: {OBJECTIVE} {stats.served_val_accuracy:.4f}"
-            )
+            # Named as the trial's run logs the value the pruner saw (with --tta: the one-pass accuracy).
+            metric = OBJECTIVE if stats.val_accuracy_without_tta is None else "val_accuracy_without_tta"
+            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}: {metric} {stats.served_val_accuracy:.4f}")
 
     @staticmethod
     def _finish(trial: optuna.Trial, state: str, reason: str | None) -> None:

@@ -221,14 +221,14 @@ def test_the_objective_of_a_trial_trained_under_autocast_is_its_fp32_accuracy(ti
     assert run.data.metrics["served_val_accuracy"] == expected
 
 
-@pytest.mark.parametrize("warmup_epochs", [0, 2])
-def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp_path, warmup_epochs):
+@pytest.mark.parametrize("warmup_epochs, tta", [(0, False), (2, True)])
+def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp_path, warmup_epochs, tta):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
     study.enqueue_trial({"lr": 0.08, "lr_decay": 0.95})
     study.enqueue_trial({"lr": 0.12, "lr_decay": 0.95})
     study.enqueue_trial({"lr": 1e-5, "lr_decay": 0.9})  # learns nothing: hopeless from epoch 1 on
-    cfg = tiny_config(tiny_data, cache_dir, epochs=3)
+    cfg = tiny_config(tiny_data, cache_dir, epochs=3, tta=tta)
     tune_cfg = TuneConfig(n_trials=4, study_name="prune", storage=storage, sampler="random", lr_min=1e-5,
                           pruner="median", prune_startup_trials=2, prune_warmup_epochs=warmup_epochs)
     lines = []
@@ -239,6 +239,12 @@ def test_pruner_stops_a_hopeless_trial(tiny_data, tracking_store, cache_dir, tmp
     pruned = outcome.trials[2]
     stopped = max(1, warmup_epochs)  # trains its warm-up epochs before it can be pruned
     assert pruned.epochs == stopped and pruned.reason.startswith(f"pruned after epoch {stopped}: val_accuracy")
+    if tta:  # the pruner saw the one-pass accuracy: the reason names the metric of the trial's run that holds it
+        run = MlflowClient().get_run(optuna.load_study(study_name="prune", storage=storage)
+                                     .trials[2].user_attrs["mlflow_run_id"])
+        [seen] = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy_without_tta")
+                  if m.step == stopped]
+        assert pruned.reason == f"pruned after epoch {stopped}: val_accuracy_without_tta {seen:.4f}"
     if warmup_epochs:
         return
     assert outcome.baseline.number == 3 and outcome.baseline.state == "COMPLETE"  # the study went on
@@ -407,8 +413,9 @@ def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, trac
     (["--lr-min", "0.5", "--lr-max", "0.1"], "lr range [0.5, 0.1] is empty or inverted"),
     (["--lr-min", "0.2", "--lr-max", "0.2"], "lr range [0.2, 0.2] is empty or inverted"),
     (["--decay-min", "0.99", "--decay-max", "0.9"], "decay range [0.99, 0.9] is empty or inverted"),
-    (["--decay-max", "1"], "decay-max must be in (0, 1), got 1.0"),
-    (["--decay-min", "0"], "decay-min must be in (0, 1), got 0.0"),
+    (["--decay-max", "1.01"], "decay-max must be in (0, 1], got 1.01"),
+    (["--decay-min", "0"], "decay-min must be in (0, 1], got 0.0"),
+    (["--study-name", "a\nb"], "study-name must not contain control characters, got 'a\\nb'"),
     (["--n-trials", "0"], "n-trials must be >= 1, got 0"),
     (["--lr", "0.9"], "the baseline trial (--lr 0.9, --lr-decay 0.95) lies outside the searched ranges"),
     (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
