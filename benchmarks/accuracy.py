@@ -121,10 +121,6 @@ class Outcome:
     teacher_uri: str  # what a student's TrainConfig.teacher names to learn from this model
 
 
-def one_pass(result: EvalResult) -> float:
-    return result.accuracy if result.one_pass_accuracy is None else result.one_pass_accuracy
-
-
 def untracked_uri(name: str | Path) -> str:
     """What an untracked student's ``TrainConfig.teacher`` names its in-memory teacher by: a label, with
     commas escaped, since a list of teachers is comma-separated (a --teacher-dir may hold one)."""
@@ -185,7 +181,7 @@ def load_saved_teacher(cfg: ExperimentConfig, splits: Splits, path: Path) -> Out
         raise ConfigError(f"--teacher-dir: cannot load {path} as a {cfg.train.model} of these --teacher-set "
                           f"settings: {reason}")
     val, test = (evaluate_as_tracked(model, images, cfg.train) for images in (splits.val, splits.test))
-    return Outcome(val.accuracy, one_pass(val), test.accuracy, test.one_pass_accuracy, 0.0, f"loaded from {path}",
+    return Outcome(val.accuracy, val.served_accuracy, test.accuracy, test.one_pass_accuracy, 0.0, f"loaded from {path}",
                    model, teacher_uri=untracked_uri(path))
 
 
@@ -205,7 +201,7 @@ def ensemble_of(teachers: list[Outcome], splits: Splits, cfg: TrainConfig) -> Ou
     them, evaluated as one trained teacher is."""
     model = Ensemble([t.model for t in teachers])
     val, test = (evaluate_as_tracked(model, images, cfg) for images in (splits.val, splits.test))
-    return Outcome(val.accuracy, one_pass(val), test.accuracy, test.one_pass_accuracy,
+    return Outcome(val.accuracy, val.served_accuracy, test.accuracy, test.one_pass_accuracy,
                    sum(t.seconds for t in teachers), "ensemble of " + ", ".join(t.run for t in teachers), model,
                    teacher_uri=",".join(t.teacher_uri for t in teachers))
 

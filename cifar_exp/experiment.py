@@ -121,7 +121,7 @@ def train_and_track(
             # model as it is served (one pass per image: a run's mirror TTA does not ship with it).
             champion = bool(version) and tracking.promote_if_champion(
                 registered_name, version, val_accuracy=served_val_accuracy,
-                test_accuracy=test.one_pass_accuracy if test.one_pass_accuracy is not None else test.accuracy,
+                test_accuracy=test.served_accuracy,
                 validation_digest=None if splits.val_is_test else splits.val.digest(), not_candidate=leak,
             )
     except BaseException:
@@ -180,15 +180,15 @@ def load_teacher(
     None without distillation."""
     members, source_run_ids, uri_of = [], [], {}
     for model_uri in cfg.teacher_uris():
-        # One model under two names would count twice in the ensemble's mean.
-        identity = tracking.model_identity(model_uri)
-        if identity in uri_of:
-            raise ConfigError(f"teacher names one model twice: {uri_of[identity]} and {model_uri}")
-        uri_of[identity] = model_uri
         model = tracking.load_model(model_uri).to(device)
         class_count = check_classifier(model, model_uri, device)
         check_class_count(class_count, classes, data_dir, model=f"teacher {model_uri}")
-        source_run_ids.append(tracking.check_trained_classes(model_uri, classes, data_dir) or "unknown")
+        source_run_id, identity = tracking.model_origin(model_uri)
+        if identity in uri_of:  # one model under two names would count twice in the ensemble's mean
+            raise ConfigError(f"teacher names one model twice: {uri_of[identity]} and {model_uri}")
+        uri_of[identity] = model_uri
+        source_run_ids.append(tracking.check_trained_classes(model_uri, classes, data_dir,
+                                                             source_run_id=source_run_id) or "unknown")
         members.append(model)
     if not members:
         return None

@@ -539,27 +539,32 @@ def load_model(model_uri: str) -> nn.Module:
 
 
 def model_source_run(model_uri: str) -> str | None:
-    """The run id that logged the model behind ``model_uri``, as ``runs:/``, ``models:/`` or its MLmodel
-    file (a logged model's folder, given as a path) names it; None for a model no run logged. A registry
-    lookup that fails is an error, not an unknown run: callers check the run's classes and training images."""
+    """The run id that logged the model behind ``model_uri`` (``model_origin``'s first half; a
+    ``runs:/`` URI names it, with no MLmodel file to read)."""
     if model_uri.startswith("runs:/"):
         return model_uri.split("/")[1]
+    return model_origin(model_uri)[0]
+
+
+def model_origin(model_uri: str) -> tuple[str | None, str]:
+    """(the run that logged the model behind ``model_uri``, what two URIs of one logged model share),
+    from one read of its MLmodel file.
+
+    The run is the one ``runs:/`` or the MLmodel file (``models:/...``, a logged model's folder given as
+    a path) names; None for a model no run logged. A registry lookup that fails is an error, not an
+    unknown run: callers check the run's classes and training images. The identity is the MLmodel's
+    ``model_uuid``, shared by ``runs:/ID/model``, ``models:/m-ID``, ``models:/NAME/1`` and the folder;
+    the URI itself where there is none.
+    """
+    named_run = model_uri.split("/")[1] if model_uri.startswith("runs:/") else None
     try:
         # Every form: a version, /latest, @alias, or m-<id> (a logged model, what log_model returns).
-        return mlflow.models.get_model_info(model_uri).run_id
+        info = mlflow.models.get_model_info(model_uri)
     except Exception as error:
-        if not model_uri.startswith("models:/"):
-            return None  # a folder without an MLmodel file (loading it says what is wrong)
-        raise TrackingError(f"cannot find the run behind {model_uri}: {first_line(error)}") from None
-
-
-def model_identity(model_uri: str) -> str:
-    """What two URIs of one logged model share (``runs:/ID/model``, ``models:/m-ID``, ``models:/NAME/1``,
-    its folder): the ``model_uuid`` of its MLmodel file; the URI itself where there is none."""
-    try:
-        return mlflow.models.get_model_info(model_uri).model_uuid or model_uri
-    except Exception:  # no MLmodel to read: loading the model says what is wrong
-        return model_uri
+        if model_uri.startswith("models:/"):
+            raise TrackingError(f"cannot find the run behind {model_uri}: {first_line(error)}") from None
+        return named_run, model_uri  # no MLmodel file to read (loading the model says what is wrong)
+    return named_run or info.run_id, info.model_uuid or model_uri
 
 
 # --- Inference runs (benchmark, export, pareto) ---------------------------------------------------

@@ -58,6 +58,11 @@ class EvalResult:
     probabilities: np.ndarray  # (N, classes) float32
     one_pass_accuracy: float | None = None  # with TTA: the accuracy of the unmirrored pass alone
 
+    @property
+    def served_accuracy(self) -> float:
+        """The accuracy of the model as it ships (one pass per image, TTA or not)."""
+        return self.accuracy if self.one_pass_accuracy is None else self.one_pass_accuracy
+
 
 @dataclass(frozen=True)
 class FitResult:
