@@ -74,7 +74,7 @@ def compare_latency(model: torch.nn.Module, seed_model: torch.nn.Module) -> None
         latencies = {"model": [], "seed": []}
         for _ in range(LATENCY_ROUNDS):
             for name, network in (("model", model), ("seed", seed_model)):
-                latencies[name].append(measure_latency(network.cpu().eval(), 1, repeats=3, seconds_per_repeat=1.0,
+                latencies[name].append(measure_latency(network, 1, repeats=3, seconds_per_repeat=1.0,
                                                        backend=backend).p50_ms)
         model_ms, seed_ms = (statistics.median(v) for v in latencies.values())
         ratios = [m / s for m, s in zip(latencies["model"], latencies["seed"], strict=True)]

@@ -11,7 +11,6 @@ normalisation is inside the model (``models.Classifier``), so the ONNX files nee
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import gc
 import io
@@ -34,7 +33,7 @@ from cifar_exp.config import BenchmarkConfig
 from cifar_exp.data import IMAGE_SHAPE, ImageSet
 from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError, first_line
 from cifar_exp.interrupts import deferred
-from cifar_exp.models import count_parameters
+from cifar_exp.models import count_parameters, shipped_copy
 from cifar_exp.train import cpu_name, cpu_supports_bf16, eval_mode
 
 log = logging.getLogger(__name__)
@@ -189,8 +188,10 @@ def measure_latency(
 ) -> LatencyStats:
     """Latency of ``model`` (float (B, 3, 32, 32) -> logits) on one of the CPU backends.
 
-    ``threads`` defaults to all cores. ``onnxruntime-fp32`` exports the model to a temporary ONNX
-    file first; ``onnxruntime-int8`` needs calibration images and is measured by ``run_benchmark``.
+    ``threads`` defaults to all cores. The PyTorch backends time the model as it ships (``shipped_copy``:
+    fp32, channels_last, eval mode), whatever layout and mode ``model`` is in, and leave ``model`` as it
+    was. ``onnxruntime-fp32`` exports the model to a temporary ONNX file first; ``onnxruntime-int8`` needs
+    calibration images and is measured by ``run_benchmark``.
     """
     threads = threads or available_cores()
     _check_timing(batch_size, repeats, seconds_per_repeat, warmup_seconds)
@@ -351,21 +352,15 @@ def output_folder(folder: Path) -> Iterator[Path]:
         raise
 
 
-def shipped_copy(model: nn.Module) -> nn.Module:
-    """An fp32 CPU copy of ``model`` in eval mode: the model as it ships, whatever mode it was in."""
-    shipped = copy.deepcopy(model).float().cpu()
-    if not isinstance(shipped, torch.fx.GraphModule):  # torch.export'ed modules are frozen in eval
-        shipped.eval()
-    return shipped
-
-
 def export_onnx(model: nn.Module, path: Path) -> Path:
     """Write ``model`` as an ONNX file whose batch dimension is dynamic (input ``images``).
 
     Works for eager modules and for the ``torch.export`` programs MLflow loads (``GraphModule``).
     """
     path = Path(path)
-    exported = shipped_copy(model)
+    # Contiguous: ONNX has no layout of its own, and channels_last weights make torch.export trace
+    # shape arithmetic (Shape, Gather, Range) into some graphs, e.g. resnet8's global pooling.
+    exported = shipped_copy(model).to(memory_format=torch.contiguous_format)
     example = torch.rand(2, *IMAGE_SHAPE)  # batch >= 2, or torch.export specialises it to 1
     batch = torch.export.Dim("batch")
     chatter = io.StringIO()  # the exporter prints its progress to stdout; only the CLI prints
@@ -900,7 +895,9 @@ class _TorchBackend:
         self.precision = "bf16" if "bf16" in name else "fp32"
         self.amp_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.threads = threads
-        self.model = model if _device_of(model) == device else copy.deepcopy(model).to(device)
+        # The model as it ships (channels_last, eval), whatever form the caller holds: the same network
+        # then times the same whether it comes from training, from the registry or from a builder.
+        self.model = shipped_copy(model).to(device)
         self.note = ""
         if self.amp_dtype is not None and device.type == "cpu" and not cpu_supports_bf16():
             self.note = "emulated: this CPU has no native bf16 (avx512_bf16 / AMX)"
@@ -970,13 +967,6 @@ class _OnnxBackend:
             self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images[start : start + EVAL_BATCH_SIZE])})[0]
             for start in range(0, len(images), EVAL_BATCH_SIZE)
         ])
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), torch.empty(0))
-    return tensor.device
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ is used (``sqlite:///mlflow.db`` in the working directory, artifacts under ``./m
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import logging
@@ -39,6 +38,7 @@ from torch import nn
 from cifar_exp.data import ImageSet
 from cifar_exp.errors import ConfigError, DataError, TrackingError, first_line
 from cifar_exp.interrupts import deferred, interrupt_behind
+from cifar_exp.models import shipped_copy
 from cifar_exp.train import cpu_name
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
     """
     from mlflow.models import infer_signature
 
-    exported = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    exported = shipped_copy(model)
     example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)  # batch >= 2: dynamic
     with torch.inference_mode():
         output = exported(torch.from_numpy(example)).numpy()

@@ -25,7 +25,6 @@ a new worker does the same for the trials of this machine's workers whose proces
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import dataclasses
 import hashlib
@@ -55,7 +54,6 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import sqlalchemy.engine  # noqa: E402
 import sqlalchemy.exc  # noqa: E402
-import torch  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -493,8 +491,7 @@ class _Objective:
                     trial.set_user_attr("latency_timed_in_trial", other.number)
                 tracking.set_tags({"latency_timed_in_trial": str(other.number)})
                 return other.values[1]
-        shipped = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
-        stats = measure_latency(shipped, 1, threads=self.tune_cfg.latency_threads, repeats=LATENCY_REPEATS,
+        stats = measure_latency(model, 1, threads=self.tune_cfg.latency_threads, repeats=LATENCY_REPEATS,
                                 seconds_per_repeat=LATENCY_SECONDS_PER_REPEAT,
                                 warmup_seconds=LATENCY_WARMUP_SECONDS, backend=LATENCY_BACKEND)
         return stats.p50_ms

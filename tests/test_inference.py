@@ -132,6 +132,24 @@ def test_pytorch_backends_time_and_predict_with_the_threads_and_precision_asked_
     assert seen == {(1, autocast_dtype)}
 
 
+@pytest.mark.parametrize("given", [torch.contiguous_format, torch.channels_last])
+def test_pytorch_backends_time_the_model_as_it_ships_whatever_layout_it_came_in(given):
+    # A model from training (channels_last), from the registry or from a builder (either) must time
+    # alike: each is timed channels_last, as it ships, and the caller's model is left as it was.
+    layouts = set()
+
+    class Probe(torch.nn.Conv2d):
+        def forward(self, images):
+            layouts.add(self.weight.is_contiguous(memory_format=torch.channels_last))
+            return super().forward(images).mean((2, 3))
+
+    model = Probe(3, 10, 3).to(memory_format=given)
+    runner = inference._TorchBackend("pytorch-fp32", model, torch.device("cpu"), threads=1)
+    runner.latency(1, repeats=1, seconds_per_repeat=0.01, warmup_seconds=0.0)
+    assert layouts == {True}
+    assert model.weight.is_contiguous(memory_format=given)
+
+
 def test_latency_statistics_of_known_call_times():
     # Two repeats of 5 calls (ms); numpy's linear-interpolation percentiles of all 10 by hand.
     stats = inference.summarize_times([[1, 2, 3, 4, 100], [2, 2, 3, 5, 7]], batch_size=8, threads=2)
@@ -222,6 +240,16 @@ def test_onnx_export_agrees_with_pytorch_on_random_inputs(seed_onnx):
         assert check.top1_agreement == 1.0
         assert check.max_abs_logit_diff < 1e-4
         assert check.images == batch_size
+
+
+def test_a_channels_last_model_exports_without_shape_arithmetic(tmp_path):
+    # Exported from channels_last weights, resnet8's global pooling traced into Shape, Gather, Range,
+    # Squeeze and Unsqueeze nodes (34 instead of 24): ONNX has no layout, so the export is contiguous.
+    model = build_classifier(TrainConfig(model="resnet8"), 10).eval().to(memory_format=torch.channels_last)
+    path = inference.export_onnx(model, tmp_path / "resnet8.onnx")
+    operators = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert not operators & {"Shape", "Gather", "Range"}, operators
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
 
 
 def test_the_timed_onnx_call_computes_the_logits_into_its_bound_buffer(seed_onnx):

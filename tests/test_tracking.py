@@ -156,6 +156,9 @@ def test_registered_model_loads_by_alias_and_predicts_the_same(trained):
     np.testing.assert_array_equal(predictions, outcome.test.predictions)
     # The batch dimension is dynamic: a single image works too.
     assert loaded(images[:1]).shape == (1, 10)
+    # It loads channels_last, the layout PyTorch's CPU convolutions run it fastest in.
+    convs = [p for p in loaded.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
 
 
 def test_every_form_of_model_uri_names_its_source_run(trained):
