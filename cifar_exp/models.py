@@ -407,6 +407,10 @@ class Ensemble(nn.Module):
         return self
 
 
+# The layout a model ships in (see shipped_copy).
+SHIPPED_MEMORY_FORMAT = torch.channels_last
+
+
 def shipped_copy(model: nn.Module) -> nn.Module:
     """An fp32, channels_last CPU copy of ``model`` in eval mode: the model as it ships, whatever mode,
     device and layout it was in.
@@ -415,7 +419,7 @@ def shipped_copy(model: nn.Module) -> nn.Module:
     seed at batch 64) faster than in the contiguous layout (benchmarks/RESULTS.md, "Eager PyTorch's
     layout"); torch.export keeps the layout, so a logged model loads in it too.
     """
-    shipped = copy.deepcopy(model).float().cpu().to(memory_format=torch.channels_last)
+    shipped = copy.deepcopy(model).float().cpu().to(memory_format=SHIPPED_MEMORY_FORMAT)
     if not isinstance(shipped, torch.fx.GraphModule):  # torch.export'ed modules are frozen in eval
         shipped.eval()
     return shipped

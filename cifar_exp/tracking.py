@@ -371,7 +371,10 @@ def log_model(model: nn.Module, registered_model_name: str | None) -> tuple[str,
     name_existed = registered_model_name is not None and _registered_model_exists(client, registered_model_name)
     info = None
     try:
-        with deferred():
+        with deferred(), warnings.catch_warnings():
+            # torch.export's packer takes channels_last weights for slices of a larger tensor and warns
+            # that this "may cause issues when your weights are not on CPU": they are on the CPU, whole.
+            warnings.filterwarnings("ignore", "No complete tensor found in the group", UserWarning)
             info = mlflow.pytorch.log_model(
                 exported,
                 name="model",

@@ -26,8 +26,8 @@ from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, Train
 from cifar_exp.data import load_splits
 from cifar_exp.errors import ConfigError, DataError, TrackingError, TrainingDivergedError
 from cifar_exp.experiment import train_and_track
-from cifar_exp.models import Ensemble
-from cifar_exp.train import evaluate
+from cifar_exp.models import Ensemble, shipped_copy
+from cifar_exp.train import build_classifier, evaluate
 from conftest import with_last_epoch
 
 EPOCHS = 3
@@ -159,6 +159,19 @@ def test_registered_model_loads_by_alias_and_predicts_the_same(trained):
     # It loads channels_last, the layout PyTorch's CPU convolutions run it fastest in.
     convs = [p for p in loaded.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
+def test_a_model_logs_channels_last_without_a_warning_and_loads_back_whole(tracking_store, recwarn):
+    # torch.export's packer takes channels_last weights for slices and warns that this "may cause issues
+    # when your weights are not on CPU": they are on the CPU and whole, and every train printed it.
+    model = build_classifier(TrainConfig(model="resnet8"), 10)
+    with tracking.start_run("layout"):
+        uri, _ = tracking.log_model(model, None)
+    assert not [w for w in recwarn if "No complete tensor" in str(w.message)]
+    loaded = tracking.load_model(uri)
+    images = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(images), shipped_copy(model)(images))
 
 
 def test_every_form_of_model_uri_names_its_source_run(trained):

@@ -721,6 +721,25 @@ def test_a_two_objective_study_refuses_a_worker_on_another_cpu(tmp_path):
         open_study(ExperimentConfig(), TuneConfig(objectives="accuracy,latency"), "acc-lat", storage)
 
 
+def test_a_two_objective_study_from_before_the_layout_was_recorded_refuses_channels_last_timings(tmp_path):
+    # Its latencies were timed contiguous, 1.4x slower than the channels_last models ship in now: the
+    # two cannot share one Pareto front, and its timings must not be reused for new trials.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    tune_cfg = TuneConfig(objectives="accuracy,latency")
+    settings = study_settings(ExperimentConfig(), tune_cfg)
+    assert settings["tune.latency_layout"] == "torch.channels_last"
+    del settings["tune.latency_layout"]
+    study = optuna.create_study(study_name="old", storage=storage, directions=["maximize", "minimize"])
+    study.set_user_attr("settings", settings)
+    with pytest.raises(StorageError, match=r"other settings \(latency-layout torch.contiguous_format -> "
+                                           r"torch.channels_last\)"):
+        open_study(ExperimentConfig(), tune_cfg, "old", storage)
+    study.set_user_attr("settings", {**settings, "tune.latency_layout": "torch.channels_last"})
+    open_study(ExperimentConfig(), tune_cfg, "old", storage)
+    # One-objective studies time nothing: no layout is recorded or compared.
+    assert "tune.latency_layout" not in study_settings(ExperimentConfig(), TuneConfig())
+
+
 def test_a_setting_a_study_never_recorded_counts_as_its_default(tmp_path):
     # A study from before --teacher existed trained its trials without one: a distilling worker differs.
     storage = f"sqlite:///{tmp_path}/optuna.db"
