@@ -33,7 +33,7 @@ from cifar_exp.config import BenchmarkConfig
 from cifar_exp.data import IMAGE_SHAPE, ImageSet
 from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError, first_line
 from cifar_exp.interrupts import deferred
-from cifar_exp.models import count_parameters, shipped_copy
+from cifar_exp.models import SHIPPED_MEMORY_FORMAT, count_parameters, shipped_copy
 from cifar_exp.train import cpu_name, cpu_supports_bf16, eval_mode
 
 log = logging.getLogger(__name__)
@@ -1220,7 +1220,9 @@ def run_benchmark(
         floor=floor,
         settings={"seconds_per_repeat": cfg.seconds_per_repeat, "warmup_seconds": cfg.warmup_seconds,
                   "calibration_images": None if calibration is None else len(calibration),
-                  "test_images": None if test is None else len(test)},
+                  "test_images": None if test is None else len(test),
+                  # The PyTorch backends' layout (contiguous in reports from before 2026-11-28, 1.4x slower).
+                  "pytorch_memory_format": str(SHIPPED_MEMORY_FORMAT)},
         machine=machine_facts(),
     )
 

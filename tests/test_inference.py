@@ -703,6 +703,7 @@ def test_benchmark_report_has_every_field(tiny_trained, tmp_path):
         document["machine"])
     assert document["settings"]["batch_sizes"] == [1, 4] and document["settings"]["repeats"] == 3
     assert document["settings"]["calibration_images"] == 64 and document["settings"]["test_images"] == 100
+    assert document["settings"]["pytorch_memory_format"] == "torch.channels_last"
     cpu_backends = ["pytorch-fp32", "pytorch-bf16", "onnxruntime-fp32", "onnxruntime-int8"]
     assert [b["name"] for b in document["backends"]] == cpu_backends
     if not torch.cuda.is_available():
