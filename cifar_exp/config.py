@@ -133,7 +133,10 @@ class TrainConfig:
         "auto", "Autocast dtype; auto: bf16 on CUDA GPUs that have it (else fp16) and on CPUs with native "
         "bf16, else fp32.", AMP_DTYPES
     )
-    channels_last: bool = option(True, "Use the channels_last memory format.")
+    channels_last: bool = option(
+        True, "Train and evaluate in the channels_last memory format (the logged model ships channels_last "
+        "either way)."
+    )
     compile: bool = option(False, "torch.compile the training model (pays off on long runs).")
     cuda_graphs: bool = option(
         True, "On CUDA, replay each training step (forward, backward, optimizer) as one CUDA graph: a "

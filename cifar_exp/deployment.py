@@ -121,6 +121,8 @@ def benchmark_and_track(
         "model_uri": bench.model_uri or "none (untrained)",
         "source_run_id": source_run_id or "none",
         "torch_threads": str(report.threads),
+        # Eager latencies of reports from before 2026-11-28 (no such tag) were timed contiguous, 1.4x slower.
+        "pytorch_memory_format": report.settings["pytorch_memory_format"],
         "best_backend_batch1": report.best(1).name if 1 in report.batch_sizes else "n/a",
     }
     # Written beside --output first, and put in its place once the run is logged: a full disk fails

@@ -415,9 +415,10 @@ def shipped_copy(model: nn.Module) -> nn.Module:
     """An fp32, channels_last CPU copy of ``model`` in eval mode: the model as it ships, whatever mode,
     device and layout it was in.
 
-    channels_last because PyTorch's CPU convolutions run these networks in it 1.5x (batch 1) to 5x (the
-    seed at batch 64) faster than in the contiguous layout (benchmarks/RESULTS.md, "Eager PyTorch's
-    layout"); torch.export keeps the layout, so a logged model loads in it too.
+    channels_last because PyTorch's CPU convolutions run these networks faster in it than contiguous:
+    1.25x to 5x for the untrained architectures measured, and the trained seed as MLflow loads it 1.4x at
+    batch 1 (benchmarks/RESULTS.md, "Eager PyTorch's layout"). torch.export keeps the layout, so a logged
+    model loads in it too.
     """
     shipped = copy.deepcopy(model).float().cpu().to(memory_format=SHIPPED_MEMORY_FORMAT)
     if not isinstance(shipped, torch.fx.GraphModule):  # torch.export'ed modules are frozen in eval

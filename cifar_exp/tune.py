@@ -110,7 +110,8 @@ CLAIM_SECONDS = 600  # a claim this old was left by a worker that died while sta
 NOT_STUDY_SETTINGS = {"lr", "lr_decay", "device", "amp_dtype", "channels_last", "compile", "cuda_graphs",
                       "eval_batch_size", "recipe"}
 HEARTBEAT_SETTING = "tune.heartbeat_interval"  # a study setting on database storages (with heartbeats)
-LATENCY_LAYOUT_SETTING = "tune.latency_layout"  # accuracy,latency studies: the memory format latency is timed in
+# accuracy,latency studies: the memory format their models' latency is timed in
+LATENCY_MEMORY_FORMAT_SETTING = "tune.latency_memory_format"
 SEARCHED_WIDTH_SETTINGS = {"widths", "hidden"}  # searched, not fixed, in accuracy,latency studies
 DATA_STUDY_SETTINGS = ("val_size", "split_seed")
 
@@ -717,7 +718,7 @@ def study_settings(cfg: ExperimentConfig, tune_cfg: TuneConfig, data: Splits | N
             "tune.width_choices": ",".join(map(str, tune_cfg.width_choice_list())),
             "tune.latency_threads": tune_cfg.latency_threads,
             "tune.latency_cpu": cpu_name(),
-            LATENCY_LAYOUT_SETTING: str(SHIPPED_MEMORY_FORMAT),
+            LATENCY_MEMORY_FORMAT_SETTING: str(SHIPPED_MEMORY_FORMAT),
         })
         if architecture(cfg.train.model).hidden is not None:  # the others ignore --hidden-choices
             settings["tune.hidden_choices"] = ",".join(map(str, tune_cfg.hidden_choice_list()))
@@ -737,7 +738,7 @@ def _check_study_settings(study: optuna.Study, cfg: ExperimentConfig, tune_cfg: 
     defaults = study_settings(ExperimentConfig(), tune_cfg)
     defaults.pop("tune.grid", None)
     # Studies from before the layout was recorded timed their models contiguous.
-    defaults[LATENCY_LAYOUT_SETTING] = str(torch.contiguous_format)
+    defaults[LATENCY_MEMORY_FORMAT_SETTING] = str(torch.contiguous_format)
     recorded = {k: stored.get(k, defaults.get(k, v)) for k, v in settings.items()}
     differ = {k: (recorded[k], v) for k, v in settings.items() if recorded[k] != v}
     if HEARTBEAT_SETTING in differ and len(differ) == 1:

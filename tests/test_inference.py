@@ -889,6 +889,7 @@ def test_benchmark_then_pareto_cli(in_store, tiny_data, tmp_path):
     assert bench.info.status == "FINISHED"
     assert bench.data.tags["run_kind"] == "benchmark" and bench.data.tags["source_run_id"] == run_id
     assert bench.data.tags["model"] == f"runs:/{run_id}/model"
+    assert bench.data.tags["pytorch_memory_format"] == "torch.channels_last"
     metrics = bench.data.metrics
     assert metrics["macs_per_image"] == 5_863_424 and metrics["parameters"] == 152_458
     for backend in ("pytorch-fp32", "pytorch-bf16", "onnxruntime-fp32", "onnxruntime-int8"):

@@ -158,7 +158,7 @@ def test_the_shipped_form_computes_what_the_trained_one_did(name, channels_last)
 
 @pytest.mark.parametrize("given", [torch.contiguous_format, torch.channels_last])
 def test_a_shipped_copy_is_fp32_channels_last_in_eval_mode_and_leaves_the_model_alone(given):
-    # channels_last because PyTorch's CPU convolutions run these networks 1.5-5x faster in it.
+    # channels_last because PyTorch's CPU convolutions run these networks 1.25-5x faster in it.
     model = build_model("seed-bn").to(torch.bfloat16, memory_format=given).train()
     shipped = shipped_copy(model)
     assert shipped is not model and not shipped.training and model.training

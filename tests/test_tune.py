@@ -727,17 +727,17 @@ def test_a_two_objective_study_from_before_the_layout_was_recorded_refuses_chann
     storage = f"sqlite:///{tmp_path}/optuna.db"
     tune_cfg = TuneConfig(objectives="accuracy,latency")
     settings = study_settings(ExperimentConfig(), tune_cfg)
-    assert settings["tune.latency_layout"] == "torch.channels_last"
-    del settings["tune.latency_layout"]
+    assert settings["tune.latency_memory_format"] == "torch.channels_last"
+    del settings["tune.latency_memory_format"]
     study = optuna.create_study(study_name="old", storage=storage, directions=["maximize", "minimize"])
     study.set_user_attr("settings", settings)
-    with pytest.raises(StorageError, match=r"other settings \(latency-layout torch.contiguous_format -> "
+    with pytest.raises(StorageError, match=r"other settings \(latency-memory-format torch.contiguous_format -> "
                                            r"torch.channels_last\)"):
         open_study(ExperimentConfig(), tune_cfg, "old", storage)
-    study.set_user_attr("settings", {**settings, "tune.latency_layout": "torch.channels_last"})
+    study.set_user_attr("settings", {**settings, "tune.latency_memory_format": "torch.channels_last"})
     open_study(ExperimentConfig(), tune_cfg, "old", storage)
     # One-objective studies time nothing: no layout is recorded or compared.
-    assert "tune.latency_layout" not in study_settings(ExperimentConfig(), TuneConfig())
+    assert "tune.latency_memory_format" not in study_settings(ExperimentConfig(), TuneConfig())
 
 
 def test_a_setting_a_study_never_recorded_counts_as_its_default(tmp_path):
