@@ -103,12 +103,11 @@ def benchmark_and_track(
         knobs = [f"{name} {value}" for name, value in (("widths", train_cfg.widths), ("hidden", train_cfg.hidden))
                  if value]
         classes, label = NUM_CLASSES, train_cfg.model + (f" ({', '.join(knobs)})" if knobs else "")
-    calibration, test, missing = _benchmark_data(bench, data_cfg, classes, trained=bench.model_uri is not None,
-                                                 source_run_id=source_run_id)
+    data = _benchmark_data(bench, data_cfg, classes, trained=bench.model_uri is not None, source_run_id=source_run_id)
 
     with tempfile.TemporaryDirectory() as tmp:
-        report = run_benchmark(model, label=label, cfg=bench, calibration=calibration,
-                               calibration_missing=missing, test=test, work_dir=Path(tmp))
+        report = run_benchmark(model, label=label, cfg=bench, calibration=data.calibration,
+                               calibration_missing=data.missing, test=data.test, work_dir=Path(tmp))
     document = {**report.to_dict(), "model_uri": bench.model_uri, "source_run_id": source_run_id}
     devices = sorted({torch.device(b.device).type for b in report.backends})  # e.g. ["cpu", "cuda"]
     tags = {
@@ -137,6 +136,7 @@ def benchmark_and_track(
                                                                     "train.widths": train_cfg.widths,
                                                                     "train.hidden": train_cfg.hidden}),
                                      "data.data_dir": data_cfg.data_dir})
+                tracking.log_datasets(data.datasets(), data.source)  # what the accuracies and int8 came from
                 tracking.log_metrics(benchmark_metrics(report))
                 tracking.log_dict(document, "benchmark.json")
                 tracking.log_text(report.table() + "\n", "benchmark.txt")
@@ -184,17 +184,42 @@ def check_model_choice(train_cfg: TrainConfig, bench: BenchmarkConfig) -> None:
                           f"{bench.model_uri} a logged model: give one of them")
 
 
+@dataclass(frozen=True)
+class CheckData:
+    """The images a benchmark or an export checks a model on, and where they came from."""
+
+    test: ImageSet | None  # a trained model's test accuracy is measured on it
+    calibration_source: ImageSet | None  # the training images int8's calibration images are drawn from
+    calibration: np.ndarray | None  # float (N, 3, 32, 32): the calibration images
+    source: str  # e.g. "imagefolder:/abs/dir"
+    missing: str = ""  # why there is no calibration, where it was wanted but the dataset is absent
+
+    def datasets(self) -> dict[str, ImageSet]:
+        """The sets to record as the run's dataset inputs (contexts ``testing`` and ``calibration``)."""
+        return {split: data for split, data in (("test", self.test), ("calibration", self.calibration_source))
+                if data is not None}
+
+    def identity(self, data_dir: str) -> dict[str, str | None]:
+        """What ``export_checks.json`` records of the data: the folder and the sets' digests."""
+        return {"data_dir": data_dir, "test_digest": self.test.digest() if self.test is not None else None,
+                "calibration_source_digest": self.calibration_source.digest()
+                if self.calibration_source is not None else None}
+
+
+NO_DATA = CheckData(test=None, calibration_source=None, calibration=None, source="")
+
+
 def _benchmark_data(
     bench: BenchmarkConfig, data_cfg: DataConfig, classes: int, *, trained: bool, source_run_id: str | None = None
-) -> tuple[np.ndarray | None, ImageSet | None, str]:
-    """(calibration images, test split, why there is no calibration) for what the benchmark needs:
-    test images for a logged model's accuracy, training images to calibrate int8 on. ``source_run_id``:
-    the run that logged a trained model, as ``tracking.model_source_run`` found it."""
+) -> CheckData:
+    """The images the benchmark needs: test images for a logged model's accuracy, training images to
+    calibrate int8 on. ``source_run_id``: the run that logged a trained model, as
+    ``tracking.model_source_run`` found it."""
     wants_int8 = "onnxruntime-int8" in bench.backend_names()
     if not (wants_int8 or trained):
-        return None, None, ""
+        return NO_DATA
     try:
-        train, test, names = _load_for_checks(data_cfg, calibrate=wants_int8)
+        train, test, names, source = _load_for_checks(data_cfg, calibrate=wants_int8)
     except DataError as error:
         asked_for = data_cfg.data_dir != DataConfig().data_dir or data_cfg.download
         if asked_for or Path(data_cfg.data_dir).expanduser().exists():  # asked for, or there but broken
@@ -205,22 +230,24 @@ def _benchmark_data(
         reason = f"no calibration images ({error})"
         lost = "no test accuracy, " if trained else ""
         log.warning("measuring without the dataset (%s--data-dir to give one): %s", lost, reason)
-        return None, None, reason
+        return CheckData(test=None, calibration_source=None, calibration=None, source="", missing=reason)
     if trained:  # its accuracy is measured; an untrained architecture only takes calibration images
         check_class_count(classes, names, data_cfg.data_dir)
         tracking.check_trained_classes(bench.model_uri, names, data_cfg.data_dir, source_run_id=source_run_id)
     calibration = calibration_images(train, bench.calibration_images) if wants_int8 else None
-    return calibration, test if trained else None, ""
+    return CheckData(test=test if trained else None, calibration_source=train, calibration=calibration,
+                     source=source)
 
 
-def _load_for_checks(data_cfg: DataConfig, *, calibrate: bool) -> tuple[ImageSet | None, ImageSet, tuple[str, ...]]:
-    """(training images where ``calibrate``, test split, class names): without calibration the test
-    split alone, so that a held-out test folder shipped without train/ is enough, as for evaluate."""
+def _load_for_checks(
+    data_cfg: DataConfig, *, calibrate: bool
+) -> tuple[ImageSet | None, ImageSet, tuple[str, ...], str]:
+    """(training images where ``calibrate``, test split, class names, source): without calibration the
+    test split alone, so that a held-out test folder shipped without train/ is enough, as for evaluate."""
     if calibrate:
-        train, test, names, _ = load_dataset(data_cfg)
-        return train, test, names
-    test, names, _ = load_test_set(data_cfg)
-    return None, test, names
+        return load_dataset(data_cfg)
+    test, names, source = load_test_set(data_cfg)
+    return None, test, names, source
 
 
 def benchmark_metrics(report: BenchmarkReport) -> dict[str, float]:
@@ -286,8 +313,9 @@ def benchmark_rows(report: BenchmarkReport) -> list[dict[str, Any]]:
 def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: TrackingConfig) -> ExportOutcome:
     """Export ``export.model_uri`` to ONNX (and int8), verify it on the test split, log the files.
 
-    The files and checks go into the run that logged the model; under ``mlflow run``, or when that
-    run is unknown, into a new run tagged with the model URI and source run.
+    The files and checks go into the run that logged the model when that run was tested on the same
+    test images; otherwise (and under ``mlflow run``, or when that run is unknown) into a new run tagged
+    with the model URI and source run, which records the data as dataset inputs.
     """
     tracking.check_tracking_store()
     out_dir = check_writable_folder(Path(export.output_dir))
@@ -302,7 +330,7 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     if not into_source_run:
         tracking.check_run_target(tracking_cfg.experiment_name)
     try:
-        train, test, names = _load_for_checks(data_cfg, calibrate=export.int8)
+        train, test, names, source = _load_for_checks(data_cfg, calibrate=export.int8)
     except DataError as error:
         need = "--int8 needs training images to calibrate on" if export.int8 else \
             "export verifies the model on the test split"
@@ -310,6 +338,14 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     check_class_count(classes, names, data_cfg.data_dir)
     tracking.check_trained_classes(export.model_uri, names, data_cfg.data_dir, source_run_id=source_run_id)
     calibration = calibration_images(train, export.calibration_images) if export.int8 else None
+    data = CheckData(test=test, calibration_source=train, calibration=calibration, source=source)
+    if into_source_run and tracking.dataset_digest(source_run_id, "test") != test.digest():
+        # Its test_accuracy would stand beside the files' test accuracies with nothing to tell which
+        # images either came from; a new run records its own (as the dataset input `testing`).
+        log.info("run %s was not tested on the test images of %s: the export is logged into a new run",
+                 source_run_id, data_cfg.data_dir)
+        into_source_run = False
+        tracking.check_run_target(tracking_cfg.experiment_name)
     tags = {EXPORTED_TAG: "int8" if calibration is not None else "fp32"}
     run_id = source_run_id if into_source_run else None  # a new run's id once it is opened
 
@@ -325,6 +361,7 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
             "weight_bytes_fp32": staged.weight_bytes_fp32,
             "weight_bytes_int8": staged.weight_bytes_int8,
             "calibration_images": staged.calibration_images,
+            **data.identity(data_cfg.data_dir),
         }, indent=2)
         try:
             checks.write_text(document)
@@ -344,7 +381,9 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
             run_tags = {**tags, RUN_KIND: "export", "model_uri": export.model_uri,
                         "source_run_id": source_run_id or "unknown"}
             with tracking.start_run(tracking_cfg.experiment_name, tracking_cfg.run_name, tags=run_tags) as run_id:
-                tracking.log_params({f"export.{k}": v for k, v in asdict(export).items()})
+                tracking.log_params({**{f"export.{k}": v for k, v in asdict(export).items()},
+                                     "data.data_dir": data_cfg.data_dir})
+                tracking.log_datasets(data.datasets(), data.source)
                 tracking.log_metrics(staged.metrics())
                 for path in files:
                     tracking.log_artifact(path, "onnx")

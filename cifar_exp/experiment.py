@@ -93,7 +93,7 @@ def train_and_track(
     try:
         with tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, tags=run_tags,
                                 nested=nested) as run_id:
-            tracking.log_params({**cfg.flat(), tracking.CLASSES_PARAM: ",".join(splits.classes)})
+            tracking.log_params({**cfg.flat(), tracking.CLASSES_PARAM: tracking.classes_param(splits.classes)})
             tracking.log_datasets(_distinct_sets(splits), splits.source)
             result = fit(
                 cfg.train,
@@ -123,6 +123,7 @@ def train_and_track(
                 registered_name, version, val_accuracy=served_val_accuracy,
                 test_accuracy=test.served_accuracy,
                 validation_digest=None if splits.val_is_test else splits.val.digest(), not_candidate=leak,
+                classes=splits.classes,
             )
     except BaseException:
         # A run that failed or was interrupted, up to its close, leaves no registered version pointing

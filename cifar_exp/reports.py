@@ -6,7 +6,8 @@ Everything here writes plain files into a folder; the tracking module uploads th
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,23 @@ def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
         writer.writerows(rows)
 
 
+# Class names, run labels and study names are the user's text, in which matplotlib would read a pair of
+# ``$`` as maths: drawn as such, or failing the run on what is no valid maths (a class folder ``$\\bad$``).
+PLAIN_TEXT = {"text.parse_math": False}
+
+
+def _plain_text(plot: Callable[..., None]) -> Callable[..., None]:
+    """``plot`` with its texts drawn as written (``PLAIN_TEXT``)."""
+
+    @functools.wraps(plot)
+    def plot_plainly(*args, **kwargs) -> None:
+        with plt.rc_context(PLAIN_TEXT):
+            plot(*args, **kwargs)
+
+    return plot_plainly
+
+
+@_plain_text
 def _plot_curves(epochs: list[int], series: dict[str, list[float]], ylabel: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, values in series.items():
@@ -141,6 +159,7 @@ def _plot_curves(epochs: list[int], series: dict[str, list[float]], ylabel: str,
 MAX_LABELLED_CLASSES = 30
 
 
+@_plain_text
 def plot_confusion_matrix(metrics: ClassMetrics, path: Path) -> None:
     matrix = metrics.confusion
     labelled = len(metrics.classes) <= MAX_LABELLED_CLASSES
@@ -164,6 +183,7 @@ def plot_confusion_matrix(metrics: ClassMetrics, path: Path) -> None:
     plt.close(fig)
 
 
+@_plain_text
 def plot_sample_predictions(
     images: np.ndarray,
     result: EvalResult,
@@ -226,6 +246,7 @@ def pareto_front(accuracy: Sequence[float], cost: Sequence[float]) -> np.ndarray
     return ~(no_worse & better).any(axis=1)
 
 
+@_plain_text
 def plot_pareto(points: Sequence[TradeoffPoint], path: Path, accuracy_label: str = "test accuracy") -> None:
     """Accuracy vs. batch-1 latency and vs. parameters, each with its Pareto front highlighted.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -421,7 +422,7 @@ def _versions_of_active_run(client: MlflowClient, name: str) -> list[str]:
 @deferred()
 def promote_if_champion(
     name: str, version: str | int, *, val_accuracy: float, test_accuracy: float, validation_digest: str | None,
-    not_candidate: str | None = None,
+    not_candidate: str | None = None, classes: Sequence[str] | None = None,
 ) -> bool:
     """Tag the version with its accuracies; give it the ``champion`` alias if its validation
     accuracy beats the holder's (the test split is for reporting, never for choosing).
@@ -447,11 +448,11 @@ def promote_if_champion(
     # whatever its accuracy: on a SQLite store the rule holds the store's lock. (A tracking server
     # offers no compare-and-set: there the alias can race, README says so.)
     with _store_lock(sqlite_file(tracking_uri())):
-        return _promote_if_better(client, name, str(version), val_accuracy, validation_digest)
+        return _promote_if_better(client, name, str(version), val_accuracy, validation_digest, classes)
 
 
 def _promote_if_better(client: MlflowClient, name: str, version: str, val_accuracy: float,
-                       validation_digest: str) -> bool:
+                       validation_digest: str, classes: Sequence[str] | None) -> bool:
     # A missing alias is read from the model's alias table, not inferred from an error: a store that is
     # briefly unavailable ("database is locked") must fail the run, not crown this version unopposed.
     holder_version = client.get_registered_model(name).aliases.get(CHAMPION)
@@ -463,6 +464,13 @@ def _promote_if_better(client: MlflowClient, name: str, version: str, val_accura
             log.warning("%s champion stays version %s: it was validated on other images (%s) than version %s (%s), "
                         "so their accuracies do not compare; move the alias by hand to choose between them",
                         name, holder.version, holder_digest, version, validation_digest)
+            return False
+        # The digest holds the images and their label numbers, not the names: renamed class folders
+        # give the same digest, and a champion the default commands would refuse on the data it knew.
+        if classes is not None and other_classes(_recorded_classes(client, holder.run_id), classes):
+            log.warning("%s champion stays version %s: it was trained on other class names (or another order) "
+                        "than version %s, so their accuracies do not compare; move the alias by hand to choose "
+                        "between them", name, holder.version, version)
             return False
         if CHAMPION_METRIC not in holder.tags:
             # Crowned before validation decided (an early version of this project): it carries only its
@@ -481,6 +489,18 @@ def _promote_if_better(client: MlflowClient, name: str, version: str, val_accura
         return True
     log.info("%s champion stays (validation accuracy %.4f >= %.4f)", name, best, val_accuracy)
     return False
+
+
+def _recorded_classes(client: MlflowClient, run_id: str | None) -> str | None:
+    """The ``CLASSES_PARAM`` of run ``run_id``; None where it recorded none or the run is gone."""
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id).data.params.get(CLASSES_PARAM)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":  # e.g. the store briefly unavailable: fail
+            raise
+        return None
 
 
 @deferred()
@@ -666,6 +686,28 @@ def _check_project_run(client: MlflowClient, run_id: str) -> None:
                             "(`mlflow run` sets the variable for the run it starts): unset it to log a new run")
 
 
+def classes_param(classes: Sequence[str]) -> str:
+    """``CLASSES_PARAM``'s value: the class names as a JSON list. (Joined by commas, as runs logged
+    before 2026-11-29 have them, the classes "a,b" and "c" could not be told from "a" and "b,c".)"""
+    return json.dumps(list(classes), ensure_ascii=False, separators=(",", ":"))
+
+
+def _as_recorded(recorded: str, classes: Sequence[str]) -> str:
+    """``classes`` written as the run recorded its own: a JSON list, or (an older run) joined by commas."""
+    return classes_param(classes) if recorded.startswith('["') else ",".join(classes)
+
+
+def other_classes(recorded: str | None, classes: Sequence[str]) -> bool:
+    """Whether a run that recorded ``recorded`` (its ``CLASSES_PARAM``; None: not recorded, nothing to
+    tell) was trained on other class names, or another order, than ``classes``."""
+    if not recorded:
+        return False
+    held = _as_recorded(recorded, classes)
+    if len(recorded) >= PARAM_VALUE_LIMIT:  # MLflow kept the list's beginning: compared as far as kept
+        held = held[:len(recorded)]
+    return recorded != held
+
+
 def check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str, *,
                           source_run_id: str | None = None) -> str | None:
     """Refuse a model trained on other class names or another order; returns its source run id.
@@ -677,12 +719,10 @@ def check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: st
         source_run_id = model_source_run(model_uri)
     source_run = get_run(source_run_id) if source_run_id else None
     trained_on = source_run.params.get(CLASSES_PARAM) if source_run else None
-    held = ",".join(classes)
-    if trained_on and len(trained_on) >= PARAM_VALUE_LIMIT:  # MLflow kept the list's beginning
-        held = held[:len(trained_on)]
-    if trained_on and trained_on != held:
+    if other_classes(trained_on, classes):
         # ImageFolder numbers classes by folder name: other names or another order mislabel every image.
-        raise DataError(f"{model_uri} was trained on classes {trained_on}; {data_dir} holds {','.join(classes)}")
+        raise DataError(f"{model_uri} was trained on classes {trained_on}; {data_dir} holds "
+                        f"{_as_recorded(trained_on, classes)}")
     return source_run_id
 
 

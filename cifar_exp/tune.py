@@ -72,7 +72,7 @@ from cifar_exp.experiment import (  # noqa: E402
 )
 from cifar_exp.inference import available_cores, measure_latency  # noqa: E402
 from cifar_exp.models import SHIPPED_MEMORY_FORMAT, architecture, count_parameters  # noqa: E402
-from cifar_exp.reports import TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
+from cifar_exp.reports import PLAIN_TEXT, TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
 from cifar_exp.train import (  # noqa: E402
     EpochStats,
     build_network,
@@ -1291,7 +1291,8 @@ def _write_plot(plot: Callable[[], Any], path: Path, name: str) -> bool:
     """Save the figure ``plot`` draws as ``path``; False (and a warning) where it cannot be drawn."""
     try:
         # Optuna's plots switch matplotlib's global style: keep that from leaking into other reports.
-        with warnings.catch_warnings(), matplotlib.rc_context():
+        # The study name, a title, is drawn as written (see reports.PLAIN_TEXT).
+        with warnings.catch_warnings(), matplotlib.rc_context(PLAIN_TEXT):
             warnings.simplefilter("ignore")  # ExperimentalWarning, too few trials, ...
             axes = plot()
             figure = np.ravel(axes)[0].figure

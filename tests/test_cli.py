@@ -15,7 +15,7 @@ import sqlalchemy
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import interrupts
+from cifar_exp import interrupts, tracking
 from cifar_exp.cli import _section, build_config, main
 from cifar_exp.config import RECIPES, BenchmarkConfig, EvaluateConfig, ExportConfig, TuneConfig
 from cifar_exp.deployment import check_model_choice
@@ -212,7 +212,7 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     assert eval_run.data.tags["source_run_id"] == train_run.info.run_id
     names = {a.path for a in MlflowClient().list_artifacts(eval_run.info.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/sample_predictions.png"} <= names
-    assert train_run.data.params["data.classes"] == ",".join(CLASSES)
+    assert json.loads(train_run.data.params["data.classes"]) == list(CLASSES)
     # With flip TTA both accuracies are printed, each as logged.
     mirrored = run_cli("evaluate", "--data-dir", tiny_data, "--cache-dir", cache_dir, "--tta")
     assert mirrored.exit_code == 0, mirrored.output
@@ -230,8 +230,8 @@ def test_train_then_evaluate_the_champion(tiny_data, tracking_store, cache_dir):
     for uri in ("models:/cifar10-seed@champion", "models:/cifar10-seed/latest"):
         refused = run_cli("evaluate", "--model-uri", uri, "--data-dir", renamed, "--cache-dir", cache_dir)
         assert refused.exit_code == 1
-        assert (f"Error: {uri} was trained on classes {','.join(CLASSES)}; {renamed} holds "
-                "automobile,bird,") in refused.output
+        assert (f"Error: {uri} was trained on classes {tracking.classes_param(CLASSES)}; {renamed} holds "
+                '["automobile","bird",') in refused.output
     # As a command whose stderr is no terminal: MLflow's download progress bars stay off.
     command = subprocess.run([sys.executable, "-m", "cifar_exp", "evaluate", "--model-uri",
                               f"runs:/{train_run.info.run_id}/model", "--data-dir", renamed, "--cache-dir", cache_dir],

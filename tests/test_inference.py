@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from cifar_exp import deployment, inference, tracking
 from cifar_exp.config import BenchmarkConfig, DataConfig, ExperimentConfig, TrackingConfig, TrainConfig
 from cifar_exp.deployment import _benchmark_data
-from cifar_exp.data import load_splits
+from cifar_exp.data import load_dataset, load_splits, load_test_set
 from cifar_exp.errors import ConfigError, DataError, ExportError, TrackingError
 from cifar_exp.reports import pareto_front
 from cifar_exp.train import build_classifier, fit
@@ -867,6 +867,40 @@ def test_export_cli_logs_verified_files_into_the_models_run(in_store, tiny_data,
     assert run.data.tags["onnx_exported"] == "int8"
     checks = json.loads((tmp_path / "out" / "export_checks.json").read_text())
     assert checks["onnx_int8"]["images"] == 100 and checks["calibration_images"] == 200
+    # The run's own test images, the ones its test_accuracy was measured on
+    assert checks["data_dir"] == str(tiny_data) and checks["test_digest"] == tracking.dataset_digest(run_id, "test")
+    assert checks["calibration_source_digest"] == load_dataset(DataConfig(data_dir=str(tiny_data), cache_dir=cache))[0].digest()
+
+
+@pytest.mark.slow
+def test_an_export_verified_on_other_test_images_goes_into_a_new_run_that_names_them(in_store, tiny_data, tmp_path):
+    # Its accuracies would otherwise sit beside the model run's test_accuracy, measured on other images,
+    # with nothing in the run to tell them apart.
+    _, _, cache = in_store
+    run_id = _model_run("other-test-images", tiny_data, cache)
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for folder in sorted((tiny_data / split).iterdir()):
+            (other / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[: 3 if split == "test" else None]:
+                (other / split / folder.name / image.name).symlink_to(image)
+    before = {r.info.run_id for r in all_runs()}
+    result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--int8", "--calibration-images", "64",
+                     "--output-dir", tmp_path / "out", "--data-dir", other, "--cache-dir", cache,
+                     "--experiment-name", "exports")
+    assert result.exit_code == 0, result.output
+    [export_run] = [r for r in all_runs() if r.info.run_id not in before]
+    assert f"logged under onnx/ in run {export_run.info.run_id}" in result.output and "30 test images" in result.output
+    assert export_run.data.tags["run_kind"] == "export" and export_run.data.tags["source_run_id"] == run_id
+    assert export_run.data.params["data.data_dir"] == str(other)
+    test, _, _ = load_test_set(DataConfig(data_dir=str(other), cache_dir=cache))
+    assert tracking.dataset_digest(export_run.info.run_id, "test") == test.digest() != tracking.dataset_digest(run_id, "test")
+    assert tracking.dataset_digest(export_run.info.run_id, "calibration") == load_dataset(
+        DataConfig(data_dir=str(other), cache_dir=cache))[0].digest()
+    checks = json.loads((tmp_path / "out" / "export_checks.json").read_text())
+    assert checks["test_digest"] == test.digest() and checks["data_dir"] == str(other)
+    source = MlflowClient().get_run(run_id)
+    assert not [key for key in source.data.metrics if "/" in key] and "onnx_exported" not in source.data.tags
 
 
 @pytest.mark.slow
@@ -890,6 +924,10 @@ def test_benchmark_then_pareto_cli(in_store, tiny_data, tmp_path):
     assert bench.data.tags["run_kind"] == "benchmark" and bench.data.tags["source_run_id"] == run_id
     assert bench.data.tags["model"] == f"runs:/{run_id}/model"
     assert bench.data.tags["pytorch_memory_format"] == "torch.channels_last"
+    # the images its accuracies were measured on, and those int8 calibrated on, as dataset inputs
+    assert tracking.dataset_digest(bench.info.run_id, "test") == tracking.dataset_digest(run_id, "test") is not None
+    assert tracking.dataset_digest(bench.info.run_id, "calibration") == load_dataset(
+        DataConfig(data_dir=str(tiny_data), cache_dir=cache))[0].digest()
     metrics = bench.data.metrics
     assert metrics["macs_per_image"] == 5_863_424 and metrics["parameters"] == 152_458
     for backend in ("pytorch-fp32", "pytorch-bf16", "onnxruntime-fp32", "onnxruntime-int8"):
@@ -1152,8 +1190,9 @@ def test_an_untrained_architecture_takes_calibration_images_from_any_dataset(tin
             (three / split / name).symlink_to(tiny_data / split / name)
     data = DataConfig(data_dir=str(three), cache_dir=str(tmp_path / "cache"))
     bench = BenchmarkConfig(backends="onnxruntime-int8", calibration_images=16)
-    calibration, test, reason = _benchmark_data(bench, data, 10, trained=False)
-    assert calibration.shape == (16, 3, 32, 32) and test is None and reason == ""
+    checks = _benchmark_data(bench, data, 10, trained=False)
+    assert checks.calibration.shape == (16, 3, 32, 32) and checks.test is None and checks.missing == ""
+    assert list(checks.datasets()) == ["calibration"]  # the training images they were drawn from
     with pytest.raises(DataError, match=f"the model predicts 10 classes but {three} holds 3"):
         _benchmark_data(bench, data, 10, trained=True)
 
@@ -1179,7 +1218,7 @@ def test_export_of_a_model_whose_run_was_deleted_goes_into_a_new_run(in_store, t
 
 def test_an_export_that_cannot_be_logged_leaves_the_folder_as_it_was(in_store, tiny_data, tmp_path, monkeypatch):
     _, _, cache = in_store
-    run_id = _model_run("never-exported")
+    run_id = _model_run("never-exported", tiny_data, cache)
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.onnx").write_text("an earlier export")
@@ -1196,9 +1235,12 @@ def test_an_export_that_cannot_be_logged_leaves_the_folder_as_it_was(in_store, t
     assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_text() == "an earlier export"
 
 
-def _model_run(experiment: str) -> str:
-    """A new run that logged an (untrained) seed model: one no export has logged into yet."""
+def _model_run(experiment: str, data_dir: Path, cache: str) -> str:
+    """A new run that logged an (untrained) seed model, tested on ``data_dir``'s test images (its
+    dataset input ``testing``): one no export has logged into yet."""
+    test, _, source = load_test_set(DataConfig(data_dir=str(data_dir), cache_dir=cache))
     with tracking.start_run(experiment) as run_id:
+        tracking.log_datasets({"test": test}, source)
         tracking.log_model(build_classifier(TrainConfig(), 10), None)
     return run_id
 
@@ -1206,7 +1248,7 @@ def _model_run(experiment: str) -> str:
 def test_export_files_that_cannot_be_logged_leave_no_metrics_in_the_models_run(in_store, tiny_data, tmp_path,
                                                                                monkeypatch):
     _, _, cache = in_store
-    run_id = _model_run("unwritable-artifacts")
+    run_id = _model_run("unwritable-artifacts", tiny_data, cache)
 
     def permission_denied(self, run_id, local_path, artifact_path=None):
         raise PermissionError(13, "Permission denied", f"mlruns/{run_id}/artifacts/onnx")
@@ -1223,7 +1265,7 @@ def test_a_second_export_of_a_model_goes_into_a_new_run(in_store, tiny_data, tmp
     # The first export's int8 file and metrics (on another test folder, perhaps) cannot be removed
     # from the model's run: the second export's would sit beside them as if from one export.
     _, _, cache = in_store
-    run_id = _model_run("exported-twice")
+    run_id = _model_run("exported-twice", tiny_data, cache)
     uri = f"runs:/{run_id}/model"
     first = run_cli("export", "--model-uri", uri, "--int8", "--calibration-images", "64", "--output-dir",
                     tmp_path / "a", "--data-dir", tiny_data, "--cache-dir", cache)
@@ -1322,7 +1364,8 @@ def test_export_and_benchmark_refuse_data_whose_classes_the_model_was_not_traine
     result = run_cli(command, "--model-uri", uri, "--data-dir", data, "--cache-dir", tmp_path / "cache", *target)
     assert result.exit_code == 1, result.output
     assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
-        f"Error: {uri} was trained on classes {','.join(CLASSES)}; {data} holds {','.join(CLASSES[1:])},zairplane"]
+        f"Error: {uri} was trained on classes {tracking.classes_param(CLASSES)}; {data} holds "
+        f"{tracking.classes_param([*CLASSES[1:], 'zairplane'])}"]
     assert len(all_runs()) == before and MlflowClient().list_artifacts(run_id) == artifacts
     assert not (tmp_path / "out").exists() and not (tmp_path / "b.json").exists()
 

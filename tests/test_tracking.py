@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -265,7 +266,7 @@ def test_a_teacher_given_as_its_folder_is_known_by_the_run_that_logged_it(traine
     outcome, splits, client = trained
     folder = mlflow.artifacts.download_artifacts(outcome.model_uri, dst_path=str(tmp_path))
     # its MLmodel file names the run: the class names that run trained on are checked ...
-    with pytest.raises(DataError, match=f"^{folder} was trained on classes {','.join(splits.classes)}; "):
+    with pytest.raises(DataError, match=re.escape(f"{folder} was trained on classes {tracking.classes_param(splits.classes)}; ")):
         tracking.check_trained_classes(folder, splits.classes[::-1], "reversed")
     # ... and a student on the teacher's own split is recorded as such (no false validation leak)
     cfg = dataclasses.replace(tiny_config(tiny_data, cache_dir, epochs=1, teacher=folder),
@@ -705,6 +706,50 @@ def test_a_class_list_mlflow_cut_short_is_compared_as_far_as_it_was_kept(trackin
     with pytest.raises(DataError, match=f"^{uri} was trained on classes n00000000,n00000001,"):
         tracking.check_trained_classes(uri, reordered, "imagenet32")
 
+    # Recorded as runs do now, a JSON list, cut short by MLflow too, and compared as far as kept
+    with mlflow.start_run() as run:
+        mlflow.log_param(tracking.CLASSES_PARAM, tracking.classes_param(classes))
+    uri = f"runs:/{run.info.run_id}/model"
+    assert tracking.check_trained_classes(uri, classes, "imagenet32") == run.info.run_id
+    with pytest.raises(DataError, match=re.escape(f'{uri} was trained on classes ["n00000000","n00000001",')):
+        tracking.check_trained_classes(uri, reordered, "imagenet32")
+
+
+def test_class_names_with_commas_are_told_apart(tracking_store):
+    # Joined by commas, "a,b" + "c" and "a" + "b,c" were one string: a model evaluated with every
+    # label swapped, unrefused.
+    mlflow.set_experiment("commas")
+    with mlflow.start_run() as run:
+        mlflow.log_param(tracking.CLASSES_PARAM, tracking.classes_param(("a,b", "c")))
+    uri = f"runs:/{run.info.run_id}/model"
+    assert tracking.check_trained_classes(uri, ("a,b", "c"), "same") == run.info.run_id
+    with pytest.raises(DataError, match=re.escape(f'{uri} was trained on classes ["a,b","c"]; swapped holds ["a","b,c"]')):
+        tracking.check_trained_classes(uri, ("a", "b,c"), "swapped")
+
+
+def test_a_version_trained_on_other_class_names_does_not_take_the_champion(tracking_store, caplog):
+    # Renamed class folders hold the same images and label numbers, so the same validation digest: the
+    # version became champion, and the default commands then refused the data the old one knew.
+    mlflow.set_experiment("renamed")
+    client = MlflowClient()
+    client.create_registered_model("renamed")
+    versions = []
+    for recorded in (",".join(("cat", "dog")),  # a run logged before the JSON list: compared as written
+                     tracking.classes_param(("kitten", "puppy")), tracking.classes_param(("cat", "dog"))):
+        with mlflow.start_run() as run:
+            mlflow.log_param(tracking.CLASSES_PARAM, recorded)
+        versions.append(client.create_model_version("renamed", f"runs:/{run.info.run_id}/model",
+                                                    run_id=run.info.run_id).version)
+    first, renamed, same = versions
+    assert tracking.promote_if_champion("renamed", first, val_accuracy=0.5, test_accuracy=0.5, validation_digest="v",
+                                        classes=("cat", "dog"))
+    assert not tracking.promote_if_champion("renamed", renamed, val_accuracy=0.9, test_accuracy=0.9,
+                                            validation_digest="v", classes=("kitten", "puppy"))
+    assert (f"renamed champion stays version {first}: it was trained on other class names (or another order) "
+            f"than version {renamed}") in caplog.text
+    assert tracking.promote_if_champion("renamed", same, val_accuracy=0.9, test_accuracy=0.9, validation_digest="v",
+                                        classes=("cat", "dog"))
+    assert client.get_model_version_by_alias("renamed", "champion").version == same
 
 def test_run_targets_that_cannot_take_a_new_run_are_refused_up_front(tracking_store, monkeypatch):
     client = MlflowClient()

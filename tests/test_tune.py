@@ -1485,3 +1485,18 @@ def test_the_best_of_two_equally_accurate_trials_is_the_faster_one(tmp_path):
         study.add_trial(optuna.trial.create_trial(values=values, params={"lr": 0.1},
                                                   distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)}))
     assert best_trial(study).number == 1 and 1 in [t.number for t in pareto_trials(study)]
+
+
+def test_a_study_named_with_dollars_keeps_its_scatter_plot(tmp_path):
+    # The study name titles the lr x decay scatter; in a pair of $ matplotlib read maths and, on what is
+    # no valid maths, the plot was skipped.
+    from cifar_exp.tune import write_study_plots
+
+    study = optuna.create_study(study_name=r"price $\bad$", direction="maximize")
+    for lr, decay, value in ((0.1, 0.95, 0.5), (0.05, 0.9, 0.6), (0.2, 0.97, 0.4)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": lr, "lr_decay": decay}, value=value,
+            distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1.0, log=True),
+                           "lr_decay": optuna.distributions.FloatDistribution(0.8, 1.0)}))
+    written = write_study_plots(study, tmp_path, intermediate=False)
+    assert tmp_path / "lr_decay_scatter.png" in written
