@@ -343,8 +343,9 @@ def export(**options: Any) -> None:
     """Export a logged model to ONNX (dynamic batch axis) and, with --int8, to int8.
 
     Each file is verified on --data-dir's test split (top-1 agreement with PyTorch, max |Δlogit|,
-    test accuracy) and logged under onnx/ in the run that logged the model (in a new run where that
-    one holds an earlier export, is deleted or unknown, or under `mlflow run`).
+    test accuracy) and logged under onnx/ in the run that logged the model (in a new run, which records
+    the data, where that one was tested on other test images, holds an earlier export, is deleted or
+    unknown, or under `mlflow run`).
     """
     from cifar_exp.deployment import export_and_track
 

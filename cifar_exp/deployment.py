@@ -342,10 +342,10 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
     if into_source_run and tracking.dataset_digest(source_run_id, "test") != test.digest():
         # Its test_accuracy would stand beside the files' test accuracies with nothing to tell which
         # images either came from; a new run records its own (as the dataset input `testing`).
+        tracking.check_run_target(tracking_cfg.experiment_name)
         log.info("run %s was not tested on the test images of %s: the export is logged into a new run",
                  source_run_id, data_cfg.data_dir)
         into_source_run = False
-        tracking.check_run_target(tracking_cfg.experiment_name)
     tags = {EXPORTED_TAG: "int8" if calibration is not None else "fp32"}
     run_id = source_run_id if into_source_run else None  # a new run's id once it is opened
 

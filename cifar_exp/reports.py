@@ -6,8 +6,7 @@ Everything here writes plain files into a folder; the tracking module uploads th
 from __future__ import annotations
 
 import csv
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,23 +123,13 @@ def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
         writer.writerows(rows)
 
 
-# Class names, run labels and study names are the user's text, in which matplotlib would read a pair of
-# ``$`` as maths: drawn as such, or failing the run on what is no valid maths (a class folder ``$\\bad$``).
-PLAIN_TEXT = {"text.parse_math": False}
+def as_written(text: str) -> str:
+    """``text`` (a class name, run label or study name: the user's) escaped for matplotlib, which reads a
+    pair of ``$`` as maths: drawn as such, or failing the run on what is no valid maths (a class folder
+    named ``$\\bad$``). Escaped per text, not switched off per figure: tick labels of log axes are maths."""
+    return text.replace("$", r"\$")
 
 
-def _plain_text(plot: Callable[..., None]) -> Callable[..., None]:
-    """``plot`` with its texts drawn as written (``PLAIN_TEXT``)."""
-
-    @functools.wraps(plot)
-    def plot_plainly(*args, **kwargs) -> None:
-        with plt.rc_context(PLAIN_TEXT):
-            plot(*args, **kwargs)
-
-    return plot_plainly
-
-
-@_plain_text
 def _plot_curves(epochs: list[int], series: dict[str, list[float]], ylabel: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, values in series.items():
@@ -159,7 +148,6 @@ def _plot_curves(epochs: list[int], series: dict[str, list[float]], ylabel: str,
 MAX_LABELLED_CLASSES = 30
 
 
-@_plain_text
 def plot_confusion_matrix(metrics: ClassMetrics, path: Path) -> None:
     matrix = metrics.confusion
     labelled = len(metrics.classes) <= MAX_LABELLED_CLASSES
@@ -168,8 +156,9 @@ def plot_confusion_matrix(metrics: ClassMetrics, path: Path) -> None:
     ax.imshow(matrix, cmap="Blues")
     if labelled:
         ticks = np.arange(len(metrics.classes))
-        ax.set_xticks(ticks, metrics.classes, rotation=45, ha="right")
-        ax.set_yticks(ticks, metrics.classes)
+        names = [as_written(name) for name in metrics.classes]
+        ax.set_xticks(ticks, names, rotation=45, ha="right")
+        ax.set_yticks(ticks, names)
         threshold = matrix.max() / 2 if matrix.size else 0
         for (row, col), count in np.ndenumerate(matrix):
             ax.text(col, row, str(count), ha="center", va="center", fontsize=8,
@@ -183,7 +172,6 @@ def plot_confusion_matrix(metrics: ClassMetrics, path: Path) -> None:
     plt.close(fig)
 
 
-@_plain_text
 def plot_sample_predictions(
     images: np.ndarray,
     result: EvalResult,
@@ -204,9 +192,9 @@ def plot_sample_predictions(
         predicted, truth = result.predictions[index], result.labels[index]
         confidence = result.probabilities[index, predicted]
         ax.imshow(images[index].transpose(1, 2, 0))  # (3, 32, 32) -> (32, 32, 3)
-        title = f"{classes[predicted]} {confidence:.0%}"
+        title = f"{as_written(classes[predicted])} {confidence:.0%}"
         if predicted != truth:
-            title = f"✗ {title}\n(true: {classes[truth]})"
+            title = f"✗ {title}\n(true: {as_written(classes[truth])})"
         ax.set_title(title, fontsize=7, color="black" if predicted == truth else "red")
     fig.suptitle("sample test predictions (predicted class, confidence; mistakes in red)", fontsize=9)
     fig.tight_layout()
@@ -246,7 +234,6 @@ def pareto_front(accuracy: Sequence[float], cost: Sequence[float]) -> np.ndarray
     return ~(no_worse & better).any(axis=1)
 
 
-@_plain_text
 def plot_pareto(points: Sequence[TradeoffPoint], path: Path, accuracy_label: str = "test accuracy") -> None:
     """Accuracy vs. batch-1 latency and vs. parameters, each with its Pareto front highlighted.
 
@@ -273,8 +260,9 @@ def plot_pareto(points: Sequence[TradeoffPoint], path: Path, accuracy_label: str
                 label="Pareto front")
         for index in np.flatnonzero(front):
             label = points[index].label
-            ax.annotate(label if len(label) <= 32 else "…" + label[-31:], (cost[index], accuracy[index]),
-                        fontsize=7, xytext=(4, 4), textcoords="offset points")
+            shown = label if len(label) <= 32 else "…" + label[-31:]
+            ax.annotate(as_written(shown), (cost[index], accuracy[index]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
         if xlabel.startswith("batch-1"):
             ax.axvline(1000 / TARGET_FPS, color="tab:blue", linestyle="--", alpha=0.5,
                        label=f"{TARGET_FPS} FPS budget")

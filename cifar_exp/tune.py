@@ -72,7 +72,7 @@ from cifar_exp.experiment import (  # noqa: E402
 )
 from cifar_exp.inference import available_cores, measure_latency  # noqa: E402
 from cifar_exp.models import SHIPPED_MEMORY_FORMAT, architecture, count_parameters  # noqa: E402
-from cifar_exp.reports import PLAIN_TEXT, TradeoffPoint, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
+from cifar_exp.reports import TradeoffPoint, as_written, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
 from cifar_exp.train import (  # noqa: E402
     EpochStats,
     build_network,
@@ -1291,8 +1291,7 @@ def _write_plot(plot: Callable[[], Any], path: Path, name: str) -> bool:
     """Save the figure ``plot`` draws as ``path``; False (and a warning) where it cannot be drawn."""
     try:
         # Optuna's plots switch matplotlib's global style: keep that from leaking into other reports.
-        # The study name, a title, is drawn as written (see reports.PLAIN_TEXT).
-        with warnings.catch_warnings(), matplotlib.rc_context(PLAIN_TEXT):
+        with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")  # ExperimentalWarning, too few trials, ...
             axes = plot()
             figure = np.ravel(axes)[0].figure
@@ -1338,7 +1337,8 @@ def _plot_scatter(study: optuna.Study, bounds: tuple[tuple[float, float], tuple[
         lr_pad, decay_pad = (lr_max / lr_min) ** 0.03, (decay_max - decay_min) * 0.03
         ax.set_xlim(lr_min / lr_pad, lr_max * lr_pad)
         ax.set_ylim(decay_min - decay_pad, decay_max + decay_pad)
-    ax.set(xlabel="lr (log scale)", ylabel="lr_decay", title=f"{study.study_name}: trials over lr x decay")
+    ax.set(xlabel="lr (log scale)", ylabel="lr_decay",
+           title=f"{as_written(study.study_name)}: trials over lr x decay")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best")
     return ax

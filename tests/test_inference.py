@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -873,7 +874,8 @@ def test_export_cli_logs_verified_files_into_the_models_run(in_store, tiny_data,
 
 
 @pytest.mark.slow
-def test_an_export_verified_on_other_test_images_goes_into_a_new_run_that_names_them(in_store, tiny_data, tmp_path):
+def test_an_export_verified_on_other_test_images_goes_into_a_new_run_that_names_them(in_store, tiny_data, tmp_path,
+                                                                                     caplog):
     # Its accuracies would otherwise sit beside the model run's test_accuracy, measured on other images,
     # with nothing in the run to tell them apart.
     _, _, cache = in_store
@@ -884,10 +886,17 @@ def test_an_export_verified_on_other_test_images_goes_into_a_new_run_that_names_
             (other / split / folder.name).mkdir(parents=True)
             for image in sorted(folder.iterdir())[: 3 if split == "test" else None]:
                 (other / split / folder.name / image.name).symlink_to(image)
+    caplog.set_level(logging.INFO, logger="cifar_exp")
+    args = ["export", "--model-uri", f"runs:/{run_id}/model", "--int8", "--calibration-images", "64",
+            "--output-dir", tmp_path / "out", "--data-dir", other, "--cache-dir", cache]
+    # A new run it cannot open is refused in one line, before it says that it would open one
+    MlflowClient().delete_experiment(MlflowClient().create_experiment("gone-exports"))
+    refused = run_cli(*args, "--experiment-name", "gone-exports")
+    assert refused.exit_code == 1 and "Error: experiment 'gone-exports' was deleted" in refused.output
+    assert "logged into a new run" not in caplog.text and not (tmp_path / "out").exists()
     before = {r.info.run_id for r in all_runs()}
-    result = run_cli("export", "--model-uri", f"runs:/{run_id}/model", "--int8", "--calibration-images", "64",
-                     "--output-dir", tmp_path / "out", "--data-dir", other, "--cache-dir", cache,
-                     "--experiment-name", "exports")
+    result = run_cli(*args, "--experiment-name", "exports")
+    assert "logged into a new run" in caplog.text
     assert result.exit_code == 0, result.output
     [export_run] = [r for r in all_runs() if r.info.run_id not in before]
     assert f"logged under onnx/ in run {export_run.info.run_id}" in result.output and "30 test images" in result.output

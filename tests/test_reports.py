@@ -1,4 +1,6 @@
 import matplotlib.axes
+import matplotlib.pyplot as plt
+import matplotlib.text
 import numpy as np
 from PIL import Image
 
@@ -42,22 +44,33 @@ def test_the_confusion_matrix_plot_of_many_classes_stays_small(tmp_path, monkeyp
     assert max(size) <= largest
 
 
+def _drawn(text: matplotlib.text.Text) -> tuple[str, bool]:
+    """(the characters drawn, whether as maths) for a text of a figure."""
+    return text._preprocess_math(text.get_text())
+
+
 def test_class_names_are_drawn_as_written_not_as_maths(tmp_path, monkeypatch):
     # Folder names are the user's text: in a pair of $ matplotlib read maths, and the run failed at the
-    # end of training on one that is no valid maths.
+    # end of training on one that is no valid maths. The log axes' tick labels stay maths (10^-1).
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
     classes = [r"$\bad$", "$5_or_$10", "dog"]
     labels, predictions = np.array([0, 1, 2, 0, 1, 2]), np.array([0, 2, 2, 1, 1, 0])
     plot_confusion_matrix(class_metrics(labels, predictions, classes), tmp_path / "confusion.png")
-    titles = []
-    set_title = matplotlib.axes.Axes.set_title
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
-                        lambda self, label, *a, **k: titles.append(set_title(self, label, *a, **k)) or titles[-1])
     result = EvalResult(loss=1.0, accuracy=0.5, labels=labels, predictions=predictions,
                         probabilities=np.full((6, 3), 1 / 3, dtype=np.float32))
     plot_sample_predictions(np.zeros((6, 3, 32, 32), dtype=np.uint8), result, classes, tmp_path / "samples.png")
-    monkeypatch.undo()
-    assert "$\\bad$ 33%" in [t.get_text() for t in titles] and not any(t._parse_math for t in titles)
-    point = TradeoffPoint(label="run $x$ / $\\bad$", backend="onnxruntime-fp32", accuracy=0.7, latency_ms=0.1,
-                          parameters=1000)
-    plot_pareto([point], tmp_path / "pareto.png")
-    assert all((tmp_path / name).stat().st_size > 0 for name in ("confusion.png", "samples.png", "pareto.png"))
+    points = [TradeoffPoint(label=label, backend="onnxruntime-fp32", accuracy=accuracy, latency_ms=latency,
+                            parameters=parameters)
+              for label, accuracy, latency, parameters in (("run $x$ / $\\bad$", 0.7, 0.1, 1000),
+                                                           ("seed", 0.6, 0.05, 200_000))]
+    plot_pareto(points, tmp_path / "pareto.png")
+    confusion, samples, pareto = figures
+    assert [_drawn(t) for t in confusion.axes[0].get_xticklabels()] == [(name, False) for name in classes]
+    titles = [_drawn(ax.title) for ax in samples.axes if ax.get_title()]
+    assert (r"$\bad$ 33%", False) in titles and ("✗ $5_or_$10 33%\n(true: $\\bad$)", False) in titles
+    annotations = [_drawn(t) for ax in pareto.axes for t in ax.texts]
+    assert ("run $x$ / $\\bad$", False) in annotations
+    log_ticks = [_drawn(t) for t in pareto.axes[0].get_xticklabels() if t.get_text()]
+    assert log_ticks and all(math for _, math in log_ticks)
