@@ -162,6 +162,23 @@ def test_registered_model_loads_by_alias_and_predicts_the_same(trained):
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
 
 
+
+def test_pyfunc_serves_the_model_on_the_cpu_of_a_cuda_machine_as_readme_says(trained, monkeypatch):
+    # With CUDA, pyfunc picks the GPU and MLflow refuses to move a pt2 program logged on the CPU;
+    # README's two ways round it must keep working (CUDA simulated: no GPU here).
+    outcome, splits, _ = trained
+    images = (splits.test.images[:8].float() / 255).numpy()
+    with torch.inference_mode():
+        expected = tracking.load_model("models:/cifar10-seed@champion")(torch.from_numpy(images)).numpy()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="can't be loaded on 'cuda' device"):
+        mlflow.pyfunc.load_model("models:/cifar10-seed@champion")
+    served = mlflow.pyfunc.load_model("models:/cifar10-seed@champion", model_config={"device": "cpu"})
+    np.testing.assert_allclose(served.predict(images), expected, rtol=0, atol=1e-5)
+    monkeypatch.setenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
+    np.testing.assert_allclose(mlflow.pyfunc.load_model("models:/cifar10-seed@champion").predict(images), expected,
+                               rtol=0, atol=1e-5)
+
 def test_a_model_logs_channels_last_without_a_warning_and_loads_back_whole(tracking_store, recwarn):
     # torch.export's packer takes channels_last weights for slices and warns that this "may cause issues
     # when your weights are not on CPU": they are on the CPU and whole, and every train printed it.
