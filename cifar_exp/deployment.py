@@ -199,9 +199,10 @@ class CheckData:
         return {split: data for split, data in (("test", self.test), ("calibration", self.calibration_source))
                 if data is not None}
 
-    def identity(self, data_dir: str) -> dict[str, str | None]:
-        """What ``export_checks.json`` records of the data: the folder and the sets' digests."""
-        return {"data_dir": data_dir, "test_digest": self.test.digest() if self.test is not None else None,
+    def identity(self) -> dict[str, str | None]:
+        """What ``export_checks.json`` records of the data: the folder (absolute) and the sets' digests."""
+        return {"data_dir": self.source.split(":", 1)[-1],
+                "test_digest": self.test.digest() if self.test is not None else None,
                 "calibration_source_digest": self.calibration_source.digest()
                 if self.calibration_source is not None else None}
 
@@ -361,7 +362,7 @@ def export_and_track(export: ExportConfig, data_cfg: DataConfig, tracking_cfg: T
             "weight_bytes_fp32": staged.weight_bytes_fp32,
             "weight_bytes_int8": staged.weight_bytes_int8,
             "calibration_images": staged.calibration_images,
-            **data.identity(data_cfg.data_dir),
+            **data.identity(),
         }, indent=2)
         try:
             checks.write_text(document)

@@ -493,14 +493,21 @@ def _promote_if_better(client: MlflowClient, name: str, version: str, val_accura
 
 def _recorded_classes(client: MlflowClient, run_id: str | None) -> str | None:
     """The ``CLASSES_PARAM`` of run ``run_id``; None where it recorded none or the run is gone."""
+    run = _existing_run(client, run_id)
+    return run.data.params.get(CLASSES_PARAM) if run else None
+
+
+def _existing_run(client: MlflowClient, run_id: str | None) -> Any | None:
+    """Run ``run_id``, or None where there is no such run; a store that cannot answer is an error, not
+    an answer (e.g. "database is locked": a decision taken on it would be taken on nothing)."""
     if not run_id:
         return None
     try:
-        return client.get_run(run_id).data.params.get(CLASSES_PARAM)
+        return client.get_run(run_id)
     except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":  # e.g. the store briefly unavailable: fail
-            raise
-        return None
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise TrackingError(f"cannot read run {run_id}: {first_line(error)}") from None
 
 
 @deferred()
@@ -692,9 +699,20 @@ def classes_param(classes: Sequence[str]) -> str:
     return json.dumps(list(classes), ensure_ascii=False, separators=(",", ":"))
 
 
+def _recorded_names(recorded: str) -> list[str] | None:
+    """The class names of a ``CLASSES_PARAM`` written as a JSON list; None for one joined by commas (a
+    run logged before 2026-11-29) or one MLflow cut short."""
+    try:
+        names = json.loads(recorded)
+    except ValueError:
+        return None
+    return names if isinstance(names, list) and all(isinstance(name, str) for name in names) else None
+
+
 def _as_recorded(recorded: str, classes: Sequence[str]) -> str:
     """``classes`` written as the run recorded its own: a JSON list, or (an older run) joined by commas."""
-    return classes_param(classes) if recorded.startswith('["') else ",".join(classes)
+    json_list = _recorded_names(recorded) is not None or recorded.startswith('["')  # or a list cut short
+    return classes_param(classes) if json_list else ",".join(classes)
 
 
 def other_classes(recorded: str | None, classes: Sequence[str]) -> bool:
@@ -702,10 +720,10 @@ def other_classes(recorded: str | None, classes: Sequence[str]) -> bool:
     tell) was trained on other class names, or another order, than ``classes``."""
     if not recorded:
         return False
-    held = _as_recorded(recorded, classes)
     if len(recorded) >= PARAM_VALUE_LIMIT:  # MLflow kept the list's beginning: compared as far as kept
-        held = held[:len(recorded)]
-    return recorded != held
+        return all(recorded != form[:len(recorded)] for form in (classes_param(classes), ",".join(classes)))
+    names = _recorded_names(recorded)
+    return names != list(classes) if names is not None else recorded != ",".join(classes)
 
 
 def check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: str, *,
@@ -729,9 +747,8 @@ def check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: st
 def dataset_digest(run_id: str, split: str) -> str | None:
     """The digest of the ``split`` (train, val, test) dataset input that ``log_datasets`` recorded for
     run ``run_id``; None for an unknown run or one that recorded none."""
-    try:
-        run = MlflowClient().get_run(run_id)
-    except MlflowException:
+    run = _existing_run(MlflowClient(), run_id)
+    if run is None:
         return None
     context = DATASET_CONTEXTS.get(split, split)
     return next((entry.dataset.digest for entry in run.inputs.dataset_inputs

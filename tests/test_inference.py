@@ -869,7 +869,8 @@ def test_export_cli_logs_verified_files_into_the_models_run(in_store, tiny_data,
     checks = json.loads((tmp_path / "out" / "export_checks.json").read_text())
     assert checks["onnx_int8"]["images"] == 100 and checks["calibration_images"] == 200
     # The run's own test images, the ones its test_accuracy was measured on
-    assert checks["data_dir"] == str(tiny_data) and checks["test_digest"] == tracking.dataset_digest(run_id, "test")
+    assert checks["data_dir"] == str(tiny_data.resolve()) and checks["test_digest"] == tracking.dataset_digest(run_id,
+                                                                                                             "test")
     assert checks["calibration_source_digest"] == load_dataset(DataConfig(data_dir=str(tiny_data), cache_dir=cache))[0].digest()
 
 
@@ -907,7 +908,7 @@ def test_an_export_verified_on_other_test_images_goes_into_a_new_run_that_names_
     assert tracking.dataset_digest(export_run.info.run_id, "calibration") == load_dataset(
         DataConfig(data_dir=str(other), cache_dir=cache))[0].digest()
     checks = json.loads((tmp_path / "out" / "export_checks.json").read_text())
-    assert checks["test_digest"] == test.digest() and checks["data_dir"] == str(other)
+    assert checks["test_digest"] == test.digest() and checks["data_dir"] == str(other.resolve())
     source = MlflowClient().get_run(run_id)
     assert not [key for key in source.data.metrics if "/" in key] and "onnx_exported" not in source.data.tags
 

@@ -742,6 +742,29 @@ def test_class_names_with_commas_are_told_apart(tracking_store):
     assert tracking.check_trained_classes(uri, ("a,b", "c"), "same") == run.info.run_id
     with pytest.raises(DataError, match=re.escape(f'{uri} was trained on classes ["a,b","c"]; swapped holds ["a","b,c"]')):
         tracking.check_trained_classes(uri, ("a", "b,c"), "swapped")
+    # The format is read, not guessed: a run of the comma era whose first class starts with ["
+    with mlflow.start_run() as run:
+        mlflow.log_param(tracking.CLASSES_PARAM, ",".join(('["a', "b")))
+    assert tracking.check_trained_classes(f"runs:/{run.info.run_id}/model", ('["a', "b"), "own") == run.info.run_id
+    # ... and a JSON list is no comma-joined list of other names
+    assert tracking.other_classes(tracking.classes_param(("a", "b")), ('["a"', '"b"]'))
+
+
+def test_a_store_that_cannot_answer_is_no_run_without_data(tracking_store, monkeypatch):
+    # "database is locked" read as "no testing input" sent an export into a new run, saying the model's
+    # run was tested on other images; as "no such run" it would decide the champion on nothing.
+    mlflow.set_experiment("locked")
+    with mlflow.start_run() as run:
+        pass
+    assert tracking.dataset_digest(run.info.run_id, "test") is None  # a run that recorded none
+    assert tracking.dataset_digest("0123456789abcdef0123456789abcdef", "test") is None  # no such run
+
+    def locked(self, run_id):
+        raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) database is locked")
+
+    monkeypatch.setattr(MlflowClient, "get_run", locked)
+    with pytest.raises(TrackingError, match=f"^cannot read run {run.info.run_id}: .*database is locked"):
+        tracking.dataset_digest(run.info.run_id, "test")
 
 
 def test_a_version_trained_on_other_class_names_does_not_take_the_champion(tracking_store, caplog):
