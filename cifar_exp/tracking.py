@@ -711,7 +711,8 @@ def _recorded_names(recorded: str) -> list[str] | None:
 
 def _as_recorded(recorded: str, classes: Sequence[str]) -> str:
     """``classes`` written as the run recorded its own: a JSON list, or (an older run) joined by commas."""
-    json_list = _recorded_names(recorded) is not None or recorded.startswith('["')  # or a list cut short
+    cut_short = len(recorded) >= PARAM_VALUE_LIMIT and recorded.startswith('["')  # a JSON list no longer parses
+    json_list = _recorded_names(recorded) is not None or cut_short
     return classes_param(classes) if json_list else ",".join(classes)
 
 

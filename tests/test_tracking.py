@@ -746,6 +746,8 @@ def test_class_names_with_commas_are_told_apart(tracking_store):
     with mlflow.start_run() as run:
         mlflow.log_param(tracking.CLASSES_PARAM, ",".join(('["a', "b")))
     assert tracking.check_trained_classes(f"runs:/{run.info.run_id}/model", ('["a', "b"), "own") == run.info.run_id
+    with pytest.raises(DataError, match=re.escape('was trained on classes ["a,b; other holds ["a,c')):
+        tracking.check_trained_classes(f"runs:/{run.info.run_id}/model", ('["a', "c"), "other")  # said as recorded
     # ... and a JSON list is no comma-joined list of other names
     assert tracking.other_classes(tracking.classes_param(("a", "b")), ('["a"', '"b"]'))
 
