@@ -9,6 +9,7 @@ Two sources, chosen by what the data folder holds:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -47,6 +48,12 @@ class ImageSet:
 
     def digest(self) -> str:
         """16 hex digits of a hash of every image and label: equal digests, the same set."""
+        return self._digest
+
+    @functools.cached_property
+    def _digest(self) -> str:
+        # Hashed once per set (0.2 s for 50k images): a run logs it, compares it and records it. The set
+        # is frozen, and nothing writes into its tensors.
         digest = hashlib.sha256(self.images.numpy().tobytes())
         digest.update(self.labels.numpy().tobytes())
         return digest.hexdigest()[:16]

@@ -188,10 +188,10 @@ def check_model_choice(train_cfg: TrainConfig, bench: BenchmarkConfig) -> None:
 class CheckData:
     """The images a benchmark or an export checks a model on, and where they came from."""
 
-    test: ImageSet | None  # a trained model's test accuracy is measured on it
-    calibration_source: ImageSet | None  # the training images int8's calibration images are drawn from
-    calibration: np.ndarray | None  # float (N, 3, 32, 32): the calibration images
-    source: str  # e.g. "imagefolder:/abs/dir"
+    test: ImageSet | None = None  # a trained model's test accuracy is measured on it
+    calibration_source: ImageSet | None = None  # the training images int8's calibration images are drawn from
+    calibration: np.ndarray | None = None  # float (N, 3, 32, 32): the calibration images
+    source: str = ""  # e.g. "imagefolder:/abs/dir"
     missing: str = ""  # why there is no calibration, where it was wanted but the dataset is absent
 
     def datasets(self) -> dict[str, ImageSet]:
@@ -207,9 +207,6 @@ class CheckData:
                 if self.calibration_source is not None else None}
 
 
-NO_DATA = CheckData(test=None, calibration_source=None, calibration=None, source="")
-
-
 def _benchmark_data(
     bench: BenchmarkConfig, data_cfg: DataConfig, classes: int, *, trained: bool, source_run_id: str | None = None
 ) -> CheckData:
@@ -218,7 +215,7 @@ def _benchmark_data(
     ``tracking.model_source_run`` found it."""
     wants_int8 = "onnxruntime-int8" in bench.backend_names()
     if not (wants_int8 or trained):
-        return NO_DATA
+        return CheckData()
     try:
         train, test, names, source = _load_for_checks(data_cfg, calibrate=wants_int8)
     except DataError as error:
@@ -231,7 +228,7 @@ def _benchmark_data(
         reason = f"no calibration images ({error})"
         lost = "no test accuracy, " if trained else ""
         log.warning("measuring without the dataset (%s--data-dir to give one): %s", lost, reason)
-        return CheckData(test=None, calibration_source=None, calibration=None, source="", missing=reason)
+        return CheckData(missing=reason)
     if trained:  # its accuracy is measured; an untrained architecture only takes calibration images
         check_class_count(classes, names, data_cfg.data_dir)
         tracking.check_trained_classes(bench.model_uri, names, data_cfg.data_dir, source_run_id=source_run_id)

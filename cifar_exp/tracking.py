@@ -498,14 +498,15 @@ def _recorded_classes(client: MlflowClient, run_id: str | None) -> str | None:
 
 
 def _existing_run(client: MlflowClient, run_id: str | None) -> Any | None:
-    """Run ``run_id``, or None where there is no such run; a store that cannot answer is an error, not
-    an answer (e.g. "database is locked": a decision taken on it would be taken on nothing)."""
+    """Run ``run_id``, or None where there is no such run (or the id is no run id); a store that cannot
+    answer is an error, not an answer (e.g. "database is locked": a decision taken on it would be taken on
+    nothing)."""
     if not run_id:
         return None
     try:
         return client.get_run(run_id)
     except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise TrackingError(f"cannot read run {run_id}: {first_line(error)}") from None
 
@@ -736,8 +737,7 @@ def check_trained_classes(model_uri: str, classes: tuple[str, ...], data_dir: st
     """
     if source_run_id is None:
         source_run_id = model_source_run(model_uri)
-    source_run = get_run(source_run_id) if source_run_id else None
-    trained_on = source_run.params.get(CLASSES_PARAM) if source_run else None
+    trained_on = _recorded_classes(MlflowClient(), source_run_id)
     if other_classes(trained_on, classes):
         # ImageFolder numbers classes by folder name: other names or another order mislabel every image.
         raise DataError(f"{model_uri} was trained on classes {trained_on}; {data_dir} holds "

@@ -760,6 +760,7 @@ def test_a_store_that_cannot_answer_is_no_run_without_data(tracking_store, monke
         pass
     assert tracking.dataset_digest(run.info.run_id, "test") is None  # a run that recorded none
     assert tracking.dataset_digest("0123456789abcdef0123456789abcdef", "test") is None  # no such run
+    assert tracking.dataset_digest("no/run", "test") is None  # no run id at all
 
     def locked(self, run_id):
         raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) database is locked")
