@@ -271,7 +271,8 @@ def test_a_trial_is_not_pruned_after_its_last_epoch(tiny_data, tracking_store, c
     assert outcome.trials[2].value < min(outcome.trials[0].value, outcome.trials[1].value)
 
 
-def test_ctrl_c_ends_a_study_in_one_line_killed_by_sigint(tiny_data, cache_dir, tmp_path):
+def test_ctrl_c_ends_a_study_in_one_line_killed_by_sigint(tiny_data, tracking_store, cache_dir, tmp_path):
+    # tracking_store: the CLI it starts logs into tmp_path's store, not the repository's mlflow.db
     # Optuna would log the interrupted trial as failed, with the KeyboardInterrupt's traceback.
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     returncode, output = signal_cli_mid_training(
