@@ -200,6 +200,9 @@ def main(verbose: bool) -> None:
     )
     for noisy in CHATTY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Plots go to files only: no window, with or without a display. (The library leaves the backend to
+    # its Python callers; pyplot, which Optuna's plots draw through, is imported only after this.)
+    os.environ["MPLBACKEND"] = "agg"
     # A stale font cache makes every plot warn, font by font, that it falls back to DejaVu Sans.
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     if not sys.stderr.isatty():  # MLflow's download progress bars would fill logs (and one-line errors)

@@ -9,7 +9,10 @@ epoch, inputs normalised with mean = std = 0.5, mixed precision.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
+import typing
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +78,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        _require_types(self)
         _require_nonempty(self, "data_dir")
         _require_at_least(self, 0, "val_size")
         _require_seed(self, "split_seed")
@@ -151,6 +155,7 @@ class TrainConfig:
     eval_batch_size: int = option(1000, "Batch size for validation and test evaluation.")
 
     def __post_init__(self) -> None:
+        _require_types(self)
         _require_finite(self)
         _require_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
         _require_seed(self, "seed")
@@ -228,6 +233,7 @@ class TrackingConfig:
     )
 
     def __post_init__(self) -> None:
+        _require_types(self)
         _require_nonempty(self, "experiment_name")
         name = self.registered_model_name
         if name is not None and not name.strip():
@@ -311,6 +317,7 @@ class TuneConfig:
     )
 
     def __post_init__(self) -> None:
+        _require_types(self)
         _require_finite(self)
         _require_at_least(self, 1, "n_trials")
         if self.timeout is not None and not self.timeout > 0:
@@ -431,6 +438,7 @@ class BenchmarkConfig:
     output: str = option("benchmark.json", "Where the JSON report is written.")
 
     def __post_init__(self) -> None:
+        _require_types(self)
         _require_finite(self)
         if self.model_uri is not None and not self.model_uri.strip():
             # An empty --model-uri (the MLproject's default) means none: an untrained --model.
@@ -465,6 +473,7 @@ class EvaluateConfig:
     )
 
     def __post_init__(self) -> None:
+        _require_types(self)
         _require_nonempty(self, "model_uri")
 
 
@@ -486,6 +495,7 @@ class ExportConfig:
     )
 
     def __post_init__(self) -> None:
+        _require_types(self)
         _require_nonempty(self, "model_uri")
         _require_choice(self, "format")
         _require_at_least(self, 1, "calibration_images")
@@ -497,6 +507,9 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _require_types(self)
 
     @property
     def registered_model_name(self) -> str:
@@ -531,6 +544,38 @@ def _positive_ints(text: str, option_name: str) -> tuple[int, ...]:
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the models and optimizers compute in it
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Each field's allowed types, from its annotation (``str | None`` -> (str, NoneType))."""
+    return {name: typing.get_args(hint) or (hint,) for name, hint in typing.get_type_hints(cls).items()}
+
+
+_KINDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _require_types(config: Any) -> None:
+    """Every field must hold the type it is declared with. The CLI's options convert to it; a Python
+    caller's value may not: epochs 2.5 or a seed 1.5 failed deep inside training, after a run had
+    opened, and tta "false" (a string, so true) turned TTA on. Whole numbers are taken where a float is
+    declared (stored as float, so the float checks see them), NumPy scalars as the Python ones."""
+    for name, allowed in _field_types(type(config)).items():
+        value = getattr(config, name)
+        if value is None and type(None) in allowed:
+            continue
+        kind = next(t for t in allowed if t is not type(None))
+        if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            object.__setattr__(config, name, int(value))
+        elif kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            try:
+                object.__setattr__(config, name, float(value))
+            except OverflowError:  # an int beyond any float
+                raise ConfigError(f"{name.replace('_', '-')} must be a finite number within float32's range "
+                                  f"(up to {FLOAT32_MAX:.3g}), got a {len(str(abs(value)))}-digit number") from None
+        elif not (isinstance(value, kind) and kind not in (int, float)):  # else: a bool, str or config
+            expected = _KINDS.get(kind, f"a {kind.__name__}") + (" or None" if len(allowed) > 1 else "")
+            raise ConfigError(f"{name.replace('_', '-')} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 def _require_finite(config: Any) -> None:

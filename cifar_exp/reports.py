@@ -10,19 +10,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import numpy as np
+# Figures are drawn without pyplot: saved straight to files, on any backend and with no display, and
+# a library call neither switches the caller's backend (a notebook's inline one) nor leaves figures open.
+from matplotlib.figure import Figure
+from sklearn.metrics import (
     classification_report,
     confusion_matrix,
     precision_recall_fscore_support,
 )
 
-from cifar_exp.train import EpochStats, EvalResult  # noqa: E402
+from cifar_exp.train import EpochStats, EvalResult
 
 PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
 
@@ -131,7 +129,8 @@ def as_written(text: str) -> str:
 
 
 def _plot_curves(epochs: list[int], series: dict[str, list[float]], ylabel: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for label, values in series.items():
         ax.plot(epochs, values, marker="o" if len(epochs) <= 20 else None, label=label)
     ax.set_xlabel("epoch")
@@ -140,7 +139,6 @@ def _plot_curves(epochs: list[int], series: dict[str, list[float]], ylabel: str,
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 # Past this many classes the plot shows colours only (the counts are in confusion_matrix.csv): one
@@ -152,7 +150,8 @@ def plot_confusion_matrix(metrics: ClassMetrics, path: Path) -> None:
     matrix = metrics.confusion
     labelled = len(metrics.classes) <= MAX_LABELLED_CLASSES
     size = max(5.0, 0.6 * min(len(metrics.classes), MAX_LABELLED_CLASSES) + 2)
-    fig, ax = plt.subplots(figsize=(size, size), dpi=120)
+    fig = Figure(figsize=(size, size), dpi=120)
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     if labelled:
         ticks = np.arange(len(metrics.classes))
@@ -169,7 +168,6 @@ def plot_confusion_matrix(metrics: ClassMetrics, path: Path) -> None:
     ax.set_title(f"confusion matrix ({matrix.sum()} images, accuracy {accuracy:.2%})")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_sample_predictions(
@@ -185,7 +183,8 @@ def plot_sample_predictions(
     picks = np.sort(rng.choice(len(images), size=min(count, len(images)), replace=False))
     columns = 8
     rows = -(-len(picks) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), dpi=120, squeeze=False)
+    fig = Figure(figsize=(columns * 1.6, rows * 1.9), dpi=120)
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, index in zip(axes.flat, picks):
@@ -199,7 +198,6 @@ def plot_sample_predictions(
     fig.suptitle("sample test predictions (predicted class, confidence; mistakes in red)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,7 +244,8 @@ def plot_pareto(points: Sequence[TradeoffPoint], path: Path, accuracy_label: str
     )
     backends = sorted({p.backend for p in points})
     markers = dict(zip(backends, "osD^vP*X"))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    fig = Figure(figsize=(12, 5), dpi=120)
+    axes = fig.subplots(1, 2)
     for ax, (xlabel, cost) in zip(axes, panels):
         front = pareto_front(accuracy, cost)
         for backend in backends:
@@ -274,7 +273,6 @@ def plot_pareto(points: Sequence[TradeoffPoint], path: Path, accuracy_label: str
     fig.suptitle(f"accuracy vs. cost of {len(points)} model/backend points (Pareto front in red)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_pareto_csv(points: Sequence[TradeoffPoint], front: np.ndarray, path: Path) -> None:

@@ -231,7 +231,9 @@ def _end_run(status: str) -> None:
 def _start_or_resume_run(
     experiment_name: str, run_name: str | None, *, tags: Mapping[str, str] | None, nested: bool,
 ) -> Any:
-    if not nested and mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
+    if not nested:
+        _check_no_active_run()
+    if not nested and os.environ.get("MLFLOW_RUN_ID"):
         # Taken out of the environment, as mlflow.start_run() itself does, so that nested runs
         # started later (tune's trials) are new runs, not that run resumed.
         run_id = os.environ.pop("MLFLOW_RUN_ID")
@@ -662,6 +664,7 @@ def check_run_target(experiment_name: str) -> None:
     """Fail fast, before slow work or anything written, where a new run could not start: under ``mlflow
     run``, ``MLFLOW_RUN_ID`` must name a running run of this store; else an experiment
     ``experiment_name`` must not be a deleted one (MLflow keeps the name)."""
+    _check_no_active_run()
     client = MlflowClient()
     if inside_project_run():
         _check_project_run(client, os.environ["MLFLOW_RUN_ID"])
@@ -677,6 +680,15 @@ def check_run_target(experiment_name: str) -> None:
 def _deleted(experiment: Any) -> TrackingError:
     return TrackingError(f"experiment {experiment.name!r} was deleted: restore it (`mlflow experiments restore "
                          f"--experiment-id {experiment.experiment_id}`) or pass another --experiment-name")
+
+
+def _check_no_active_run() -> None:
+    """A new top-level run cannot start while another is active in this process (a Python caller's own,
+    left open in a notebook): MLflow then raises a bare ``Exception``, and only after the data has loaded."""
+    active = mlflow.active_run()
+    if active is not None:
+        raise TrackingError(f"MLflow run {active.info.run_id} is already active in this process: end it first "
+                            "(mlflow.end_run())")
 
 
 def _check_project_run(client: MlflowClient, run_id: str) -> None:
@@ -844,10 +856,14 @@ def check_ui_address(host: str, port: int) -> None:
 
 def ui_allowed_hosts(allowed_hosts: str, port: int) -> str:
     """MLflow's ``--allowed-hosts`` for ``allowed_hosts``: each name also with the UI's port, as a browser
-    sends it (``Host: that.name:5000``), which MLflow compares by exact string unless it holds a ``*``."""
+    sends it (``Host: that.name:5000``), which MLflow compares by exact string unless it holds a ``*``;
+    then MLflow's own list, localhost and private addresses, which any ``--allowed-hosts`` replaces
+    (given only a public name, the UI refused ``http://localhost:PORT``)."""
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
     entries = [entry.strip() for entry in allowed_hosts.split(",") if entry.strip()]
     with_port = [f"{entry}:{port}" for entry in entries if "*" not in entry and not re.search(r":\d+$", entry)]
-    return ",".join(dict.fromkeys(entries + with_port))
+    return ",".join(dict.fromkeys(entries + with_port + get_default_allowed_hosts()))
 
 
 def launch_ui(host: str, port: int, allowed_hosts: str | None = None) -> int:

@@ -196,8 +196,32 @@ def fit(
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    with cudnn_autotuning(device):
+        return _fit(cfg, splits, device, amp_dtype, on_epoch_end=on_epoch_end, progress=progress, teacher=teacher)
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(device: torch.device) -> Iterator[None]:
+    """On CUDA, cuDNN times its algorithms once per shape and keeps the fastest (a training run's shapes
+    are fixed); the caller's setting is back afterwards, whether training ends or fails."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _fit(
+    cfg: TrainConfig,
+    splits: Splits,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    *,
+    on_epoch_end: EpochCallback | None,
+    progress: bool,
+    teacher: nn.Module | None,
+) -> FitResult:
     reset_peak_memory(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_classifier(cfg, len(splits.classes)).to(device, memory_format=memory_format)

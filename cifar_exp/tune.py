@@ -46,34 +46,33 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import matplotlib
+import matplotlib.pyplot as plt  # Optuna's plots draw through it: the CLI picks the Agg backend
+import numpy as np
+import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
 
-matplotlib.use("Agg")  # files only; never needs a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-import sqlalchemy.engine  # noqa: E402
-import sqlalchemy.exc  # noqa: E402
-import torch  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
-from torch import nn  # noqa: E402
-
-from cifar_exp import tracking  # noqa: E402
-from cifar_exp.config import ExperimentConfig, TrainConfig, TuneConfig  # noqa: E402
-from cifar_exp.data import Splits, load_splits  # noqa: E402
-from cifar_exp.errors import ConfigError, StorageError, TrainingDivergedError, first_line  # noqa: E402
-from cifar_exp.interrupts import deferred  # noqa: E402
-from cifar_exp.experiment import (  # noqa: E402
+from cifar_exp import tracking
+from cifar_exp.config import ExperimentConfig, TrainConfig, TuneConfig
+from cifar_exp.data import Splits, load_splits
+from cifar_exp.errors import ConfigError, StorageError, TrainingDivergedError, first_line
+from cifar_exp.interrupts import deferred
+from cifar_exp.experiment import (
     Teacher,
     TrainingOutcome,
     load_teacher,
     teacher_may_know_validation,
     train_and_track,
 )
-from cifar_exp.inference import available_cores, measure_latency  # noqa: E402
-from cifar_exp.models import SHIPPED_MEMORY_FORMAT, architecture, count_parameters  # noqa: E402
-from cifar_exp.reports import TradeoffPoint, as_written, pareto_front, plot_pareto, write_pareto_csv  # noqa: E402
-from cifar_exp.train import (  # noqa: E402
+from cifar_exp.inference import available_cores, measure_latency
+from cifar_exp.models import SHIPPED_MEMORY_FORMAT, architecture, count_parameters
+from cifar_exp.reports import TradeoffPoint, as_written, pareto_front, plot_pareto, write_pareto_csv
+from cifar_exp.train import (
     EpochStats,
     build_network,
     cpu_name,
@@ -270,7 +269,8 @@ def tune(
         tune_params["study_name"] = study_name  # the default one too, not None
         if tune_cfg.multi_objective:
             tune_params["pruner"] = "none"  # Optuna cannot prune multi-objective trials
-        tracking.log_params({**cfg.flat(), **{f"tune.{k}": v for k, v in tune_params.items()}})
+        tracking.log_params({**_params_of_run(cfg, run_name, registers=tune_cfg.retrain_best),
+                             **{f"tune.{k}": v for k, v in tune_params.items()}})
         tracking.log_datasets({"train": splits.train, "val": splits.val}, splits.source)
         report(f"study {study_name} on {shown_url}: {tune_cfg.n_trials} trial{'s' * (tune_cfg.n_trials != 1)} of "
                f"{cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)}; {before} finished trials in the study "
@@ -431,7 +431,7 @@ class _Objective:
                 with deferred():
                     trial.set_user_attr("mlflow_run_id", run_id)
                 try:
-                    tracking.log_params(cfg.flat())
+                    tracking.log_params(_params_of_run(cfg, f"trial-{trial.number}", registers=False))
                     result = fit(cfg.train, self.splits, progress=self.progress, teacher=self.teacher,
                                  on_epoch_end=lambda stats: self._epoch_end(trial, stats))
                     # fp32, one pass per image: the model as it ships, and as latency is timed
@@ -1197,6 +1197,16 @@ def _log_study_summary(
         tracking.log_artifacts(folder)
 
 
+def _params_of_run(cfg: ExperimentConfig, run_name: str, *, registers: bool) -> dict[str, Any]:
+    """``cfg.flat()`` as the run it is logged into used it: under its own name, and registering only
+    where it can (a trial never does, a study's run only through --retrain-best), not
+    ``tracking.register True`` beside a run that registered nothing."""
+    tracking_cfg = dataclasses.replace(cfg.tracking, run_name=run_name)
+    if not (registers and cfg.tracking.register):
+        tracking_cfg = dataclasses.replace(tracking_cfg, register=False, registered_model_name=None)
+    return dataclasses.replace(cfg, tracking=tracking_cfg).flat()
+
+
 def write_pareto_report(study: optuna.Study, pareto: list[FrozenTrial], folder: Path) -> None:
     """``pareto.csv`` (every COMPLETE trial, ``on_front`` marking the Pareto set) and ``plots/pareto.png``."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -1210,7 +1220,6 @@ def write_pareto_report(study: optuna.Study, pareto: list[FrozenTrial], folder: 
         plot_pareto(points, folder / "plots" / "pareto.png", accuracy_label="validation accuracy")
     except Exception as error:  # a plot is a report, never a reason to lose the study's run
         log.warning("plot pareto skipped: %s", first_line(error))
-        plt.close("all")
 
 
 TRIAL_COLUMNS = ("number", "state", OBJECTIVE, "lr", "lr_decay", "epochs", "baseline", "duration_s",
@@ -1289,6 +1298,7 @@ def write_study_plots(
 
 def _write_plot(plot: Callable[[], Any], path: Path, name: str) -> bool:
     """Save the figure ``plot`` draws as ``path``; False (and a warning) where it cannot be drawn."""
+    open_before = set(plt.get_fignums())  # a caller's own pyplot figures (a notebook's) stay open
     try:
         # Optuna's plots switch matplotlib's global style: keep that from leaking into other reports.
         with warnings.catch_warnings(), matplotlib.rc_context():
@@ -1298,17 +1308,19 @@ def _write_plot(plot: Callable[[], Any], path: Path, name: str) -> bool:
             figure.set_size_inches(max(figure.get_figwidth(), 7), max(figure.get_figheight(), 5))
             figure.tight_layout()
             figure.savefig(path, dpi=100)
-            plt.close(figure)
         return True
     except Exception as error:  # a plot is a report, never a reason to lose the study's run
         log.warning("plot %s skipped: %s", name, first_line(error))
-        plt.close("all")
         return False
+    finally:
+        for number in set(plt.get_fignums()) - open_before:
+            plt.close(number)
 
 
-def _plot_scatter(study: optuna.Study, bounds: tuple[tuple[float, float], tuple[float, float]] | None) -> plt.Axes:
+def _plot_scatter(study: optuna.Study, bounds: tuple[tuple[float, float], tuple[float, float]] | None) -> Axes:
     """Every trial at its (lr, decay): colour = validation accuracy; pruned and failed trials marked."""
-    figure, ax = plt.subplots(figsize=(7, 5))
+    figure = Figure(figsize=(7, 5))
+    ax = figure.subplots()
     trials = [t for t in study.get_trials(deepcopy=False) if {"lr", "lr_decay"} <= t.params.keys()]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:

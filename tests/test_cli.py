@@ -392,10 +392,13 @@ def test_ui_passes_allowed_hosts_to_mlflow(tracking_store, monkeypatch):
     assert result.exit_code == 0, result.output
     [command] = launched
     assert command[command.index("--host") + 1] == "0.0.0.0"
-    # A browser sends the port in its Host header, which MLflow compares by exact string: both forms.
+    # A browser sends the port in its Host header, which MLflow compares by exact string: both forms;
+    # then MLflow's default list, which the option replaces.
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
     assert command[command.index("--allowed-hosts") + 1] == (
         f"mlflow.example.com,[2001:db8::1],other.example:8080,*.example.org,mlflow.example.com:{port},"
-        f"[2001:db8::1]:{port}")
+        f"[2001:db8::1]:{port}," + ",".join(get_default_allowed_hosts()))
 
 
 def test_a_public_name_reaches_the_ui_as_a_browser_sends_it(tracking_store):
@@ -407,6 +410,10 @@ def test_a_public_name_reaches_the_ui_as_a_browser_sends_it(tracking_store):
     allowed = ui_allowed_hosts("that.name", 5000).split(",")
     assert is_allowed_host_header(allowed, "that.name:5000") and is_allowed_host_header(allowed, "that.name")
     assert not is_allowed_host_header(allowed, "that.name:5001")
+    # Still answered besides the public name, as without the option: it replaces MLflow's list.
+    for local in ("localhost:5000", "127.0.0.1:5000", "localhost", "192.168.1.2:5000", "10.0.0.5:5000"):
+        assert is_allowed_host_header(allowed, local), local
+    assert not is_allowed_host_header(allowed, "evil.example:5000")
 
 
 def free_port() -> int:

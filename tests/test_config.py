@@ -54,6 +54,39 @@ def test_bad_training_values_are_named(field, value, message):
         TrainConfig(**{field: value}, **({"amp": False} if field == "amp_dtype" else {}))
 
 
+@pytest.mark.parametrize(("config", "fields", "message"), [
+    # Python callers (a notebook) pass values the CLI's click types would have converted: each failed deep
+    # inside training after its run opened (2.5 epochs, seed 1.5), or was silently taken ("false" is true).
+    (TrainConfig, {"epochs": 2.5}, r"^epochs must be a whole number, got 2.5 \(float\)$"),
+    (TrainConfig, {"seed": 1.5}, r"^seed must be a whole number, got 1.5 \(float\)$"),
+    (TrainConfig, {"batch_size": "64"}, r"^batch-size must be a whole number, got '64' \(str\)$"),
+    (TrainConfig, {"epochs": True}, r"^epochs must be a whole number, got True \(bool\)$"),
+    (TrainConfig, {"tta": "false"}, r"^tta must be True or False, got 'false' \(str\)$"),
+    (TrainConfig, {"amp": 1}, r"^amp must be True or False, got 1 \(int\)$"),
+    (TrainConfig, {"widths": (32, 48, 64)}, r"^widths must be a string, got \(32, 48, 64\) \(tuple\)$"),
+    (TrainConfig, {"lr": 10**40}, r"^lr must be a finite number within float32's range \(up to 3.4e\+38\), got 1e\+40$"),
+    (TrainConfig, {"norm_mean": 10**400},
+     r"^norm-mean must be a finite number within float32's range \(up to 3.4e\+38\), got a 401-digit number$"),
+    (DataConfig, {"data_dir": None}, r"^data-dir must be a string, got None \(NoneType\)$"),
+    (DataConfig, {"cache_dir": 3}, r"^cache-dir must be a string or None, got 3 \(int\)$"),
+    (TuneConfig, {"timeout": "60"}, r"^timeout must be a number or None, got '60' \(str\)$"),
+    (TrackingConfig, {"register": "no"}, r"^register must be True or False, got 'no' \(str\)$"),
+    (ExperimentConfig, {"train": DataConfig()}, r"^train must be a TrainConfig, got DataConfig\(.*\) \(DataConfig\)$"),
+])
+def test_values_of_the_wrong_type_are_named(config, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        config(**fields)
+
+
+def test_whole_numbers_and_numpy_scalars_are_taken_as_the_declared_type():
+    import numpy as np
+
+    cfg = TrainConfig(lr=1, momentum=np.float32(0.5), epochs=np.int64(3))
+    assert (cfg.lr, cfg.momentum, cfg.epochs) == (1.0, 0.5, 3)
+    assert (type(cfg.lr), type(cfg.momentum), type(cfg.epochs)) == (float, float, int)  # logged as 1.0, not 1
+    assert TuneConfig(timeout=None).timeout is None and TuneConfig(timeout=60).timeout == 60.0
+
+
 def test_decay_of_one_is_allowed():
     assert TrainConfig(lr_decay=1.0).lr_decay == 1.0
 
@@ -74,7 +107,7 @@ def test_width_knobs_default_to_the_architectures_own():
 
 
 def test_a_recipes_warmup_longer_than_the_epochs_asked_for_names_the_recipe():
-    with pytest.raises(ConfigError, match=r"got 10 \(--recipe pico warms up for 10 epochs: pass a --warmup-epochs "
+    with pytest.raises(ConfigError, match=r"got 10.0 \(--recipe pico warms up for 10 epochs: pass a --warmup-epochs "
                                           r"of at most 5\)"):
         dataclasses.replace(recipe_config("pico"), epochs=5)
 

@@ -1,7 +1,11 @@
+import subprocess
+import sys
+
 import matplotlib.axes
 import matplotlib.pyplot as plt
 import matplotlib.text
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 from cifar_exp.reports import (
@@ -53,8 +57,8 @@ def test_class_names_are_drawn_as_written_not_as_maths(tmp_path, monkeypatch):
     # Folder names are the user's text: in a pair of $ matplotlib read maths, and the run failed at the
     # end of training on one that is no valid maths. The log axes' tick labels stay maths (10^-1).
     figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
     classes = [r"$\bad$", "$5_or_$10", "dog"]
     labels, predictions = np.array([0, 1, 2, 0, 1, 2]), np.array([0, 2, 2, 1, 1, 0])
     plot_confusion_matrix(class_metrics(labels, predictions, classes), tmp_path / "confusion.png")
@@ -74,3 +78,20 @@ def test_class_names_are_drawn_as_written_not_as_maths(tmp_path, monkeypatch):
     assert ("run $x$ / $\\bad$", False) in annotations
     log_ticks = [_drawn(t) for t in pareto.axes[0].get_xticklabels() if t.get_text()]
     assert log_ticks and all(math for _, math in log_ticks)
+
+
+def test_the_library_leaves_pyplot_to_its_caller(tmp_path):
+    # Importing a module switched the caller's backend to Agg (a notebook's inline one too), and a plot
+    # whose file could not be written left its figure open in pyplot.
+    code = ("import matplotlib; matplotlib.use('svg'); import cifar_exp.experiment, cifar_exp.deployment, "
+            "cifar_exp.tune; print(matplotlib.get_backend())")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "svg\n"
+    plt.close("all")
+    metrics = class_metrics(np.array([0, 1]), np.array([0, 0]), ["cat", "dog"])
+    try:
+        plot_confusion_matrix(metrics, tmp_path / "absent" / "confusion.png")
+    except FileNotFoundError:
+        pass
+    else:
+        raise AssertionError("the plot was written into a folder that does not exist")
+    assert plt.get_fignums() == []

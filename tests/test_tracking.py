@@ -817,6 +817,25 @@ def test_run_targets_that_cannot_take_a_new_run_are_refused_up_front(tracking_st
         tracking.check_run_target("project")
 
 
+def test_a_run_the_caller_left_open_is_named_before_the_data_loads(tracking_store, tmp_path):
+    # In a notebook a run left open by an earlier cell made MLflow raise a bare Exception, after the data
+    # had loaded. Now a one-line TrackingError comes first (the missing folder is never looked at), the
+    # caller's run stays theirs and open, and nested=True logs under it.
+    mlflow.set_experiment("mine")
+    with mlflow.start_run() as mine:
+        cfg = ExperimentConfig(data=DataConfig(data_dir=str(tmp_path / "absent")),
+                               tracking=TrackingConfig(register=False))
+        for call in (lambda: train_and_track(cfg),
+                     lambda: experiment.evaluate_and_track(experiment.EvaluateConfig(), cfg)):
+            with pytest.raises(TrackingError, match=f"^MLflow run {mine.info.run_id} is already active in this "
+                                                    r"process: end it first \(mlflow.end_run\(\)\)$"):
+                call()
+            assert mlflow.active_run().info.run_id == mine.info.run_id
+        with pytest.raises(DataError):  # nested: on to the data
+            train_and_track(cfg, nested=True)
+    assert MlflowClient().get_run(mine.info.run_id).info.status == "FINISHED"
+
+
 def test_a_name_a_failed_registration_created_goes_only_if_no_other_version_came(tracking_store):
     mlflow.set_experiment("names")
     client = MlflowClient()

@@ -211,6 +211,26 @@ def test_cuda_without_gpu_is_a_clear_error():
         resolve_device("cuda")
 
 
+def test_fit_autotunes_cudnn_on_cuda_and_gives_the_callers_setting_back(splits, monkeypatch):
+    # fit switched torch.backends.cudnn.benchmark on for the whole process and left it so. (No GPU
+    # needed: the device is made to read as CUDA, and training stops at its first step.)
+    import cifar_exp.train as train_module
+
+    seen = []
+
+    def first_step(*args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(train_module, "resolve_amp_dtype", lambda cfg, device: None)
+    monkeypatch.setattr(train_module, "_fit", first_step)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit(TrainConfig(**TINY), splits)
+    assert seen == [True] and torch.backends.cudnn.benchmark is False
+
+
 def test_cuda_graphs_leave_cpu_training_eager(splits):
     cfg = TrainConfig(**TINY, device="cpu")
     assert cfg.cuda_graphs  # the default: on wherever training runs on CUDA

@@ -102,10 +102,15 @@ def test_three_trial_study(tiny_data, tracking_store, cache_dir, tmp_path):
     assert parent.info.status == "FINISHED" and parent.info.run_name == "tune-cifar10-seed-2ep"
     children = children_of(parent.info.run_id, client)
     assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1", "trial-2"]
+    # Params say what each run did: named as it is, and no registration (neither run registers anything).
+    assert (parent.data.params["tracking.run_name"], parent.data.params["tracking.register"]) == (
+        "tune-cifar10-seed-2ep", "False")
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["optuna_state"] == "COMPLETE"
         assert child.data.params["train.epochs"] == "2"
+        assert (child.data.params["tracking.run_name"], child.data.params["tracking.register"],
+                child.data.params["tracking.registered_model_name"]) == (child.info.run_name, "False", "None")
         for name in PER_EPOCH:
             steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, name))
             assert steps == [1, 2], (child.info.run_name, name)
@@ -406,6 +411,11 @@ def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, trac
     assert run.data.tags["tune_parent_run_id"] == outcome.run_id
     assert run.data.tags["optuna_trial_number"] == "0"
     assert run.data.params["train.lr"] == "0.1" and "test_accuracy" in run.data.metrics
+    assert run.data.params["tracking.run_name"] == "retrain-trial-0"
+    # The study's run registers through its retrain; its trial never does.
+    parent, [trial] = MlflowClient().get_run(outcome.run_id), [
+        r for r in MlflowClient().search_runs([run.info.experiment_id]) if r.info.run_name == "trial-0"]
+    assert (parent.data.params["tracking.register"], trial.data.params["tracking.register"]) == ("True", "False")
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -1501,3 +1511,31 @@ def test_a_study_named_with_dollars_keeps_its_scatter_plot(tmp_path):
                            "lr_decay": optuna.distributions.FloatDistribution(0.8, 1.0)}))
     written = write_study_plots(study, tmp_path, intermediate=False)
     assert tmp_path / "lr_decay_scatter.png" in written
+
+
+def test_study_plots_leave_the_callers_pyplot_figures_open_and_none_of_their_own(tmp_path, monkeypatch):
+    # A plot that failed closed every pyplot figure of the process: a notebook's own among them.
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as oplt
+
+    from cifar_exp.tune import write_study_plots
+
+    def timeline_failing_halfway(study):
+        plt.figure()
+        raise ValueError("drawn halfway")
+
+    monkeypatch.setattr(oplt, "plot_timeline", timeline_failing_halfway)
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": 0.1, "lr_decay": 0.95}, value=0.5,
+        distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1.0, log=True),
+                       "lr_decay": optuna.distributions.FloatDistribution(0.8, 1.0)}))
+    plt.close("all")
+    mine = plt.figure()
+    try:
+        written = write_study_plots(study, tmp_path, intermediate=False)
+        assert tmp_path / "optimization_history.png" in written and tmp_path / "timeline.png" not in written
+        assert plt.get_fignums() == [mine.number]
+    finally:
+        plt.close("all")
