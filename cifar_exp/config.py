@@ -17,6 +17,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from cifar_exp.errors import ConfigError
 
 AUGMENTATIONS = ("none", "flip", "flip-crop")
@@ -570,9 +572,11 @@ def _require_types(config: Any) -> None:
         elif kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
             try:
                 object.__setattr__(config, name, float(value))
-            except OverflowError:  # an int beyond any float
+            except OverflowError:  # an int beyond any float (too long to print, too, past 4,300 digits)
                 raise ConfigError(f"{name.replace('_', '-')} must be a finite number within float32's range "
-                                  f"(up to {FLOAT32_MAX:.3g}), got a {len(str(abs(value)))}-digit number") from None
+                                  f"(up to {FLOAT32_MAX:.3g}), got a whole number beyond any float") from None
+        elif kind is bool and isinstance(value, np.bool_):
+            object.__setattr__(config, name, bool(value))
         elif not (isinstance(value, kind) and kind not in (int, float)):  # else: a bool, str or config
             expected = _KINDS.get(kind, f"a {kind.__name__}") + (" or None" if len(allowed) > 1 else "")
             raise ConfigError(f"{name.replace('_', '-')} must be {expected}, got {value!r} ({type(value).__name__})")

@@ -638,6 +638,11 @@ def inside_project_run() -> bool:
     return mlflow.active_run() is None and bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
+def active_run_name() -> str:
+    """The active run's name: the one given, or under ``mlflow run`` the one that run was made with."""
+    return mlflow.active_run().info.run_name
+
+
 def get_run(run_id: str) -> RunRecord | None:
     try:
         return _record(MlflowClient().get_run(run_id))

@@ -269,7 +269,7 @@ def tune(
         tune_params["study_name"] = study_name  # the default one too, not None
         if tune_cfg.multi_objective:
             tune_params["pruner"] = "none"  # Optuna cannot prune multi-objective trials
-        tracking.log_params({**_params_of_run(cfg, run_name, registers=tune_cfg.retrain_best),
+        tracking.log_params({**_params_of_run(cfg, tracking.active_run_name(), registers=tune_cfg.retrain_best),
                              **{f"tune.{k}": v for k, v in tune_params.items()}})
         tracking.log_datasets({"train": splits.train, "val": splits.val}, splits.source)
         report(f"study {study_name} on {shown_url}: {tune_cfg.n_trials} trial{'s' * (tune_cfg.n_trials != 1)} of "
@@ -1198,9 +1198,9 @@ def _log_study_summary(
 
 
 def _params_of_run(cfg: ExperimentConfig, run_name: str, *, registers: bool) -> dict[str, Any]:
-    """``cfg.flat()`` as the run it is logged into used it: under its own name, and registering only
-    where it can (a trial never does, a study's run only through --retrain-best), not
-    ``tracking.register True`` beside a run that registered nothing."""
+    """``cfg.flat()`` as the run it is logged into uses it: under the run's own name (under ``mlflow run``
+    the name that run was made with), and registering only where it may: a trial never does, a study's
+    run only through --retrain-best (which retrains once a trial completes)."""
     tracking_cfg = dataclasses.replace(cfg.tracking, run_name=run_name)
     if not (registers and cfg.tracking.register):
         tracking_cfg = dataclasses.replace(tracking_cfg, register=False, registered_model_name=None)

@@ -418,6 +418,19 @@ def test_retrain_best_is_a_full_training_run_linked_to_the_study(tiny_data, trac
     assert (parent.data.params["tracking.register"], trial.data.params["tracking.register"]) == ("True", "False")
 
 
+def test_under_mlflow_run_the_study_run_records_the_name_it_was_made_with(tiny_data, tracking_store, cache_dir,
+                                                                          monkeypatch):
+    # `mlflow run` names the run it makes; the study logs into it, and its param said tune-<study>.
+    client = MlflowClient()
+    made = client.create_run(client.create_experiment("project"), run_name="mlflow-made-name").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", made)
+    outcome = tune(tiny_config(tiny_data, cache_dir, epochs=1), TuneConfig(n_trials=1, pruner="none"),
+                   report=lambda line: None)
+    run = client.get_run(made)
+    assert outcome.run_id == made and run.info.run_name == "mlflow-made-name"
+    assert (run.data.params["tracking.run_name"], run.data.params["tracking.register"]) == ("mlflow-made-name", "False")
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--lr-min", "0"], "lr-min must be a finite number > 0, got 0.0"),
     (["--lr-max", "-1"], "lr-max must be a finite number > 0, got -1.0"),
