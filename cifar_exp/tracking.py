@@ -186,7 +186,18 @@ def start_run(
         # and the run on top of MLflow's stack may be its parent.
         active = mlflow.active_run()
         if run is not None and active is not None and active.info.run_id == run.info.run_id:
-            _end_run("FAILED" if interrupt_behind(error) is None else "KILLED")
+            try:
+                _end_run("FAILED" if interrupt_behind(error) is None else "KILLED")
+            except Exception as closing:  # a tracking server gone: the run cannot be closed
+                left_open = (f"run {run.info.run_id} is left RUNNING: the tracking store did not take its end "
+                             f"({first_line(closing)})")
+                if interrupt_behind(error) is not None:
+                    log.warning("%s", left_open)
+                    raise error from None
+                raise TrackingError(f"{first_line(error)}; {left_open}") from None
+        if run is not None and isinstance(error, MlflowException):  # the store failed mid-run: one line
+            raise TrackingError(f"the tracking store failed during run {run.info.run_id}: {first_line(error)}") \
+                from None
         raise
 
 
@@ -511,6 +522,12 @@ def _existing_run(client: MlflowClient, run_id: str | None) -> Any | None:
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise TrackingError(f"cannot read run {run_id}: {first_line(error)}") from None
+
+
+def run_status(run_id: str) -> str | None:
+    """Run ``run_id``'s status (RUNNING, FINISHED, FAILED, KILLED); None where there is no such run."""
+    run = _existing_run(MlflowClient(), run_id)
+    return None if run is None else run.info.status
 
 
 @deferred()

@@ -233,7 +233,7 @@ def tune(
     # After the data and teachers: a study is created (with its settings) only for input that works.
     study = open_study(cfg, tune_cfg, study_name, storage_url, data=splits, teacher=teacher)
     fail_trials_of_dead_workers(study)
-    close_runs_of_dead_workers(cfg.tracking.experiment_name, study_name)
+    close_runs_of_dead_workers(cfg.tracking.experiment_name, study)
 
     before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     grid = grid_space(tune_cfg, decay=decay) if tune_cfg.sampler == "grid" else None
@@ -930,20 +930,34 @@ def _worker_process_tag() -> dict[str, str]:
     return {"worker_process": process} if process else {}
 
 
-def close_runs_of_dead_workers(experiment_name: str, study_name: str) -> list[str]:
-    """Close as KILLED the RUNNING study and retrain runs of ``study_name`` whose worker process, on
-    this machine, is gone (killed by SIGKILL or out of memory between trials, where no trial's cleanup
-    finds them); returns the runs closed. Other machines' workers cannot be checked from here."""
+def close_runs_of_dead_workers(experiment_name: str, study: optuna.Study) -> list[str]:
+    """Close as KILLED the RUNNING study and retrain runs of ``study`` whose worker process, on this
+    machine, is gone (killed by SIGKILL or out of memory between trials, where no trial's cleanup finds
+    them), then every RUNNING trial run of the study whose study run is closed; returns the runs closed.
+    Other machines' workers cannot be checked from here."""
+    study_name = study.study_name
     mine = worker_process()
-    if mine is None:
-        return []
     closed = []
-    for run_id, tags in tracking.running_runs(experiment_name, STUDY_RUN_KINDS):
+    for run_id, tags in tracking.running_runs(experiment_name, STUDY_RUN_KINDS) if mine else []:
         recorded = tags.get("worker_process")
         if tags.get("optuna_study_name") != study_name or not recorded or not _worker_is_gone(recorded, mine):
             continue
         # kill_stale_run defers signals itself: a run is closed with its tag, or not at all.
         closed += tracking.kill_stale_run(run_id, tags={"killed_because": f"process {recorded.split('/')[2]} is gone"})
+    # A trial runs inside its study's run, so one left RUNNING under a closed study run has no worker:
+    # its end could not be recorded (a tracking server down as the trial failed), while Optuna recorded
+    # the trial's. Found by its parent, this holds for any machine's workers.
+    states = {str(t.number): t.state.name for t in study.get_trials(deepcopy=False)}
+    for run_id, tags in tracking.running_runs(experiment_name, ("tune-trial",)):
+        parent = tags.get("mlflow.parentRunId")
+        if tags.get("optuna_study_name") != study_name or not parent:
+            continue
+        parent_status = tracking.run_status(parent)
+        if parent_status == "RUNNING":
+            continue
+        why = f"its study run {parent} " + (f"was closed {parent_status}" if parent_status else "is gone")
+        closed += tracking.kill_stale_run(run_id, tags={
+            "killed_because": why, "optuna_state": states.get(tags.get("optuna_trial_number", ""), "FAIL")})
     if closed:
         log.warning("study %s: MLflow runs %s of dead workers closed as KILLED", study_name, ", ".join(closed))
     return closed

@@ -836,6 +836,35 @@ def test_a_run_the_caller_left_open_is_named_before_the_data_loads(tracking_stor
     assert MlflowClient().get_run(mine.info.run_id).info.status == "FINISHED"
 
 
+def test_a_tracking_server_lost_mid_run_is_one_line_naming_the_run_left_open(tracking_store, monkeypatch, caplog):
+    # A server killed mid-run: MLflow's exception came out as a traceback of hundreds of lines, the one
+    # of ending the run replacing it, and nothing said the run stayed RUNNING.
+    lost = "API request to http://server:5000/api/2.0/mlflow/runs/log-batch failed with exception ConnectionError"
+    with pytest.raises(TrackingError) as failed:
+        with tracking.start_run("lost") as run_id:
+            raise MlflowException(lost)
+    assert str(failed.value) == f"the tracking store failed during run {run_id}: {lost}"
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"  # the store came back for the end
+
+    def refused(self, run_id, status=None, end_time=None):
+        raise MlflowException("API request to http://server:5000/api/2.0/mlflow/runs/update failed")
+
+    set_terminated = MlflowClient.set_terminated
+    monkeypatch.setattr(MlflowClient, "set_terminated", refused)
+    with pytest.raises(TrackingError) as failed:
+        with tracking.start_run("lost") as run_id:
+            raise MlflowException(lost)
+    assert str(failed.value) == (f"{lost}; run {run_id} is left RUNNING: the tracking store did not take its end "
+                                 "(API request to http://server:5000/api/2.0/mlflow/runs/update failed)")
+    assert mlflow.active_run() is None  # the process is free for the next run
+    with pytest.raises(KeyboardInterrupt):  # an interrupt stays one: the command still ends by its signal
+        with tracking.start_run("lost") as run_id:
+            raise KeyboardInterrupt
+    assert f"run {run_id} is left RUNNING" in caplog.text
+    monkeypatch.setattr(MlflowClient, "set_terminated", set_terminated)
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+
+
 def test_a_name_a_failed_registration_created_goes_only_if_no_other_version_came(tracking_store):
     mlflow.set_experiment("names")
     client = MlflowClient()

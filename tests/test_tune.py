@@ -1272,11 +1272,26 @@ def test_study_and_retrain_runs_of_dead_workers_are_closed(tracking_store):
     alive = running("tune-study", worker_process())
     other_study = running("tune-study", dead, study="other")
     trial = running("tune-trial", dead)  # Optuna's trial cleanup closes those
-    assert sorted(close_runs_of_dead_workers("tests", "s")) == sorted([parent, retrain])
-    status = {run: client.get_run(run).info.status for run in (parent, retrain, alive, other_study, trial)}
-    assert status == {parent: "KILLED", retrain: "KILLED", alive: "RUNNING", other_study: "RUNNING", trial: "RUNNING"}
+    # Trials whose end a tracking server that had gone did not record (Optuna recorded the trial's FAIL):
+    # under the dead worker's study run, and under one an earlier worker closed already.
+    lost = running("tune-trial", "", parent=parent)
+    client.set_tag(lost, "optuna_trial_number", "0")
+    earlier = running("tune-study", dead)
+    client.set_terminated(earlier, "KILLED")
+    lost_before = running("tune-trial", "", parent=earlier)
+    live = running("tune-trial", "", parent=alive)  # its study is running: left alone
+    study = optuna.create_study(study_name="s")
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    assert sorted(close_runs_of_dead_workers("tests", study)) == sorted([parent, retrain, lost, lost_before])
+    status = {run: client.get_run(run).info.status for run in (parent, retrain, alive, other_study, trial, live)}
+    assert status == {parent: "KILLED", retrain: "KILLED", alive: "RUNNING", other_study: "RUNNING", trial: "RUNNING",
+                      live: "RUNNING"}
     assert client.get_run(parent).data.tags["killed_because"] == f"process {ended.pid} is gone"
-    assert close_runs_of_dead_workers("no-such-experiment", "s") == []
+    lost_tags, before_tags = client.get_run(lost).data.tags, client.get_run(lost_before).data.tags
+    assert (client.get_run(lost).info.status, lost_tags["optuna_state"]) == ("KILLED", "FAIL")
+    assert lost_tags["killed_because"] == f"its study run {parent} was closed KILLED"
+    assert before_tags["killed_because"] == f"its study run {earlier} was closed KILLED"
+    assert close_runs_of_dead_workers("no-such-experiment", study) == []
 
 
 
