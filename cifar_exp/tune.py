@@ -60,7 +60,7 @@ from torch import nn
 from cifar_exp import tracking
 from cifar_exp.config import ExperimentConfig, TrainConfig, TuneConfig
 from cifar_exp.data import Splits, load_splits
-from cifar_exp.errors import ConfigError, StorageError, TrainingDivergedError, first_line
+from cifar_exp.errors import CifarExpError, ConfigError, StorageError, TrainingDivergedError, first_line
 from cifar_exp.interrupts import deferred
 from cifar_exp.experiment import (
     Teacher,
@@ -1402,9 +1402,11 @@ def _optuna_verbosity(level: int) -> Iterator[None]:
 
 class _RepeatedTrialLines(logging.Filter):
     """Drops Optuna's two lines about a trial an interrupt stopped ("Trial N failed with parameters:
-    ... because of ... KeyboardInterrupt", with the traceback, then "Trial N failed with value None.")
-    or one the objective gave NaN, which it does only for a diverged loss ("... because of the following
-    error: The value nan is not acceptable.", then "Trial N failed with value nan." or "(nan, nan).")."""
+    ... because of ... KeyboardInterrupt", with the traceback, then "Trial N failed with value None."),
+    or one that failed with one of our one-line errors, which the command then ends with (a tracking
+    server lost mid-trial), or one the objective gave NaN, which it does only for a diverged loss
+    ("... because of the following error: The value nan is not acceptable.", then "Trial N failed with
+    value nan." or "(nan, nan).")."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1412,8 +1414,8 @@ class _RepeatedTrialLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        interrupted = record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt)
-        if interrupted or " because of the following error: The value nan is not acceptable" in message:
+        stopped = record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, CifarExpError))
+        if stopped or " because of the following error: The value nan is not acceptable" in message:
             self.next_line_start = message.split(" failed with parameters")[0] + " failed with value "
             return False
         if self.next_line_start and message.startswith(self.next_line_start):

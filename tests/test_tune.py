@@ -22,13 +22,15 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from cifar_exp import tracking
 from cifar_exp.cli import main, train_command
 from cifar_exp.config import DataConfig, ExperimentConfig, TrackingConfig, TrainConfig, TuneConfig, recipe_config
 from cifar_exp.data import ImageSet, Splits, load_splits
-from cifar_exp.errors import ConfigError, StorageError
+from cifar_exp.errors import ConfigError, StorageError, TrackingError
 from cifar_exp.experiment import Teacher
 from cifar_exp.models import build_model, count_parameters
 from cifar_exp.train import evaluate, fit
@@ -288,6 +290,23 @@ def test_ctrl_c_ends_a_study_in_one_line_killed_by_sigint(tiny_data, tracking_st
     assert output.strip().endswith("Aborted: SIGINT."), output
     trial = optuna.load_study(study_name="cifar10-seed-500ep", storage=storage).trials[0]
     assert trial.state == TrialState.FAIL and trial.user_attrs["reason"] == "interrupted"
+
+
+def test_a_tracking_store_lost_mid_trial_ends_the_study_in_one_error_and_closes_its_runs(
+        tiny_data, tracking_store, cache_dir, caplog, monkeypatch):
+    # Optuna logged the failed trial with its traceback before the command's own one-line error.
+    lost = "API request to http://server:5000/api/2.0/mlflow/runs/log-batch failed with exception ConnectionError"
+
+    def log_metrics(metrics, step=None):
+        raise MlflowException(lost)
+
+    monkeypatch.setattr(tracking, "log_metrics", log_metrics)
+    with pytest.raises(TrackingError, match=f"^the tracking store failed during run [0-9a-f]+: {lost}$"):
+        tune(tiny_config(tiny_data, cache_dir, epochs=1), TuneConfig(n_trials=2, pruner="none"),
+             report=lambda line: None)
+    assert "Traceback" not in caplog.text and "failed with" not in caplog.text, caplog.text
+    runs = {run.info.run_name: run.info.status for run in all_runs(MlflowClient())}
+    assert runs == {"tune-cifar10-seed-1ep": "FAILED", "trial-0": "FAILED"}
 
 
 def test_nan_trial_fails_cleanly_and_the_study_goes_on(tiny_data, tracking_store, cache_dir, tmp_path):
