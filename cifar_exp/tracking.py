@@ -180,25 +180,37 @@ def start_run(
             run = _start_or_resume_run(experiment_name, run_name, tags=tags, nested=nested)
         _check_artifact_folder(run.info.artifact_uri)
         yield run.info.run_id
-        _end_run("FINISHED")  # a signal held back while it is written is raised after: the run stays FINISHED
+        _end(run.info.run_id, "FINISHED")  # a signal held back while it is written is raised after: it stays FINISHED
     except BaseException as error:
         # Closed only while it is still the active run: once FINISHED (or never opened) it is not,
         # and the run on top of MLflow's stack may be its parent.
         active = mlflow.active_run()
         if run is not None and active is not None and active.info.run_id == run.info.run_id:
-            try:
-                _end_run("FAILED" if interrupt_behind(error) is None else "KILLED")
-            except Exception as closing:  # a tracking server gone: the run cannot be closed
-                left_open = (f"run {run.info.run_id} is left RUNNING: the tracking store did not take its end "
-                             f"({first_line(closing)})")
-                if interrupt_behind(error) is not None:
-                    log.warning("%s", left_open)
-                    raise error from None
-                raise TrackingError(f"{first_line(error)}; {left_open}") from None
+            _end(run.info.run_id, "FAILED" if interrupt_behind(error) is None else "KILLED", after=error)
         if run is not None and isinstance(error, MlflowException):  # the store failed mid-run: one line
             raise TrackingError(f"the tracking store failed during run {run.info.run_id}: {first_line(error)}") \
                 from None
         raise
+
+
+def _end(run_id: str, status: str, after: BaseException | None = None) -> None:
+    """End the active run ``run_id`` as ``status`` (``after``: the body's error). Where the tracking store
+    does not take it (a server gone), the run stays RUNNING, and that is said: in the one-line error, or
+    as a warning where an interrupt ends the command (it still ends by its signal)."""
+    try:
+        _end_run(status)
+    except BaseException as ending:
+        # An interrupt held back while the end was written is raised after it: its context is then the
+        # write's own failure, if any (else the error being handled, or nothing: the end was written).
+        failure = ending.__context__ if isinstance(ending, KeyboardInterrupt) else ending
+        if failure is None or failure is after:
+            raise
+        left_open = f"run {run_id} is left RUNNING: the tracking store did not take its end ({first_line(failure)})"
+        interrupt = interrupt_behind(ending) or (interrupt_behind(after) if after is not None else None)
+        if interrupt is not None:
+            log.warning("%s", left_open)
+            raise interrupt from None
+        raise TrackingError(f"{first_line(after)}; {left_open}" if after is not None else left_open) from None
 
 
 def _check_artifact_folder(artifact_uri: str) -> None:
@@ -791,13 +803,19 @@ def dataset_digest(run_id: str, split: str) -> str | None:
 
 
 def running_runs(experiment_name: str, run_kinds: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:
-    """(id, tags) of the RUNNING runs of the experiment whose tag ``run_kind`` is one of ``run_kinds``."""
+    """(id, tags) of the RUNNING runs whose tag ``run_kind`` is one of ``run_kinds``, in the experiment a
+    new run would go to: ``experiment_name``, or under ``mlflow run`` the experiment of the run it made."""
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
+    if inside_project_run():
+        project_run = _existing_run(client, os.environ["MLFLOW_RUN_ID"])
+        experiment_id = project_run.info.experiment_id if project_run else None
+    else:
+        experiment = client.get_experiment_by_name(experiment_name)
+        experiment_id = experiment.experiment_id if experiment else None
+    if experiment_id is None:
         return []
     return [(run.info.run_id, dict(run.data.tags)) for kind in run_kinds  # MLflow filters have no OR
-            for run in client.search_runs([experiment.experiment_id],
+            for run in client.search_runs([experiment_id],
                                           f"attributes.status = 'RUNNING' AND tags.run_kind = '{kind}'")]
 
 

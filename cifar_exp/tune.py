@@ -946,18 +946,19 @@ def close_runs_of_dead_workers(experiment_name: str, study: optuna.Study) -> lis
         closed += tracking.kill_stale_run(run_id, tags={"killed_because": f"process {recorded.split('/')[2]} is gone"})
     # A trial runs inside its study's run, so one left RUNNING under a closed study run has no worker:
     # its end could not be recorded (a tracking server down as the trial failed), while Optuna recorded
-    # the trial's. Found by its parent, this holds for any machine's workers.
+    # the trial's. Found by its parent, this holds for any machine's workers. (A trial still RUNNING in
+    # Optuna is its stale-trial cleanup's, which records why: heartbeat or process gone.)
     states = {str(t.number): t.state.name for t in study.get_trials(deepcopy=False)}
     for run_id, tags in tracking.running_runs(experiment_name, ("tune-trial",)):
-        parent = tags.get("mlflow.parentRunId")
-        if tags.get("optuna_study_name") != study_name or not parent:
+        parent, state = tags.get("mlflow.parentRunId"), states.get(tags.get("optuna_trial_number", ""))
+        if tags.get("optuna_study_name") != study_name or not parent or state == "RUNNING":
             continue
         parent_status = tracking.run_status(parent)
         if parent_status == "RUNNING":
             continue
         why = f"its study run {parent} " + (f"was closed {parent_status}" if parent_status else "is gone")
-        closed += tracking.kill_stale_run(run_id, tags={
-            "killed_because": why, "optuna_state": states.get(tags.get("optuna_trial_number", ""), "FAIL")})
+        recorded_state = {"optuna_state": state} if state else {}  # (a trial of another storage's study: unknown)
+        closed += tracking.kill_stale_run(run_id, tags={"killed_because": why, **recorded_state})
     if closed:
         log.warning("study %s: MLflow runs %s of dead workers closed as KILLED", study_name, ", ".join(closed))
     return closed

@@ -861,8 +861,31 @@ def test_a_tracking_server_lost_mid_run_is_one_line_naming_the_run_left_open(tra
         with tracking.start_run("lost") as run_id:
             raise KeyboardInterrupt
     assert f"run {run_id} is left RUNNING" in caplog.text
+    with pytest.raises(TrackingError) as failed:  # the body went well, only its end was lost
+        with tracking.start_run("lost") as run_id:
+            pass
+    assert str(failed.value) == (f"run {run_id} is left RUNNING: the tracking store did not take its end "
+                                 "(API request to http://server:5000/api/2.0/mlflow/runs/update failed)")
     monkeypatch.setattr(MlflowClient, "set_terminated", set_terminated)
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+
+
+def test_an_interrupt_during_a_lost_end_still_says_the_run_is_left_running(tracking_store, monkeypatch, caplog,
+                                                                          project_signal_handlers):
+    # MLflow retries a lost server for minutes: a Ctrl-C then, held back until the end's write failed,
+    # replaced that failure, and nothing said the run stayed RUNNING.
+    import os
+    import signal
+
+    def refused(self, run_id, status=None, end_time=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise MlflowException("API request to http://server:5000/api/2.0/mlflow/runs/update failed")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", refused)
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run("lost") as run_id:
+            pass
+    assert f"run {run_id} is left RUNNING: the tracking store did not take its end (API request" in caplog.text
 
 
 def test_a_name_a_failed_registration_created_goes_only_if_no_other_version_came(tracking_store):

@@ -1299,18 +1299,36 @@ def test_study_and_retrain_runs_of_dead_workers_are_closed(tracking_store):
     client.set_terminated(earlier, "KILLED")
     lost_before = running("tune-trial", "", parent=earlier)
     live = running("tune-trial", "", parent=alive)  # its study is running: left alone
+    stale = running("tune-trial", "", parent=parent)  # RUNNING in Optuna: its stale-trial cleanup's, which says why
+    client.set_tag(stale, "optuna_trial_number", "1")
     study = optuna.create_study(study_name="s")
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    study.ask()
     assert sorted(close_runs_of_dead_workers("tests", study)) == sorted([parent, retrain, lost, lost_before])
-    status = {run: client.get_run(run).info.status for run in (parent, retrain, alive, other_study, trial, live)}
+    status = {run: client.get_run(run).info.status for run in (parent, retrain, alive, other_study, trial, live, stale)}
     assert status == {parent: "KILLED", retrain: "KILLED", alive: "RUNNING", other_study: "RUNNING", trial: "RUNNING",
-                      live: "RUNNING"}
+                      live: "RUNNING", stale: "RUNNING"}
     assert client.get_run(parent).data.tags["killed_because"] == f"process {ended.pid} is gone"
     lost_tags, before_tags = client.get_run(lost).data.tags, client.get_run(lost_before).data.tags
     assert (client.get_run(lost).info.status, lost_tags["optuna_state"]) == ("KILLED", "FAIL")
     assert lost_tags["killed_because"] == f"its study run {parent} was closed KILLED"
     assert before_tags["killed_because"] == f"its study run {earlier} was closed KILLED"
     assert close_runs_of_dead_workers("no-such-experiment", study) == []
+
+
+def test_under_mlflow_run_the_study_cleans_the_experiment_of_the_run_it_was_given(tracking_store, monkeypatch):
+    # `mlflow run` puts its runs into its own experiment: the one --experiment-name names was searched.
+    from cifar_exp.tune import close_runs_of_dead_workers
+
+    client = MlflowClient()
+    project = client.create_experiment("project")
+    earlier = client.create_run(project, tags={"run_kind": "tune-study", "optuna_study_name": "s"}).info.run_id
+    client.set_terminated(earlier, "FAILED")
+    lost = client.create_run(project, tags={"run_kind": "tune-trial", "optuna_study_name": "s",
+                                            "mlflow.parentRunId": earlier}).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", client.create_run(project).info.run_id)  # this `mlflow run`'s
+    assert close_runs_of_dead_workers("cifar-exp", optuna.create_study(study_name="s")) == [lost]
+    assert client.get_run(lost).data.tags["killed_because"] == f"its study run {earlier} was closed FAILED"
 
 
 
