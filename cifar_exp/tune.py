@@ -957,7 +957,9 @@ def close_runs_of_dead_workers(experiment_name: str, study: optuna.Study) -> lis
         if parent_status == "RUNNING":
             continue
         why = f"its study run {parent} " + (f"was closed {parent_status}" if parent_status else "is gone")
-        recorded_state = {"optuna_state": state} if state else {}  # (a trial of another storage's study: unknown)
+        # By trial number: a same-named study of another Optuna storage logging into this experiment would be
+        # read as this one (trial runs do not record the storage), its trial skipped or tagged with ours' state.
+        recorded_state = {"optuna_state": state} if state else {}
         closed += tracking.kill_stale_run(run_id, tags={"killed_because": why, **recorded_state})
     if closed:
         log.warning("study %s: MLflow runs %s of dead workers closed as KILLED", study_name, ", ".join(closed))
