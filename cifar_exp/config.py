@@ -573,11 +573,10 @@ def _require_types(config: Any) -> None:
             try:
                 object.__setattr__(config, name, float(value))
             except OverflowError:  # an int beyond any float (too long to print, too, past 4,300 digits)
-                raise ConfigError(f"{name.replace('_', '-')} must be a finite number within float32's range "
-                                  f"(up to {FLOAT32_MAX:.3g}), got a whole number beyond any float") from None
+                raise _beyond_float32(name, "a whole number beyond any float") from None
         elif kind is bool and isinstance(value, np.bool_):
             object.__setattr__(config, name, bool(value))
-        elif not (isinstance(value, kind) and kind not in (int, float)):  # else: a bool, str or config
+        elif kind in (int, float) or not isinstance(value, kind):  # (int and float: no number, refused above)
             expected = _KINDS.get(kind, f"a {kind.__name__}") + (" or None" if len(allowed) > 1 else "")
             raise ConfigError(f"{name.replace('_', '-')} must be {expected}, got {value!r} ({type(value).__name__})")
 
@@ -588,8 +587,12 @@ def _require_finite(config: Any) -> None:
     for field_ in dataclasses.fields(config):
         value = getattr(config, field_.name)
         if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-            raise ConfigError(f"{field_.name.replace('_', '-')} must be a finite number within float32's range "
-                              f"(up to {FLOAT32_MAX:.3g}), got {value}")
+            raise _beyond_float32(field_.name, value)
+
+
+def _beyond_float32(name: str, value: object) -> ConfigError:
+    return ConfigError(f"{name.replace('_', '-')} must be a finite number within float32's range "
+                       f"(up to {FLOAT32_MAX:.3g}), got {value}")
 
 
 def _require_at_least(config: Any, minimum: int, *names: str, note: str = "") -> None:

@@ -55,9 +55,9 @@ def install_handlers() -> None:
         sys.unraisablehook = _redeliver_swallowed_interrupt
 
 
-def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+def interrupt_behind(error: BaseException | None) -> KeyboardInterrupt | None:
     """The interrupt that ``error`` is, or was raised while handling (its ``__context__`` chain); None
-    if none. A second Ctrl-C inside a library's cleanup after the first (Optuna failing the trial the
+    if none (or no error). A second Ctrl-C inside a library's cleanup after the first (Optuna failing the trial the
     first one stopped) can surface as that library's own error: the command was still interrupted."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:

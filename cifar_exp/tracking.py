@@ -206,7 +206,7 @@ def _end(run_id: str, status: str, after: BaseException | None = None) -> None:
         if failure is None or failure is after:
             raise
         left_open = f"run {run_id} is left RUNNING: the tracking store did not take its end ({first_line(failure)})"
-        interrupt = interrupt_behind(ending) or (interrupt_behind(after) if after is not None else None)
+        interrupt = interrupt_behind(ending) or interrupt_behind(after)
         if interrupt is not None:
             log.warning("%s", left_open)
             raise interrupt from None
